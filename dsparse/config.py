@@ -1,0 +1,308 @@
+"""Run configuration: typed dataclasses, loaded from YAML, validated on construction.
+
+One run = one YAML file. Every section maps to a dataclass below; an unknown key, a wrong
+type or an out-of-range value raises ``ValueError`` naming the key and what is accepted,
+so a typo never silently falls back to a default. ``--set key.sub=value`` overrides are
+parsed as YAML scalars and applied before validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are streamed."""
+
+    path: str = "data/synthetic"
+    """Dataset directory holding ``manifest.json`` and the tar shards."""
+    crop_size: int | None = None
+    """Random crop side for training (None = full image); eval always uses full images."""
+    flip: bool = True
+    """Random horizontal flip for training (flips the x component of normals)."""
+    batch_size: int = 16
+    """Micro-batch size per rank."""
+    eval_batch_size: int = 32
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    shuffle_buffer: int = 256
+    """Sample shuffle buffer per reader; 0 disables sample shuffling (shards still shuffle)."""
+    resampled: bool = False
+    """False: every epoch reads each shard once, split across ranks x workers (needs at
+    least that many shards). True: each reader draws shards with replacement and yields
+    ``epoch_length`` samples per epoch in total, which works with any number of shards."""
+    epoch_length: int | None = None
+    """Samples per epoch over all ranks when ``resampled`` (required then)."""
+    skip_bad: bool = False
+    """Skip (and count) corrupt samples instead of stopping with an error."""
+    class_weights: bool = False
+    """Weight the segmentation loss by class frequency from the manifest."""
+
+    def __post_init__(self):
+        _check_positive("data.batch_size", self.batch_size)
+        _check_positive("data.eval_batch_size", self.eval_batch_size)
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.crop_size is not None:
+            _check_positive("data.crop_size", self.crop_size)
+        if self.resampled and not self.epoch_length:
+            raise ValueError("data.resampled: true needs data.epoch_length (samples per epoch over all ranks)")
+
+
+@dataclass
+class ModelConfig:
+    """Multitask network: dilated ResNet trunk plus one ASPP head per task."""
+
+    arch: str = "resnet18"
+    base_width: int = 64
+    output_stride: int = 8
+    head_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    head_hidden: int | None = None
+    stem_pool: bool = True
+
+    def __post_init__(self):
+        _check_positive("model.base_width", self.base_width)
+        if not self.head_dilations:
+            raise ValueError("model.head_dilations must list at least one dilation")
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    """adam | adamw | sgd"""
+    lr: float = 1e-3
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    """SGD only."""
+
+    def __post_init__(self):
+        if self.name not in ("adam", "adamw", "sgd"):
+            raise ValueError(f"optimizer.name must be one of adam, adamw, sgd; got {self.name!r}")
+        _check_positive("optimizer.lr", self.lr)
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"
+    """step (multiply by gamma every step_size iterations) | cosine | constant"""
+    step_size: int = 4000
+    gamma: float = 0.5
+    warmup: int = 0
+    """Linear warm-up iterations."""
+
+    def __post_init__(self):
+        if self.name not in ("step", "cosine", "constant"):
+            raise ValueError(f"schedule.name must be one of step, cosine, constant; got {self.name!r}")
+        _check_positive("schedule.step_size", self.step_size)
+        if self.warmup < 0:
+            raise ValueError(f"schedule.warmup must be >= 0, got {self.warmup}")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 20000
+    eval_interval: int = 1000
+    """Validate every N iterations (and at the end)."""
+    eval_batches: int | None = None
+    """Limit validation to N batches per rank (None = the whole val split)."""
+    log_interval: int = 20
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("iterations", "eval_interval", "log_interval", "checkpoint_interval", "keep_checkpoints"):
+            _check_positive(f"train.{name}", getattr(self, name))
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    """ZeRO stage 0, 1 or 2 (stage 3 is not supported: masks need whole weights)."""
+    gradient_clipping: float = 0.0
+    bf16: bool = False
+    """bf16 mixed precision (GPU only)."""
+    extra: dict = field(default_factory=dict)
+    """Raw DeepSpeed config keys merged last, for anything not modelled here."""
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None
+    """MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a local store in ./mlruns."""
+    experiment: str = "dsparse"
+    run_name: str | None = None
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    tasks: list[str] = field(default_factory=lambda: ["seg", "normal", "depth", "keypoint", "edge"])
+    task_weights: dict[str, float] = field(default_factory=dict)
+    """Loss weight per task (lambda_t); missing tasks weigh 1."""
+    seed: int = 0
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("tasks must name at least one task")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks lists a task twice: {self.tasks}")
+        extra = sorted(set(self.task_weights) - set(self.tasks))
+        if extra:
+            raise ValueError(f"task_weights names {extra}, which are not in tasks {self.tasks}")
+        for name, weight in self.task_weights.items():
+            if not weight > 0:
+                raise ValueError(f"task_weights.{name} must be > 0, got {weight}")
+
+    def weight_of(self, task: str) -> float:
+        return float(self.task_weights.get(task, 1.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_positive(name: str, value) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _from_dict(cls, values: Any, prefix: str):
+    """Build dataclass ``cls`` from a dict, recursing into nested dataclasses."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{prefix or 'config'} must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f" in section {prefix!r}" if prefix else ""
+        raise ValueError(f"unknown config key(s) {unknown}{where}; known keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(hints[name], value, key)
+    return cls(**kwargs)
+
+
+def _coerce(hint, value, key: str):
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value, key)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return {k: _coerce(args[1], v, f"{key}.{k}") if args else v for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads "1e-3" as a string
+        except ValueError:
+            pass
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"{key} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``key.sub=value`` overrides (values parsed as YAML) to a raw config dict."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        dotted, text = item.split("=", 1)
+        node = raw
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def config_from_dict(raw: dict, overrides: list[str] = ()) -> RunConfig:
+    return _from_dict(RunConfig, apply_overrides(raw or {}, list(overrides)), "")
+
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A config file path, or the name of a bundled preset (``synthetic_tiny``, ``nyuv2``...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ValueError(f"config {name_or_path} is neither a file nor a preset; presets: {preset_names()}")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (file or preset name), apply overrides, validate.
+
+    Raises:
+        ValueError: for a missing file, malformed YAML, an unknown key or a bad value.
+    """
+    path = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"config file {path} is not valid YAML: {error}") from error
+    return config_from_dict(raw or {}, overrides)
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested dicts to dotted keys (for MLflow params)."""
+    flat = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,371 @@
+"""Streaming multitask batches from WebDataset shards, split across ranks and workers.
+
+Why not a plain ``wds.WebDataset``: data-parallel training deadlocks when one rank runs
+out of batches while the others wait in an all-reduce, and WebDataset splits by shard,
+so readers get unequal sample counts. Here every epoch gives every reader (one
+dataloader worker of one rank) the *same* number of batches, computed from the manifest's
+per-shard sample counts, and a run is a fixed number of steps over repeated epochs. The
+stream is a pure function of ``(seed, epoch, reader)``, which makes two things exact:
+
+* the position in the data is ``(epoch, batches consumed in the epoch)``, the same on all
+  ranks, so ``--resume`` continues with the very next batch; and
+* the split across readers is disjoint, with every shard read once per epoch.
+
+Two shard modes (``DataConfig.resampled``):
+
+* ``False`` (default): each epoch shuffles the shard list with ``(seed, epoch)`` and deals
+  it round-robin to ``world_size * num_workers`` readers. Fewer shards than readers is a
+  clear error at start-up (never a hang).
+* ``True``: each reader draws shards with replacement from its own RNG and yields
+  ``epoch_length / readers`` samples per epoch; works with any number of shards.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dsparse.data.records import SampleError, decode_sample, read_shard
+
+log = logging.getLogger(__name__)
+
+RGB_MEAN = 0.5
+RGB_STD = 0.25
+
+
+@dataclass
+class StreamSpec:
+    """What one split's stream reads and how (everything a worker needs, picklable)."""
+
+    data_dir: str
+    split: str
+    shards: list[dict]
+    tasks: list[str]
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    train: bool = True
+    crop_size: int | None = None
+    flip: bool = True
+    shuffle_buffer: int = 256
+    resampled: bool = False
+    epoch_length: int | None = None
+    skip_bad: bool = False
+    image_size: tuple[int, int] = (64, 64)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_readers(self) -> int:
+        return self.world_size * max(1, self.num_workers)
+
+
+def shards_of_reader(spec: StreamSpec, epoch: int, reader: int) -> list[dict]:
+    """The shards reader ``reader`` reads in ``epoch`` (split mode)."""
+    order = list(spec.shards)
+    if spec.train:
+        random.Random(f"{spec.seed}:{epoch}:shards").shuffle(order)
+    return order[reader :: spec.num_readers]
+
+
+def batches_per_reader(spec: StreamSpec) -> int:
+    """Batches every reader yields per training epoch (identical for all readers)."""
+    if spec.resampled:
+        return max(1, spec.epoch_length // (spec.num_readers * spec.batch_size))
+    # Shard assignment changes per epoch; bound by the worst case over any dealing:
+    # the reader with the fewest shards gets the smallest ones.
+    counts = sorted(s["num_samples"] for s in spec.shards)
+    fewest = len(counts) // spec.num_readers
+    return max(1, sum(counts[:fewest]) // spec.batch_size)
+
+
+def check_enough_shards(spec: StreamSpec) -> None:
+    """Fail fast (instead of hanging) when split mode cannot feed every reader."""
+    if spec.resampled or not spec.train:
+        return
+    if len(spec.shards) < spec.num_readers:
+        raise ValueError(
+            f"{spec.split} split has {len(spec.shards)} shard(s) but {spec.world_size} rank(s) x "
+            f"{max(1, spec.num_workers)} worker(s) = {spec.num_readers} readers, and each reader needs "
+            "at least one shard. Write smaller shards (dsparse data synth --shard-size N), lower "
+            "data.num_workers, or set data.resampled: true with data.epoch_length."
+        )
+    per_reader = sum(sorted(s["num_samples"] for s in spec.shards)[: len(spec.shards) // spec.num_readers])
+    if per_reader < spec.batch_size:
+        raise ValueError(
+            f"{spec.split} split: a reader may get only {per_reader} samples per epoch, fewer than "
+            f"data.batch_size={spec.batch_size}; use smaller batches, fewer workers or more data"
+        )
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank; each dataloader worker is one reader.
+
+    Call :meth:`set_position` before iterating to choose the epoch and how many batches of
+    it were already consumed (for resume).
+    """
+
+    def __init__(self, spec: StreamSpec):
+        super().__init__()
+        self.spec = spec
+        self.epoch = 0
+        self.consumed = 0
+
+    def set_position(self, epoch: int, consumed: int = 0) -> None:
+        self.epoch, self.consumed = epoch, consumed
+
+    def __iter__(self) -> Iterator[dict]:
+        spec = self.spec
+        info = get_worker_info()
+        num_workers = info.num_workers if info else 1
+        physical = info.id if info else 0
+        # The DataLoader always asks worker 0 first; rotate roles so the first batch after a
+        # resume comes from the reader that was next in line.
+        logical = (physical + self.consumed) % num_workers
+        reader = spec.rank * num_workers + logical
+        skip_batches = 0
+        if spec.train:
+            skip_batches = self.consumed // num_workers + (1 if logical < self.consumed % num_workers else 0)
+        if info is not None:
+            torch.set_num_threads(1)  # workers decode; leave the cores to the trainer
+        yield from self._batches(reader, skip_batches)
+
+    def _batches(self, reader: int, skip_batches: int) -> Iterator[dict]:
+        spec = self.spec
+        rng = np.random.default_rng([spec.seed, self.epoch, reader])
+        limit = batches_per_reader(spec) if spec.train else None
+        batch, produced, skipped, num_bad = [], 0, 0, 0
+        for raw in self._raw_samples(reader, rng):
+            if skipped < skip_batches * spec.batch_size:  # resume: skip without decoding
+                skipped += 1
+                continue
+            try:
+                batch.append(decode_sample(raw, spec.tasks, spec.image_size))
+            except SampleError as error:
+                if not spec.skip_bad:
+                    raise
+                log.warning("skipping bad sample: %s", error)
+                num_bad += 1
+                continue
+            if len(batch) == spec.batch_size:
+                yield self._collate(batch, reader, skip_batches + produced, num_bad)
+                batch, produced, num_bad = [], produced + 1, 0
+                if limit is not None and produced + skip_batches >= limit:
+                    return
+        if batch and not spec.train:
+            yield self._collate(batch, reader, produced, num_bad)
+
+    def _raw_samples(self, reader: int, rng: np.random.Generator) -> Iterator[dict]:
+        """Undecoded samples, shuffled within one pass over the reader's shards.
+
+        Training repeats passes until the batch limit ends the epoch; a second pass only
+        happens when bad samples were skipped (the limit is computed from the manifest).
+        """
+        spec = self.spec
+        shuffle = spec.train and spec.shuffle_buffer > 1
+        while True:
+            samples = self._one_pass(reader, rng)
+            if shuffle:
+                samples = _buffer_shuffle(samples, spec.shuffle_buffer, rng)
+            count = 0
+            for sample in samples:
+                count += 1
+                yield sample
+            if not spec.train:
+                return
+            if count == 0:
+                raise SampleError(f"reader {reader} of the {spec.split} split found no samples in its shards")
+
+    def _one_pass(self, reader: int, rng: np.random.Generator) -> Iterator[dict]:
+        spec = self.spec
+        root = Path(spec.data_dir)
+        if spec.resampled:  # endless draws with replacement; the batch limit ends the epoch
+            while True:
+                shard = spec.shards[rng.integers(len(spec.shards))]
+                yield from read_shard(root / shard["name"], spec.skip_bad)
+        for shard in shards_of_reader(spec, self.epoch, reader):
+            yield from read_shard(root / shard["name"], spec.skip_bad)
+
+    def _collate(self, samples: list[dict], reader: int, index: int, num_bad: int) -> dict:
+        if self.spec.train:
+            # Augmentation draws from a per-batch RNG so skipped batches (resume) need no replay.
+            rng = np.random.default_rng([self.spec.seed, self.epoch, reader, index, 1])
+            samples = [augment(s, self.spec.crop_size, self.spec.flip, rng) for s in samples]
+        batch = collate(samples, self.spec.tasks)
+        batch["__num_bad__"] = num_bad  # bad samples skipped while filling this batch
+        return batch
+
+
+def _buffer_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
+    buffer = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        index = int(rng.integers(size))
+        buffer[index], sample = sample, buffer[index]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def augment(sample: dict, crop_size: int | None, flip: bool, rng: np.random.Generator) -> dict:
+    """Random crop and horizontal flip, applied identically to the image and every label."""
+    height, width = sample["rgb"].shape[:2]
+    top = left = 0
+    if crop_size is not None and crop_size < min(height, width):
+        top = int(rng.integers(height - crop_size + 1))
+        left = int(rng.integers(width - crop_size + 1))
+    mirror = flip and bool(rng.integers(2))
+    out = {"__key__": sample["__key__"]}
+    for name, array in sample.items():
+        if name == "__key__":
+            continue
+        if crop_size is not None and crop_size < min(height, width):
+            array = array[top : top + crop_size, left : left + crop_size]
+        if mirror:
+            array = array[:, ::-1]
+            if name == "normal":
+                array = array * np.array([-1.0, 1.0, 1.0], dtype=np.float32)
+        out[name] = array
+    return out
+
+
+def collate(samples: list[dict], tasks: list[str]) -> dict:
+    """Stack decoded samples into the batch layout the tasks expect (see dsparse.tasks)."""
+    rgb = np.stack([s["rgb"] for s in samples]).astype(np.float32)
+    batch = {
+        "__key__": [s["__key__"] for s in samples],
+        "rgb": (torch.from_numpy(rgb).permute(0, 3, 1, 2) / 255.0 - RGB_MEAN) / RGB_STD,
+    }
+    for task in tasks:
+        stacked = torch.from_numpy(np.ascontiguousarray(np.stack([s[task] for s in samples])))
+        if task == "seg":
+            batch[task] = stacked.long()
+        elif stacked.dim() == 4:  # [B, H, W, C] -> [B, C, H, W]
+            batch[task] = stacked.permute(0, 3, 1, 2).contiguous()
+        else:
+            batch[task] = stacked.unsqueeze(1)
+    return batch
+
+
+def make_loader(spec: StreamSpec) -> tuple[ShardStream, DataLoader]:
+    """A ShardStream and the DataLoader over it (batching happens inside the workers)."""
+    check_enough_shards(spec)
+    stream = ShardStream(spec)
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=spec.num_workers,
+        prefetch_factor=4 if spec.num_workers else None,
+        persistent_workers=False,
+    )
+    return stream, loader
+
+
+class TrainBatches:
+    """Endless training batches with an exact, checkpointable position.
+
+    ``position()`` is ``{"epoch": e, "consumed": k}``; ``TrainBatches(..., position)``
+    continues with batch ``k`` of epoch ``e``. Tracks samples/s and the time the trainer
+    spent waiting for data.
+    """
+
+    def __init__(self, spec: StreamSpec, position: dict | None = None):
+        self.spec = spec
+        self.stream, self.loader = make_loader(spec)
+        self.batches_per_epoch = batches_per_reader(spec) * max(1, spec.num_workers)
+        position = position or {"epoch": 0, "consumed": 0}
+        self.epoch, self.consumed = int(position["epoch"]), int(position["consumed"])
+        self._iterator = None
+        self.wait_seconds = 0.0
+        self.num_samples = 0
+        self.num_bad = 0
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def __next__(self) -> dict:
+        start = time.perf_counter()
+        while True:
+            if self._iterator is None:
+                if self.consumed >= self.batches_per_epoch:
+                    self.epoch, self.consumed = self.epoch + 1, 0
+                self.stream.set_position(self.epoch, self.consumed)
+                self._iterator = iter(self.loader)
+            try:
+                batch = next(self._iterator)
+                break
+            except StopIteration:
+                self._iterator = None
+                if self.consumed < self.batches_per_epoch:
+                    raise RuntimeError(
+                        f"data stream ended after {self.consumed} of {self.batches_per_epoch} batches in "
+                        f"epoch {self.epoch}; a shard yielded fewer samples than manifest.json says"
+                    ) from None
+                self.consumed = self.batches_per_epoch
+        self.consumed += 1
+        self.wait_seconds += time.perf_counter() - start
+        self.num_samples += len(batch["__key__"])
+        self.num_bad += batch["__num_bad__"]
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def close(self) -> None:
+        self._iterator = None
+
+
+def eval_batches(spec: StreamSpec, max_batches: int | None = None) -> Iterator[dict]:
+    """One pass over a split; each rank sees a disjoint part, all ranks together see it all."""
+    _, loader = make_loader(spec)
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            return
+        yield batch
+
+
+def stream_spec(data_cfg, manifest: dict, split: str, tasks: list[str], *, seed: int, rank: int,
+                world_size: int, train: bool) -> StreamSpec:
+    """Build the StreamSpec of one split from a DataConfig and the dataset manifest."""
+    if split not in manifest["splits"]:
+        raise ValueError(f"dataset at {data_cfg.path} has no {split!r} split; it has {sorted(manifest['splits'])}")
+    missing = [t for t in tasks if t not in manifest["tasks"]]
+    if missing:
+        raise ValueError(f"dataset at {data_cfg.path} has no labels for task(s) {missing}; it has {manifest['tasks']}")
+    epoch_length = data_cfg.epoch_length
+    return StreamSpec(
+        data_dir=str(data_cfg.path),
+        split=split,
+        shards=manifest["splits"][split]["shards"],
+        tasks=list(tasks),
+        batch_size=data_cfg.batch_size if train else data_cfg.eval_batch_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=data_cfg.num_workers,
+        train=train,
+        crop_size=data_cfg.crop_size if train else None,
+        flip=data_cfg.flip,
+        shuffle_buffer=data_cfg.shuffle_buffer,
+        resampled=data_cfg.resampled and train,
+        epoch_length=epoch_length,
+        skip_bad=data_cfg.skip_bad,
+        image_size=tuple(manifest["image_size"]),
+    )
+
+
+__all__ = [
+    "StreamSpec", "ShardStream", "TrainBatches", "make_loader", "eval_batches", "stream_spec",
+    "batches_per_reader", "check_enough_shards", "shards_of_reader", "augment", "collate",
+]

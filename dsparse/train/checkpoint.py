@@ -1,0 +1,107 @@
+"""Atomic DeepSpeed checkpoints: a checkpoint either exists whole or not at all.
+
+Every rank writes its part (ZeRO partitions the optimizer state) into
+``checkpoints/.partial/<tag>``; after a barrier rank 0 renames the directory to
+``checkpoints/<tag>`` and then replaces the ``latest`` pointer (write-temp-then-rename).
+A run killed mid-save leaves only ``.partial``, which the next save clears, and
+``latest`` keeps pointing at the previous complete checkpoint. Assumes all ranks share
+the run directory's filesystem (one node, or shared storage on a cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from dsparse.train.distributed import barrier, is_main
+
+LATEST = "latest"
+PARTIAL = ".partial"
+STATE_FILE = "dsparse_state.json"
+CLIENT_KEY = "dsparse"  # our state lives under one key, apart from DeepSpeed's own entries
+
+
+def tag_of(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def save_checkpoint(engine, directory: Path, step: int, client_state: dict, keep: int) -> Path:
+    """Save model, optimizer, scheduler and ``client_state`` for ``step``; returns its path.
+
+    Must be called on every rank.
+    """
+    directory = Path(directory)
+    partial, tag = directory / PARTIAL, tag_of(step)
+    if is_main():
+        shutil.rmtree(partial / tag, ignore_errors=True)
+        partial.mkdir(parents=True, exist_ok=True)
+    barrier()
+    engine.save_checkpoint(str(partial), tag=tag, client_state={CLIENT_KEY: client_state}, save_latest=False)
+    barrier()
+    final = directory / tag
+    if is_main():
+        (partial / tag / STATE_FILE).write_text(json.dumps(client_state, indent=1, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial / tag, final)
+        _write_atomic(directory / LATEST, tag)
+        _prune(directory, keep)
+    barrier()
+    return final
+
+
+def _prune(directory: Path, keep: int) -> None:
+    tags = sorted(p for p in directory.glob("step-*") if p.is_dir())
+    for old in tags[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(directory) / pointer.read_text().strip()
+    return path if path.is_dir() else None
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    """Restore engine state from a checkpoint directory; returns its client state."""
+    path = Path(path)
+    loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+    if loaded is None or CLIENT_KEY not in client_state:
+        raise ValueError(f"checkpoint {path} could not be loaded; it is incomplete or not written by dsparse")
+    return client_state[CLIENT_KEY]
+
+
+def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Model state dict of a checkpoint, without DeepSpeed (for eval and export)."""
+    path = Path(path)
+    files = sorted(path.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise ValueError(f"{path} is not a dsparse checkpoint (no mp_rank_*_model_states.pt); "
+                         "pass a run directory or one of its checkpoints/step-* directories")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    return state["module"]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run directory, its checkpoints directory, or a step directory."""
+    path = Path(path)
+    for candidate in (path / "checkpoints", path):
+        if (candidate / LATEST).is_file():
+            latest = latest_checkpoint(candidate)
+            if latest is not None:
+                return latest
+    if any(path.glob("mp_rank_*_model_states.pt")):
+        return path
+    raise ValueError(f"no checkpoint found at {path}; pass a run directory (runs/NAME) or runs/NAME/checkpoints/step-N")

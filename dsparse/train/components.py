@@ -1,0 +1,39 @@
+"""Turning a config plus a dataset manifest into tasks and a model.
+
+Shared by training, evaluation and (later) pruning, so all of them build exactly the
+same network for a run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsparse.config import RunConfig
+from dsparse.models import build_model
+from dsparse.tasks import Task, build_tasks, class_weights_from_frequency
+
+
+def build_run_tasks(config: RunConfig, manifest: dict) -> dict[str, Task]:
+    missing = [t for t in config.tasks if t not in manifest["tasks"]]
+    if missing:
+        raise ValueError(f"dataset {config.data.path} has no labels for task(s) {missing}; "
+                         f"it has {manifest['tasks']}. Pick tasks from those.")
+    uses_seg = "seg" in config.tasks
+    num_classes = len(manifest["classes"]) if uses_seg else None
+    weights = None
+    if uses_seg and config.data.class_weights:
+        weights = class_weights_from_frequency(manifest["class_pixel_frequency"])
+    return build_tasks(config.tasks, num_classes=num_classes, class_weights=weights)
+
+
+def build_run_model(config: RunConfig, tasks: dict[str, Task]) -> torch.nn.Module:
+    model_cfg = config.model
+    return build_model(
+        model_cfg.arch,
+        {name: task.num_channels for name, task in tasks.items()},
+        base_width=model_cfg.base_width,
+        output_stride=model_cfg.output_stride,
+        head_dilations=tuple(model_cfg.head_dilations),
+        head_hidden=model_cfg.head_hidden,
+        stem_pool=model_cfg.stem_pool,
+    )

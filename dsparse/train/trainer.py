@@ -1,0 +1,245 @@
+"""The training loop: one code path for ``dsparse train``, ``torchrun`` and Ray workers.
+
+Launch examples::
+
+    dsparse train configs/synthetic_tiny.yaml                       # one process
+    torchrun --nproc_per_node 2 -m dsparse train configs/synthetic_tiny.yaml
+    deepspeed --num_gpus 8 -m dsparse train configs/taskonomy.yaml   # GPU node
+
+Each step: one forward of the shared trunk and all heads, per-task losses, a NaN check
+agreed on by all ranks, backward of the weighted joint loss, a DeepSpeed step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from dsparse.config import RunConfig, dump_config, flatten
+from dsparse.data.loader import TrainBatches, stream_spec
+from dsparse.data.shards import load_manifest
+from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
+from dsparse.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsparse.train.components import build_run_model, build_run_tasks
+from dsparse.train.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
+from dsparse.train.evaluate import evaluate, format_metrics_table
+from dsparse.train.optim import build_optimizer, build_scheduler
+from dsparse.train.progress import Progress, format_duration
+
+log = logging.getLogger("dsparse.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A task loss became NaN or inf; the run stops and keeps its last good checkpoint."""
+
+
+def deepspeed_config(config: RunConfig, device: torch.device) -> dict:
+    ds = config.deepspeed
+    if ds.bf16 and device.type != "cuda":
+        raise ValueError("deepspeed.bf16: true needs a CUDA GPU; set it to false on CPU")
+    result = {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": ds.zero_stage},
+        # The optimizer is a torch.optim one (DeepSpeed's fused optimizers need CUDA).
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "gradient_clipping": ds.gradient_clipping,
+        "bf16": {"enabled": ds.bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    result.update(ds.extra)
+    return result
+
+
+def _build_engine(config: RunConfig, model: torch.nn.Module, device: torch.device):
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    optimizer = build_optimizer(model.parameters(), config.optimizer)
+    scheduler = build_scheduler(optimizer, config.schedule, config.train.iterations)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(config, device))
+    return engine
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig) -> None:
+    if is_main():
+        if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
+            raise ValueError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it "
+                             "or choose another output_dir (e.g. --set output_dir=runs/NEW)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(config, run_dir / "config.yaml")
+    barrier()
+
+
+def _task_losses(engine, tasks, config: RunConfig, batch: dict, device, input_dtype) -> dict[str, torch.Tensor]:
+    outputs = engine(batch["rgb"].to(device, input_dtype))
+    return {name: task.loss(outputs[name].float(), batch[name].to(device)) for name, task in tasks.items()}
+
+
+def _check_finite(losses: dict[str, torch.Tensor], step: int, world_size: int) -> dict[str, float]:
+    """Mean loss per task over ranks; every rank raises together if any rank saw NaN/inf."""
+    values = all_reduce_sum(torch.stack([v.detach().float() for v in losses.values()])) / world_size
+    bad = [name for name, value in zip(losses, values.tolist()) if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteLossError(
+            f"loss of task(s) {bad} is not finite at step {step + 1}; the run stopped without saving, "
+            "its last good checkpoint is kept. Lower optimizer.lr, enable deepspeed.gradient_clipping, "
+            "or check that task's labels")
+    return dict(zip(losses, values.tolist()))
+
+
+class Trainer:
+    """Holds the pieces of one run; :meth:`fit` trains to ``train.iterations``."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False):
+        self.config = config
+        self.rank, self.world_size, self.device = init_distributed()
+        self.run_dir = Path(config.output_dir)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        _prepare_run_dir(self.run_dir, resume, config)
+        torch.manual_seed(config.seed)
+        self.manifest = load_manifest(config.data.path)
+        self.tasks = build_run_tasks(config, self.manifest)
+        self.engine = _build_engine(config, build_run_model(config, self.tasks), self.device)
+        self.input_dtype = torch.bfloat16 if config.deepspeed.bf16 else torch.float32
+        self.state = {"step": 0, "data_position": None, "mlflow_run_id": None, "history": []}
+        if resume and (checkpoint := latest_checkpoint(self.checkpoint_dir)) is not None:
+            self.state.update(load_checkpoint(self.engine, checkpoint))
+            log.info("resumed from %s at step %d", checkpoint, self.state["step"])
+        self.tracker = RunTracker(config.tracking, config.tracking.run_name or self.run_dir.name,
+                                  run_id=self.state["mlflow_run_id"], enabled=is_main())
+        self.state["mlflow_run_id"] = broadcast_object(self.tracker.run_id)
+
+    def _spec(self, split: str, train: bool):
+        return stream_spec(self.config.data, self.manifest, split, self.config.tasks, seed=self.config.seed,
+                           rank=self.rank, world_size=self.world_size, train=train)
+
+    def validate(self) -> dict[str, dict[str, float]]:
+        return evaluate(self.engine.module, self.tasks, self._spec("val", train=False), self.device,
+                        self.config.train.eval_batches, self.input_dtype)
+
+    def _save(self, step: int, batches: TrainBatches) -> None:
+        self.state.update(step=step, data_position=batches.position())
+        save_checkpoint(self.engine, self.checkpoint_dir, step, dict(self.state), self.config.train.keep_checkpoints)
+
+    def fit(self, stop_after: int | None = None) -> dict:
+        """Train until ``train.iterations`` (or for at most ``stop_after`` more steps).
+
+        Returns the run summary (also written to ``summary.json`` when training completes).
+        """
+        cfg = self.config.train
+        if is_main():
+            self.tracker.log_params(flatten(self.config.to_dict()))
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+        start = self.state["step"]
+        end = cfg.iterations if stop_after is None else min(cfg.iterations, start + stop_after)
+        batches = TrainBatches(self._spec("train", train=True), self.state["data_position"])
+        progress = Progress(start, cfg.iterations, self.config.data.batch_size * self.world_size)
+        try:
+            metrics = self._loop(batches, progress, start, end)
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+        finally:
+            batches.close()
+        return self._finish(metrics, progress, batches, start, end)
+
+    def _loop(self, batches: TrainBatches, progress: Progress, start: int, end: int) -> dict | None:
+        cfg, engine, metrics = self.config.train, self.engine, None
+        for step in range(start, end):
+            losses = _task_losses(engine, self.tasks, self.config, next(batches), self.device, self.input_dtype)
+            mean_losses = _check_finite(losses, step, self.world_size)
+            engine.backward(sum(self.config.weight_of(name) * loss for name, loss in losses.items()))
+            engine.step()
+            done = step + 1
+            if done % cfg.log_interval == 0 or done == end:
+                self._log_train(done, mean_losses, progress, batches)
+            if done % cfg.eval_interval == 0 or done == cfg.iterations:
+                metrics = self._log_validation(done)
+            if done % cfg.checkpoint_interval == 0 or done == end:
+                self._save(done, batches)
+        return metrics
+
+    def _log_train(self, step: int, losses: dict[str, float], progress: Progress, batches: TrainBatches) -> None:
+        lr = self.engine.get_lr()[0]
+        wait = batches.wait_seconds / max(progress.elapsed(), 1e-9)
+        if is_main():
+            log.info(progress.line(step, losses, lr, wait))
+            joint = sum(self.config.weight_of(n) * v for n, v in losses.items())
+            metrics = {f"train/loss/{n}": v for n, v in losses.items()}
+            metrics.update({"train/loss": joint, "train/lr": lr, "train/samples_per_s": progress.samples_per_second(step),
+                            "train/data_wait_fraction": wait, "train/bad_samples": batches.num_bad})
+            self.tracker.log_metrics(metrics, step)
+
+    def _log_validation(self, step: int) -> dict:
+        metrics = self.validate()
+        self.state["history"].append({"step": step, "metrics": metrics})
+        if is_main():
+            log.info("validation at step %d:\n%s", step, format_metrics_table(metrics))
+            flat = {f"val/{task}/{name}": value for task, values in metrics.items() for name, value in values.items()}
+            self.tracker.log_metrics(flat, step)
+        return metrics
+
+    def _finish(self, metrics: dict | None, progress: Progress, batches: TrainBatches, start: int, end: int) -> dict:
+        complete = end == self.config.train.iterations
+        summary = {
+            "status": "complete" if complete else "stopped",
+            "step": end,
+            "iterations": self.config.train.iterations,
+            "steps_this_invocation": end - start,
+            "final_metrics": metrics if complete else None,
+            "wall_time_s": progress.elapsed(),
+            "samples_per_s": progress.samples_per_second(end),
+            "data_wait_fraction": batches.wait_seconds / max(progress.elapsed(), 1e-9),
+            "bad_samples_skipped": batches.num_bad,
+            "world_size": self.world_size,
+            "mlflow_run_id": self.state["mlflow_run_id"],
+            "mlflow_tracking_uri": self.tracker.uri,
+            "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
+            "config": self.config.to_dict(),
+        }
+        if is_main():
+            if complete:
+                _write_json(self.run_dir / "summary.json", summary)
+                self.tracker.log_artifact(self.run_dir / "summary.json")
+                self.tracker.finish("FINISHED")
+                log.info("done in %s; summary at %s; MLflow run %s: %s", format_duration(summary["wall_time_s"]),
+                         self.run_dir / "summary.json", summary["mlflow_run_id"], ui_command(self.tracker.uri))
+            else:
+                self.tracker.finish("KILLED")
+                log.info("stopped at step %d of %d; continue with --resume", end, self.config.train.iterations)
+        barrier()
+        return summary
+
+
+def _write_json(path: Path, value: dict) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=2, default=str))
+    os.replace(temporary, path)
+
+
+def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Train one run from its config; the library entry point behind ``dsparse train``.
+
+    Args:
+        config: the validated run config.
+        resume: continue from the run directory's latest checkpoint (fresh start if none).
+        stop_after: train at most this many steps in this invocation, then checkpoint and
+            return (for time-limited allocations); ``--resume`` continues.
+
+    Returns:
+        The run summary dict.
+
+    Raises:
+        NonFiniteLossError: a task loss became NaN/inf (names task and step).
+        ValueError: bad config, dataset or run directory.
+    """
+    return Trainer(config, resume=resume).fit(stop_after=stop_after)

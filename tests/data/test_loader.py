@@ -1,0 +1,184 @@
+"""The streaming loader: disjoint splits, determinism, exact resume, clear errors."""
+
+import io
+import json
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from dsparse.config import DataConfig
+from dsparse.data.codec import encode
+from dsparse.data.loader import (ShardStream, StreamSpec, TrainBatches, augment, check_enough_shards,
+                                 eval_batches, make_loader, stream_spec)
+from dsparse.data.records import SampleError
+from dsparse.data.shards import load_manifest
+
+TASKS = ["seg", "normal", "depth", "keypoint", "edge"]
+
+
+def spec_for(dataset, split="train", train=True, **overrides) -> StreamSpec:
+    manifest = load_manifest(dataset)
+    data = DataConfig(path=str(dataset), batch_size=overrides.pop("batch_size", 2), num_workers=overrides.pop("num_workers", 0),
+                      **{k: overrides.pop(k) for k in list(overrides) if k in DataConfig.__dataclass_fields__})
+    spec = stream_spec(data, manifest, split, TASKS, seed=0, rank=overrides.pop("rank", 0),
+                       world_size=overrides.pop("world_size", 1), train=train)
+    assert not overrides, overrides
+    return spec
+
+
+def epoch_keys(spec: StreamSpec, epoch: int = 0) -> list[str]:
+    stream, loader = make_loader(spec)
+    stream.set_position(epoch, 0)
+    return [key for batch in loader for key in batch["__key__"]]
+
+
+def all_keys(dataset, split):
+    manifest = load_manifest(dataset)
+    return {f"{split}_{i:08d}" for i in range(manifest["splits"][split]["num_samples"])}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_two_ranks_two_workers_see_disjoint_samples_covering_the_split(tiny_dataset, train):
+    seen = []
+    for rank in range(2):
+        spec = spec_for(tiny_dataset, "train", train=train, rank=rank, world_size=2, num_workers=2,
+                        batch_size=3, shuffle_buffer=0)
+        seen.append(epoch_keys(spec))
+    flat = seen[0] + seen[1]
+    assert len(flat) == len(set(flat)), "a sample was read twice in one epoch"
+    # 8 equal shards over 4 readers: nothing is dropped, the union is the whole split
+    assert set(flat) == all_keys(tiny_dataset, "train")
+    assert len(seen[0]) == len(seen[1]), "ranks must get the same number of batches"
+
+
+def test_same_seed_same_stream_and_epochs_differ(tiny_dataset):
+    spec = spec_for(tiny_dataset, num_workers=2, batch_size=4)
+    assert epoch_keys(spec, 0) == epoch_keys(spec, 0)
+    assert epoch_keys(spec, 0) != epoch_keys(spec, 1)
+    assert sorted(epoch_keys(spec, 0)) == sorted(epoch_keys(spec, 1))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_with_the_exact_next_batch(tiny_dataset, num_workers):
+    spec = spec_for(tiny_dataset, num_workers=num_workers, batch_size=4, crop_size=24)
+    reference = TrainBatches(spec)
+    expected = [next(reference) for _ in range(30)]  # crosses epoch boundaries (12 batches/epoch)
+    first = TrainBatches(spec)
+    for _ in range(17):
+        next(first)
+    resumed = TrainBatches(spec, first.position())
+    for batch, want in zip([next(resumed) for _ in range(13)], expected[17:]):
+        assert batch["__key__"] == want["__key__"]
+        for name in ["rgb", *TASKS]:
+            assert torch.equal(batch[name], want[name]), name
+
+
+def test_batch_layout_and_dtypes(tiny_dataset):
+    batch = next(TrainBatches(spec_for(tiny_dataset, batch_size=4, crop_size=24)))
+    assert batch["rgb"].shape == (4, 3, 24, 24) and batch["rgb"].dtype == torch.float32
+    assert batch["seg"].shape == (4, 24, 24) and batch["seg"].dtype == torch.int64
+    assert batch["normal"].shape == (4, 3, 24, 24)
+    for name in ("depth", "keypoint", "edge"):
+        assert batch[name].shape == (4, 1, 24, 24)
+
+
+def test_flip_negates_the_x_component_of_normals():
+    sample = {"__key__": "k", "rgb": np.arange(12, dtype=np.uint8).reshape(2, 2, 3),
+              "normal": np.tile(np.array([0.6, 0.0, -0.8], np.float32), (2, 2, 1))}
+
+    class AlwaysFlip:
+        def integers(self, high):
+            return high - 1
+
+    flipped = augment(sample, None, True, AlwaysFlip())
+    np.testing.assert_array_equal(flipped["rgb"], sample["rgb"][:, ::-1])
+    np.testing.assert_allclose(flipped["normal"][..., 0], -0.6)
+    np.testing.assert_allclose(flipped["normal"][..., 2], -0.8)
+
+
+def test_fewer_shards_than_readers_is_a_clear_error(tiny_dataset):
+    spec = spec_for(tiny_dataset, "val", train=True, world_size=2, num_workers=2)  # 3 shards, 4 readers
+    with pytest.raises(ValueError, match="3 shard\\(s\\) but 2 rank\\(s\\) x 2 worker\\(s\\) = 4 readers"):
+        check_enough_shards(spec)
+
+
+def test_resampled_mode_feeds_more_readers_than_shards(tiny_dataset):
+    spec = spec_for(tiny_dataset, "val", train=True, world_size=2, num_workers=2, resampled=True,
+                    epoch_length=32, batch_size=2)
+    stream, loader = make_loader(spec)
+    stream.set_position(0, 0)
+    assert len(list(loader)) == 32 // (4 * 2) * 2  # batches per reader x workers of this rank
+
+
+def _copy_dataset(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+def _rewrite_first_val_shard(dataset, mutate):
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    name = manifest["splits"]["val"]["shards"][0]["name"]
+    members = []
+    with tarfile.open(dataset / name) as tar:
+        for member in tar.getmembers():
+            members.append((member.name, tar.extractfile(member).read()))
+    members = mutate(members)
+    with tarfile.open(dataset / name, "w") as tar:
+        for member_name, data in members:
+            info = tarfile.TarInfo(member_name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return name
+
+
+def _eval_all(dataset, skip_bad=False):
+    spec = spec_for(dataset, "val", train=False, skip_bad=skip_bad)
+    return [batch for batch in eval_batches(spec)]
+
+
+def test_truncated_shard_names_shard_and_last_key(tiny_dataset, tmp_path):
+    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+    name = load_manifest(dataset)["splits"]["val"]["shards"][0]["name"]
+    data = (dataset / name).read_bytes()
+    (dataset / name).write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(SampleError, match=f"{name}.*unreadable"):
+        _eval_all(dataset)
+    batches = _eval_all(dataset, skip_bad=True)
+    assert sum(b["__num_bad__"] for b in batches) >= 1
+    assert sum(len(b["__key__"]) for b in batches) < 16
+
+
+def test_missing_label_names_the_sample_key(tiny_dataset, tmp_path):
+    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+    name = _rewrite_first_val_shard(dataset, lambda m: [x for x in m if x[0] != "val_00000001.depth.png"])
+    with pytest.raises(SampleError, match=f"'val_00000001' in shard {name} has no 'depth.png'"):
+        _eval_all(dataset)
+    batches = _eval_all(dataset, skip_bad=True)
+    assert sum(b["__num_bad__"] for b in batches) == 1
+    assert sum(len(b["__key__"]) for b in batches) == 15
+
+
+def test_label_of_wrong_shape_names_the_sample_key(tiny_dataset, tmp_path):
+    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+    wrong = encode("edge", np.zeros((16, 16), np.float32))
+
+    def mutate(members):
+        return [(n, wrong if n == "val_00000002.edge.png" else d) for n, d in members]
+
+    _rewrite_first_val_shard(dataset, mutate)
+    with pytest.raises(SampleError, match="'val_00000002'.*label 'edge' has shape \\(16, 16\\), expected \\(32, 32\\)"):
+        _eval_all(dataset)
+
+
+def test_stream_spec_rejects_a_task_the_dataset_lacks(tiny_dataset):
+    manifest = load_manifest(tiny_dataset)
+    with pytest.raises(ValueError, match="no labels for task"):
+        stream_spec(DataConfig(path=str(tiny_dataset)), manifest, "train", ["seg", "albedo"], seed=0, rank=0,
+                    world_size=1, train=True)
+
+
+def test_shard_stream_is_an_iterable_dataset():
+    assert issubclass(ShardStream, torch.utils.data.IterableDataset)

@@ -1,0 +1,59 @@
+"""Run configs: presets load, overrides apply, bad input is a clear error."""
+
+import pytest
+import torch
+
+from dsparse.config import config_from_dict, load_config, preset_names
+from dsparse.train.trainer import deepspeed_config
+
+
+@pytest.mark.parametrize("name", ["synthetic_tiny", "nyuv2", "cityscapes", "taskonomy"])
+def test_presets_load(name):
+    config = load_config(name)
+    assert config.tasks and config.train.iterations > 0
+
+
+def test_presets_carry_the_original_task_weights_and_schedules():
+    nyu, city, taskonomy = load_config("nyuv2"), load_config("cityscapes"), load_config("taskonomy")
+    assert nyu.task_weights == {"seg": 1.0, "normal": 20.0} and nyu.data.crop_size == 321
+    assert (nyu.train.iterations, nyu.optimizer.lr, nyu.schedule.step_size, nyu.schedule.gamma) == (20000, 1e-3, 4000, 0.5)
+    assert city.task_weights == {"seg": 1.0, "depth": 20.0} and city.optimizer.lr == 1e-4
+    assert taskonomy.task_weights == {"seg": 1.0, "normal": 3.0, "depth": 2.0, "keypoint": 7.0, "edge": 7.0}
+    assert (taskonomy.train.iterations, taskonomy.schedule.step_size, taskonomy.schedule.gamma) == (100000, 12000, 0.3)
+
+
+def test_overrides_are_parsed_as_yaml():
+    config = load_config("synthetic_tiny", ["train.iterations=7", "optimizer.lr=1e-4", "tasks=[seg, depth]",
+                                            "task_weights={seg: 1, depth: 20}"])
+    assert config.train.iterations == 7 and config.optimizer.lr == 1e-4
+    assert config.tasks == ["seg", "depth"] and config.weight_of("depth") == 20.0
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"trian": {}}, r"unknown config key\(s\) \['trian'\]; known keys: \["),
+    ({"train": {"iterations": 0}}, "train.iterations must be > 0"),
+    ({"train": {"iterations": "many"}}, "train.iterations must be of type int"),
+    ({"data": {"batch_sise": 3}}, r"unknown config key\(s\) \['batch_sise'\] in section 'data'"),
+    ({"tasks": []}, "at least one task"),
+    ({"tasks": ["seg", "seg"]}, "lists a task twice"),
+    ({"tasks": ["seg"], "task_weights": {"depth": 2}}, r"task_weights names \['depth'\]"),
+    ({"deepspeed": {"zero_stage": 3}}, "zero_stage must be 0, 1 or 2"),
+    ({"optimizer": {"name": "lamb"}}, "optimizer.name must be one of"),
+    ({"data": {"resampled": True}}, "needs data.epoch_length"),
+])
+def test_config_errors_name_the_key(raw, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_dict(raw)
+
+
+def test_missing_config_lists_presets():
+    with pytest.raises(ValueError, match="neither a file nor a preset") as error:
+        load_config("no/such/file.yaml")
+    for name in preset_names():
+        assert name in str(error.value)
+
+
+def test_bf16_on_cpu_is_refused():
+    config = config_from_dict({"deepspeed": {"bf16": True}})
+    with pytest.raises(ValueError, match="bf16: true needs a CUDA GPU"):
+        deepspeed_config(config, torch.device("cpu"))
