@@ -2,7 +2,8 @@
 
     dsparse demo                                   # synth data, train, eval, table
     dsparse data synth --out data/synthetic        # procedural multitask scenes as shards
-    dsparse train CONFIG.yaml [--set k=v ...] [--resume] [--stop-after N]
+    dsparse prune CONFIG.yaml --method disparse --sparsity 0.9 [--criterion snip] [--from RUN] --out masks.pt
+    dsparse train CONFIG.yaml [--set k=v ...] [--masks masks.pt] [--resume] [--stop-after N]
     dsparse eval RUN_OR_CHECKPOINT [--baseline RUN] [--out metrics.json]
 
 Multi-process: ``torchrun --nproc_per_node 2 -m dsparse train CONFIG.yaml``.
@@ -42,9 +43,34 @@ def _cmd_train(args) -> None:
     from dsparse.config import load_config
     from dsparse.train.trainer import train
 
-    summary = train(load_config(args.config, args.set), resume=args.resume, stop_after=args.stop_after)
+    overrides = list(args.set) + ([f"sparsity.masks={args.masks}"] if args.masks else [])
+    summary = train(load_config(args.config, overrides), resume=args.resume, stop_after=args.stop_after)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: summary[k] for k in ("status", "step", "samples_per_s", "mlflow_run_id")}))
+
+
+def _cmd_prune(args) -> None:
+    from dsparse.config import load_config
+    from dsparse.models import parameter_users
+    from dsparse.train.components import build_run_model, build_run_tasks
+    from dsparse.train.sparsify import prune_run
+
+    overrides = list(args.set) + [f"sparsity.method={args.method}", f"sparsity.target={args.sparsity}"]
+    for key, value in (("criterion", args.criterion), ("from_checkpoint", args.from_checkpoint),
+                       ("num_batches", args.num_batches), ("scope", args.scope)):
+        if value is not None:
+            overrides.append(f"sparsity.{key}={value}")
+    if args.keep_first_dense:
+        overrides.append("sparsity.keep_first_dense=true")
+    config = load_config(args.config, overrides)
+    masks = prune_run(config, args.out)
+    if os.environ.get("RANK", "0") == "0":
+        from dsparse.data.shards import load_manifest
+
+        model = build_run_model(config, build_run_tasks(config, load_manifest(config.data.path)))
+        print(masks.format_table(parameter_users(model)))
+        print(f"requested sparsity {args.sparsity:.4f}, achieved {masks.sparsity:.6f} "
+              f"({masks.num_kept} of {masks.num_total} weights kept); wrote {args.out}")
 
 
 def _cmd_eval(args) -> None:
@@ -85,10 +111,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.iterations=100 (repeatable)")
+    train.add_argument("--masks", default=None, help="train sparse with this mask file (from dsparse prune)")
     train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
     train.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="checkpoint and exit after N steps of this invocation")
     train.set_defaults(func=_cmd_train)
+
+    prune = verbs.add_parser("prune", help="compute pruning masks for a run config and write a mask file")
+    prune.add_argument("config")
+    prune.add_argument("--method", required=True, help="disparse | snip | random | magnitude | lottery")
+    prune.add_argument("--sparsity", type=float, required=True, help="fraction of prunable weights to prune")
+    prune.add_argument("--criterion", default=None, help="disparse saliency: snip | grad_w2 | magnitude | random")
+    prune.add_argument("--from", dest="from_checkpoint", default=None, help="trained run/checkpoint to prune")
+    prune.add_argument("--num-batches", type=int, default=None)
+    prune.add_argument("--scope", default=None, help="global (default) | layerwise")
+    prune.add_argument("--keep-first-dense", action="store_true")
+    prune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    prune.add_argument("--out", default="masks.pt")
+    prune.set_defaults(func=_cmd_prune)
 
     evaluate = verbs.add_parser("eval", help="evaluate a checkpoint, optionally against a baseline run")
     evaluate.add_argument("checkpoint", help="run directory or checkpoints/step-N directory")

@@ -141,6 +141,41 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class SparsityConfig:
+    """Prune at the start of training (or load a mask file); ``method: null`` = dense."""
+
+    method: str | None = None
+    """disparse | snip | random | magnitude | lottery (see dsparse.sparsity.prune.METHODS)."""
+    target: float = 0.9
+    """Fraction of prunable weights (Conv2d/Linear weights) to prune, in (0, 1)."""
+    criterion: str | None = None
+    """Per-task saliency for disparse: snip (default at init) | grad_w2 (default with
+    from_checkpoint) | magnitude | random."""
+    num_batches: int = 50
+    """Batches of saliency accumulation per rank."""
+    scope: str = "global"
+    """global (one ranking over all layers per task) | layerwise."""
+    keep_first_dense: bool = False
+    """Keep the first convolution dense (still counted in the sparsity denominator)."""
+    from_checkpoint: str | None = None
+    """Prune a trained model: load these weights first (lottery: take masks from them,
+    then train from the initial weights)."""
+    masks: str | None = None
+    """Use this mask file (from ``dsparse prune``) instead of pruning."""
+
+    def __post_init__(self):
+        if not 0.0 < self.target < 1.0:
+            raise ValueError(f"sparsity.target must be in (0, 1), got {self.target}; e.g. 0.9 prunes 90% of weights")
+        _check_positive("sparsity.num_batches", self.num_batches)
+        if self.scope not in ("global", "layerwise"):
+            raise ValueError(f"sparsity.scope must be global or layerwise, got {self.scope!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None or self.masks is not None
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True
     uri: str | None = None
@@ -165,6 +200,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sparsity: SparsityConfig = field(default_factory=SparsityConfig)
 
     def __post_init__(self):
         if not self.tasks:

@@ -10,10 +10,14 @@ import torch
 
 from dsparse.config import RunConfig
 from dsparse.models import build_model
-from dsparse.tasks import Task, build_tasks, class_weights_from_frequency
+from dsparse.tasks import TASKS, Task, build_tasks, class_weights_from_frequency
 
 
 def build_run_tasks(config: RunConfig, manifest: dict) -> dict[str, Task]:
+    """The run's tasks, checked against the task registry and the dataset's labels."""
+    unknown = [t for t in config.tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
     missing = [t for t in config.tasks if t not in manifest["tasks"]]
     if missing:
         raise ValueError(f"dataset {config.data.path} has no labels for task(s) {missing}; "

@@ -1,0 +1,112 @@
+"""Quality check: dense vs DiSparse vs SNIP vs random at one sparsity, same seed and steps.
+
+Trains one run per method from the same config (the ``synthetic_tiny`` preset by
+default), then reports every task metric and Delta_T against the dense run as a Markdown
+table and a PNG plot. Usage::
+
+    python benchmarks/compare_methods.py --data data/synthetic --sparsity 0.9
+
+Writes ``benchmarks/results/methods-<sparsity>-<host>-<date>.{md,json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dsparse.config import load_config  # noqa: E402
+from dsparse.data.shards import load_manifest  # noqa: E402
+from dsparse.tasks import delta_t  # noqa: E402
+from dsparse.train.components import build_run_tasks  # noqa: E402
+from dsparse.train.trainer import train  # noqa: E402
+
+METHODS = ["dense", "disparse", "snip", "random"]
+
+
+def run_method(method: str, args, root: Path) -> dict:
+    overrides = [f"data.path={args.data}", f"output_dir={root / method}", f"seed={args.seed}",
+                 "tracking.experiment=dsparse-methods", f"tracking.run_name={method}-{args.sparsity}"]
+    if args.iterations:
+        overrides += [f"train.iterations={args.iterations}", f"train.eval_interval={args.iterations}",
+                      f"train.checkpoint_interval={args.iterations}"]
+    if method != "dense":
+        overrides += [f"sparsity.method={method}", f"sparsity.target={args.sparsity}",
+                      f"sparsity.num_batches={args.num_batches}"]
+    return train(load_config(args.config, overrides))
+
+
+def report(results: dict[str, dict], tasks, args) -> tuple[str, dict[str, float]]:
+    dense = results["dense"]["final_metrics"]
+    deltas = {m: delta_t(r["final_metrics"], dense, tasks) for m, r in results.items()}
+    header = ["method", "sparsity"] + [f"{t} {m}" for t, task in tasks.items() for m in task.metric_lower_is_better]
+    lines = ["| " + " | ".join(header + ["Delta_T %"]) + " |", "|" + "---|" * (len(header) + 1)]
+    for method, result in results.items():
+        achieved = (result.get("sparsity") or {}).get("achieved", 0.0)
+        cells = [method, f"{achieved:.4f}"]
+        cells += [f"{result['final_metrics'][t][m]:.4f}" for t, task in tasks.items() for m in task.metric_lower_is_better]
+        lines.append("| " + " | ".join(cells + [f"{deltas[method]:+.2f}"]) + " |")
+    return "\n".join(lines), deltas
+
+
+def plot(results: dict, tasks, deltas: dict, path: Path, sparsity: float) -> None:
+    figure, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.2 * (len(tasks) + 1), 3.2))
+    methods = list(results)
+    for axis, (name, task) in zip(axes, tasks.items()):
+        values = [results[m]["final_metrics"][name][task.key_metric] for m in methods]
+        axis.bar(methods, values, color=["grey", "tab:blue", "tab:orange", "tab:green"][: len(methods)])
+        better = "lower" if task.metric_lower_is_better[task.key_metric] else "higher"
+        axis.set_title(f"{name} {task.key_metric} ({better} better)", fontsize=9)
+        axis.tick_params(axis="x", labelrotation=45, labelsize=8)
+    axes[-1].bar(methods, [deltas[m] for m in methods], color="tab:purple")
+    axes[-1].set_title("Delta_T vs dense (%)", fontsize=9)
+    axes[-1].tick_params(axis="x", labelrotation=45, labelsize=8)
+    figure.suptitle(f"Methods at {sparsity:.0%} sparsity", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="synthetic_tiny")
+    parser.add_argument("--data", default="data/synthetic")
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--iterations", type=int, default=None)
+    parser.add_argument("--num-batches", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--runs", default="runs/methods")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    methods = args.methods.split(",")
+    if methods[0] != "dense":
+        raise SystemExit("the first method must be dense: it is the Delta_T baseline")
+    root = Path(args.runs) / time.strftime("%Y%m%d-%H%M%S")
+    results = {method: run_method(method, args, root) for method in methods}
+    config = load_config(args.config, [f"data.path={args.data}"])
+    tasks = build_run_tasks(config, load_manifest(args.data))
+    table, deltas = report(results, tasks, args)
+    host, date = f"{platform.node()}-{os.cpu_count()}cpu", time.strftime("%Y-%m-%d")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"methods-{args.sparsity}-{host}-{date}"
+    title = (f"Methods at sparsity {args.sparsity}, config {args.config}, seed {args.seed}, "
+             f"{results['dense']['step']} iterations, {host}, {date}")
+    stem.with_suffix(".md").write_text(f"{title}\n\n{table}\n")
+    stem.with_suffix(".json").write_text(json.dumps({m: {"final_metrics": r["final_metrics"],
+                                                         "sparsity": r.get("sparsity"), "delta_t": deltas[m]}
+                                                     for m, r in results.items()}, indent=2))
+    plot(results, tasks, deltas, stem.with_suffix(".png"), args.sparsity)
+    print(f"{title}\n\n{table}\n\nwrote {stem}.md/.json/.png")
+
+
+if __name__ == "__main__":
+    main()
