@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -207,9 +208,15 @@ class RunConfig:
             raise ValueError("tasks must name at least one task")
         if len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks lists a task twice: {self.tasks}")
-        extra = sorted(set(self.task_weights) - set(self.tasks))
-        if extra:
-            raise ValueError(f"task_weights names {extra}, which are not in tasks {self.tasks}")
+        from dsparse.tasks import TASKS
+
+        unknown = [t for t in [*self.tasks, *self.task_weights] if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {sorted(set(unknown))}; known tasks: {sorted(TASKS)}")
+        unused = sorted(set(self.task_weights) - set(self.tasks))
+        if unused:  # e.g. a preset's weights after --set tasks=[...]: harmless, but say so
+            warnings.warn(f"task_weights for {unused} have no effect: those tasks are not in tasks {self.tasks}",
+                          stacklevel=2)
         for name, weight in self.task_weights.items():
             if not weight > 0:
                 raise ValueError(f"task_weights.{name} must be > 0, got {weight}")

@@ -36,7 +36,8 @@ def test_overrides_are_parsed_as_yaml():
     ({"data": {"batch_sise": 3}}, r"unknown config key\(s\) \['batch_sise'\] in section 'data'"),
     ({"tasks": []}, "at least one task"),
     ({"tasks": ["seg", "seg"]}, "lists a task twice"),
-    ({"tasks": ["seg"], "task_weights": {"depth": 2}}, r"task_weights names \['depth'\]"),
+    ({"tasks": ["seg", "albedo"]}, r"unknown task\(s\) \['albedo'\]; known tasks: \['depth', 'edge'"),
+    ({"tasks": ["seg"], "task_weights": {"sge": 2}}, r"unknown task\(s\) \['sge'\]"),
     ({"deepspeed": {"zero_stage": 3}}, "zero_stage must be 0, 1 or 2"),
     ({"optimizer": {"name": "lamb"}}, "optimizer.name must be one of"),
     ({"data": {"resampled": True}}, "needs data.epoch_length"),
@@ -44,6 +45,12 @@ def test_overrides_are_parsed_as_yaml():
 def test_config_errors_name_the_key(raw, message):
     with pytest.raises(ValueError, match=message):
         config_from_dict(raw)
+
+
+def test_weights_of_tasks_not_in_the_run_warn():
+    with pytest.warns(UserWarning, match=r"task_weights for \['depth'\] have no effect"):
+        config = config_from_dict({"tasks": ["seg"], "task_weights": {"depth": 2}})
+    assert config.weight_of("seg") == 1.0
 
 
 def test_missing_config_lists_presets():
