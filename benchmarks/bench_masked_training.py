@@ -12,20 +12,17 @@ Writes ``benchmarks/results/masked-training-<host>-<date>.md``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from results_io import RESULTS_DIR, machine_tag, result_stem, today
+
 from dsparse.config import config_from_dict
-from dsparse.models import build_model, parameter_users, prunable_parameters
+from dsparse.models import build_model
 from dsparse.sparsity.enforce import MaskEnforcer
-from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.saliency import compute_saliency, normalize_scores
-from dsparse.sparsity.vote import solve_vote
+from dsparse.sparsity.prune import prune
 from dsparse.tasks import build_tasks
 from dsparse.train.distributed import init_distributed
 from dsparse.train.trainer import _build_engine
@@ -41,12 +38,6 @@ def fake_batch(batch: int, size: int, num_classes: int) -> dict:
             "normal": normal, "depth": torch.rand(batch, 1, size, size, generator=generator) * 5 + 0.5,
             "keypoint": torch.rand(batch, 1, size, size, generator=generator),
             "edge": torch.rand(batch, 1, size, size, generator=generator)}
-
-
-def random_masks(model, sparsity: float) -> MaskSet:
-    scores = normalize_scores(compute_saliency(model, {}, iter(()), criterion="random", joint=True))
-    users = {name: frozenset({"joint"}) for name in prunable_parameters(model)}
-    return MaskSet.from_vote(solve_vote(scores, users, sparsity=sparsity), method="random")
 
 
 def time_steps(engine, tasks, batch, num_steps: int) -> list[float]:
@@ -69,7 +60,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--zero-stage", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     init_distributed()
     tasks = build_tasks(TASKS, num_classes=10)
@@ -81,11 +72,11 @@ def main() -> None:
         model = build_model(args.arch, {n: t.num_channels for n, t in tasks.items()}, base_width=args.width,
                             head_dilations=(1, 2, 4, 8))
         if label != "dense":
-            MaskEnforcer(model, random_masks(model, 0.9))
+            MaskEnforcer(model, prune(model, tasks, None, method="random", sparsity=0.9))
         engine = _build_engine(config, model, torch.device("cpu"))
         medians[label] = statistics.median(time_steps(engine, tasks, batch, args.steps))
     overhead = medians["masked 90%"] / medians["dense"] - 1
-    host, date = f"{platform.node()}-{os.cpu_count()}cpu", time.strftime("%Y-%m-%d")
+    host, date = machine_tag(), today()
     lines = [f"Masked vs dense training step, {args.arch} width {args.width}, batch {args.batch} at "
              f"{args.size}x{args.size}, 5 tasks, ZeRO-{args.zero_stage}, {host}, {date}", "",
              "| run | median step (ms) |", "|---|---|"]
@@ -93,9 +84,7 @@ def main() -> None:
     lines += ["", f"- masked / dense: {1 + overhead:.3f}x (overhead {100 * overhead:+.1f}%)"]
     report = "\n".join(lines)
     print(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"masked-training-{args.arch}-w{args.width}-{host}-{date}.md"
+    path = result_stem(f"masked-training-{args.arch}-w{args.width}", args.out).with_suffix(".md")
     path.write_text(report + "\n")
     print(f"wrote {path}")
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from results_io import RESULTS_DIR, machine_tag, result_stem, today
 
 from dsparse.models import build_model, prunable_parameters
 from dsparse.sparsity.saliency import compute_saliency, task_weight_users
@@ -120,9 +120,9 @@ def check_agreement(retained: dict, plain: dict) -> None:
 def report(rows: list[dict], args) -> str:
     num_tasks = len(TASK_NAMES)
     bound = 3 * num_tasks / (1 + 2 * num_tasks)
-    host = f"{platform.node()}-{os.cpu_count()}cpu"
+    host = machine_tag()
     lines = [
-        f"Saliency cost, T={num_tasks} tasks, {host}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+        f"Saliency cost, T={num_tasks} tasks, {host}, {today()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.num_batches} batches of {args.size}x{args.size} per call, "
         f"median of {args.reps} reps (load average at start {os.getloadavg()[0]:.1f})",
         "",
@@ -156,15 +156,13 @@ def main() -> None:
     parser.add_argument("--num-batches", type=int, default=2)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [run_case(label, args=args, **case) for label, case in CASES.items()]
     text = report(rows, args)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"saliency-{platform.node()}-{os.cpu_count()}cpu-{time.strftime('%Y-%m-%d')}.md"
+    path = result_stem("saliency", args.out).with_suffix(".md")
     path.write_text(text + "\n")
     print(f"wrote {path}")
 

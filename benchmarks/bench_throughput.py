@@ -18,13 +18,12 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
-import os
-import platform
 import tempfile
 import time
-from pathlib import Path
 
 import torch
+
+from results_io import RESULTS_DIR, machine_tag, result_stem, today
 
 from dsparse.config import load_config
 from dsparse.data.loader import TrainBatches, stream_spec
@@ -101,7 +100,7 @@ def main() -> None:
     parser.add_argument("--config", default="synthetic_tiny")
     parser.add_argument("--loader-batches", type=int, default=150)
     parser.add_argument("--train-steps", type=int, default=60)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     init_distributed()
     config = load_config(args.config, [f"data.path={args.data}"])
@@ -111,10 +110,11 @@ def main() -> None:
         rows.append(("loader", f"{workers} worker(s)", loader_rate(config, manifest, workers, args.loader_batches)))
     plain, engine = compute_rates(load_config(args.config, [f"data.path={args.data}"]), manifest, args.train_steps)
     rows += [("train compute", "plain PyTorch (baseline)", plain), ("train compute", "DeepSpeed ZeRO-0", engine)]
-    summary = end_to_end(load_config(args.config, [f"data.path={args.data}"]), 4 * args.train_steps)
-    rows.append(("train end-to-end", f"dsparse train, {config.data.num_workers} worker(s)", summary["samples_per_s"]))
-    host = f"{platform.node()}-{os.cpu_count()}cpu"
-    date = time.strftime("%Y-%m-%d")
+    e2e_config = load_config(args.config, [f"data.path={args.data}"])
+    summary = end_to_end(e2e_config, 4 * args.train_steps)
+    rows.append(("train end-to-end", f"dsparse train, {e2e_config.data.num_workers} worker(s)",
+                 summary["samples_per_s"]))
+    host, date = machine_tag(), today()
     lines = [f"Throughput, config `{args.config}`, {host}, {date}, torch {torch.__version__}", "",
              "| what | setting | samples/s |", "|---|---|---|"]
     lines += [f"| {what} | {setting} | {rate:.1f} |" for what, setting, rate in rows]
@@ -124,9 +124,7 @@ def main() -> None:
               f"- data-wait fraction in the end-to-end run: {100 * summary['data_wait_fraction']:.1f}%"]
     report = "\n".join(lines)
     print(report)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"throughput-{host}-{date}"
+    stem = result_stem("throughput", args.out)
     stem.with_suffix(".md").write_text(report + "\n")
     with stem.with_suffix(".csv").open("w", newline="") as handle:
         writer = csv.writer(handle)

@@ -29,11 +29,12 @@ import csv
 import gc
 import itertools
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from results_io import RESULTS_DIR, machine_tag, result_stem
 
 from dsparse.models import build_model, parameter_users, prunable_parameters
 from dsparse.sparsity.vote import solve_vote
@@ -123,7 +124,7 @@ def main() -> None:
                         help="SCOPE:SPARSITY pairs")
     parser.add_argument("--scores", nargs="+", default=["independent", "identical"],
                         choices=["independent", "identical"])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -149,7 +150,7 @@ def main() -> None:
 
 
 def write_report(rows: list[dict], num_total: int, out: Path) -> None:
-    host = f"{platform.node()}-{os.cpu_count()}cpu"
+    host = machine_tag()
     date = time.strftime("%Y-%m-%d")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     lines = [
@@ -167,8 +168,7 @@ def write_report(rows: list[dict], num_total: int, out: Path) -> None:
               "tie-break). Peak = VmHWM after the solve minus VmRSS before it (scores and model excluded)."]
     report = "\n".join(lines)
     print(report)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"vote-{host}-{date}"
+    stem = result_stem("vote", out)
     stem.with_suffix(".md").write_text(report + "\n")
     with stem.with_suffix(".csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

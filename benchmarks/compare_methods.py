@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import logging
 import time
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from results_io import RESULTS_DIR, machine_tag, result_stem, today  # noqa: E402
 
 from dsparse.config import load_config  # noqa: E402
 from dsparse.data.shards import load_manifest  # noqa: E402
@@ -84,8 +85,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--runs", default="runs/methods")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     methods = args.methods.split(",")
     if methods[0] != "dense":
         raise SystemExit("the first method must be dense: it is the Delta_T baseline")
@@ -94,10 +96,8 @@ def main() -> None:
     config = load_config(args.config, [f"data.path={args.data}"])
     tasks = build_run_tasks(config, load_manifest(args.data))
     table, deltas = report(results, tasks, args)
-    host, date = f"{platform.node()}-{os.cpu_count()}cpu", time.strftime("%Y-%m-%d")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"methods-{args.sparsity}-{host}-{date}"
+    host, date = machine_tag(), today()
+    stem = result_stem(f"methods-{args.sparsity}", args.out)
     title = (f"Methods at sparsity {args.sparsity}, config {args.config}, seed {args.seed}, "
              f"{results['dense']['step']} iterations, {host}, {date}")
     stem.with_suffix(".md").write_text(f"{title}\n\n{table}\n")

@@ -146,7 +146,8 @@ class SparsityConfig:
     """Prune at the start of training (or load a mask file); ``method: null`` = dense."""
 
     method: str | None = None
-    """disparse | snip | random | magnitude | lottery (see dsparse.sparsity.prune.METHODS)."""
+    """Static (prune once): disparse | snip | random | magnitude | lottery. Dynamic (masks
+    evolve during training): disparse_dynamic | rigl | set. See dsparse.sparsity.prune.METHODS."""
     target: float = 0.9
     """Fraction of prunable weights (Conv2d/Linear weights) to prune, in (0, 1)."""
     criterion: str | None = None
@@ -156,13 +157,22 @@ class SparsityConfig:
     """Batches of saliency accumulation per rank."""
     scope: str = "global"
     """global (one ranking over all layers per task) | layerwise."""
-    keep_first_dense: bool = False
-    """Keep the first convolution dense (still counted in the sparsity denominator)."""
+    keep_first_dense: bool | None = None
+    """Keep the first convolution dense (still counted in the sparsity denominator).
+    None = on for dynamic methods, off for static ones (as in DESIGN.md)."""
     from_checkpoint: str | None = None
     """Prune a trained model: load these weights first (lottery: take masks from them,
     then train from the initial weights)."""
     masks: str | None = None
     """Use this mask file (from ``dsparse prune``) instead of pruning."""
+    interval: int = 50
+    """Dynamic: update the masks every ``interval`` steps..."""
+    end: float = 0.75
+    """...until this fraction of train.iterations (NYU-v2/Cityscapes: 15k of 20k)."""
+    alpha0: float = 0.5
+    """Dynamic: initial drop fraction, decayed by cosine to 0 at ``end``."""
+    erk_power: float = 1.0
+    """Dynamic: exponent of the ERK layer-density rule (0 = uniform density)."""
 
     def __post_init__(self):
         if not 0.0 < self.target < 1.0:
@@ -170,6 +180,13 @@ class SparsityConfig:
         _check_positive("sparsity.num_batches", self.num_batches)
         if self.scope not in ("global", "layerwise"):
             raise ValueError(f"sparsity.scope must be global or layerwise, got {self.scope!r}")
+        _check_positive("sparsity.interval", self.interval)
+        if not 0.0 < self.end <= 1.0:
+            raise ValueError(f"sparsity.end must be in (0, 1] (a fraction of train.iterations), got {self.end}")
+        if not 0.0 < self.alpha0 < 1.0:
+            raise ValueError(f"sparsity.alpha0 must be in (0, 1), got {self.alpha0}")
+        if self.erk_power < 0:
+            raise ValueError(f"sparsity.erk_power must be >= 0, got {self.erk_power}")
 
     @property
     def enabled(self) -> bool:

@@ -12,6 +12,8 @@ buffers is needed. ``tests/sparsity/test_enforce.py`` proves it for ZeRO 0, 1 an
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from dsparse.models import prunable_parameters, unwrap_model
@@ -30,11 +32,29 @@ class MaskEnforcer:
         masks.check_matches(model)
         masks.apply_(model)
         self._handles = []
+        self._keep: dict[str, torch.Tensor] = {}
+        self._enabled = True
         weights = prunable_parameters(model)
         for name, mask in masks.masks.items():
-            weight = weights[name]
-            keep = mask.to(device=weight.device, dtype=weight.dtype)
-            self._handles.append(weight.register_hook(lambda grad, keep=keep: grad * keep))
+            keep = self._keep[name] = mask.to(device=weights[name].device, dtype=weights[name].dtype)
+            self._handles.append(weights[name].register_hook(lambda grad, keep=keep: self._mask(grad, keep)))
+
+    def _mask(self, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return grad * keep if self._enabled else grad
+
+    @contextlib.contextmanager
+    def dense_gradients(self):
+        """Let unmasked gradients through (growth scores need the dense gradient)."""
+        self._enabled = False
+        try:
+            yield
+        finally:
+            self._enabled = True
+
+    def refresh(self) -> None:
+        """Pick up masks changed in place in ``self.masks`` (dynamic sparsity): no new hooks."""
+        for name, mask in self.masks.masks.items():
+            self._keep[name].copy_(mask)
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -20,12 +20,11 @@ import torch
 
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.saliency import all_reduce_scores, compute_saliency, normalize_scores
+from dsparse.sparsity.saliency import JOINT, all_reduce_scores, compute_saliency, normalize_scores
 from dsparse.sparsity.vote import solve_vote
 from dsparse.tasks import Task
 from dsparse.train.distributed import gather_objects
 
-JOINT = "joint"
 DATA_FREE = ("magnitude", "random")
 
 
@@ -39,6 +38,12 @@ class Method:
     rewind: bool = False
     """Train from the initial weights after taking masks from a trained model."""
     needs_trained: bool = False
+    grow: str | None = None
+    """Dynamic methods only: how dropped weights regrow (votes | gradient | random)."""
+
+    @property
+    def dynamic(self) -> bool:
+        return self.grow is not None
 
 
 METHODS: dict[str, Method] = {}
@@ -56,6 +61,10 @@ register_method(Method("snip", disentangled=False, criterion="snip"))
 register_method(Method("random", disentangled=False, criterion="random"))
 register_method(Method("magnitude", disentangled=False, criterion="magnitude"))
 register_method(Method("lottery", disentangled=False, criterion="magnitude", rewind=True, needs_trained=True))
+# Dynamic sparse training (DESIGN.md section 4): ERK random start, then drop and regrow.
+register_method(Method("disparse_dynamic", disentangled=True, criterion=None, grow="votes"))
+register_method(Method("rigl", disentangled=False, criterion=None, grow="gradient"))
+register_method(Method("set", disentangled=False, criterion=None, grow="random"))
 
 
 def get_method(name: str) -> Method:
@@ -110,6 +119,9 @@ def prune(model: torch.nn.Module, tasks: dict[str, Task], batches: Iterable[dict
             too few batches.
     """
     spec = get_method(method)
+    if spec.dynamic:
+        raise ValueError(f"{method!r} is a dynamic method: its masks evolve during training. Use it in a run "
+                         f"config (sparsity.method: {method}) with dsparse train, not dsparse prune")
     if criterion is not None and not spec.disentangled and criterion != spec.criterion:
         raise ValueError(f"method {method!r} always scores by {spec.criterion!r}; --criterion applies to disparse")
     criterion = criterion or default_criterion(spec, pretrained)

@@ -131,6 +131,15 @@ class GradW2(GradientCriterion):
         return total * weight.float().square()
 
 
+@register_criterion("grad")
+class Grad(GradientCriterion):
+    """``sum_batches |dL/dw|``: the dense gradient magnitude that dynamic sparse training
+    grows by (RigL; per task for DiSparse dynamic). Not meant for pruning at init."""
+
+    def batch_term(self, grad: Tensor, weight: Tensor) -> Tensor:
+        return grad.float().abs()
+
+
 @register_criterion("magnitude")
 class Magnitude(DataFreeCriterion):
     """``|w|``, the same for every task."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,10 +36,12 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def save_checkpoint(engine, directory: Path, step: int, client_state: dict, keep: int) -> Path:
+def save_checkpoint(engine, directory: Path, step: int, client_state: dict, keep: int,
+                    extra: Callable[[Path], None] | None = None) -> Path:
     """Save model, optimizer, scheduler and ``client_state`` for ``step``; returns its path.
 
-    Must be called on every rank.
+    Must be called on every rank. ``extra(path)`` runs on rank 0 before the checkpoint is
+    published, to add files (e.g. the current masks) that must be atomic with it.
     """
     directory = Path(directory)
     partial, tag = directory / PARTIAL, tag_of(step)
@@ -51,6 +54,8 @@ def save_checkpoint(engine, directory: Path, step: int, client_state: dict, keep
     final = directory / tag
     if is_main():
         (partial / tag / STATE_FILE).write_text(json.dumps(client_state, indent=1, default=str))
+        if extra is not None:
+            extra(partial / tag)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial / tag, final)
         _write_atomic(directory / LATEST, tag)

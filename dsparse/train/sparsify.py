@@ -47,7 +47,7 @@ def compute_run_masks(config: RunConfig, model: torch.nn.Module, tasks: dict[str
     one_epoch = itertools.islice(batches, batches.batches_per_epoch)
     masks = prune(model, tasks, one_epoch, method=method.name, sparsity=sparsity.target,
                   criterion=sparsity.criterion, num_batches=sparsity.num_batches, scope=sparsity.scope,
-                  keep_first_dense=sparsity.keep_first_dense, task_weights=dict(config.task_weights),
+                  keep_first_dense=bool(sparsity.keep_first_dense), task_weights=dict(config.task_weights),
                   seed=config.seed, pretrained=pretrained)
     if initial is not None:
         model.load_state_dict(initial)

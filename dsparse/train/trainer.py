@@ -23,9 +23,6 @@ import torch
 from dsparse.config import RunConfig, dump_config, flatten
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.shards import load_manifest
-from dsparse.models import parameter_users
-from dsparse.sparsity.enforce import MaskEnforcer, count_pruned_nonzeros
-from dsparse.sparsity.masks import MaskSet
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
 from dsparse.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from dsparse.train.components import build_run_model, build_run_tasks
@@ -33,11 +30,9 @@ from dsparse.train.distributed import all_reduce_sum, barrier, broadcast_object,
 from dsparse.train.evaluate import evaluate, format_metrics_table
 from dsparse.train.optim import build_optimizer, build_scheduler
 from dsparse.train.progress import Progress, format_duration
-from dsparse.train.sparsify import compute_run_masks
+from dsparse.train.sparse_run import SparseRun
 
 log = logging.getLogger("dsparse.train")
-
-MASKS_FILE = "masks.pt"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -116,8 +111,11 @@ class Trainer:
         self.tasks = build_run_tasks(config, self.manifest)
         checkpoint = latest_checkpoint(self.checkpoint_dir) if resume else None
         model = build_run_model(config, self.tasks).to(self.device)
-        self.masks = self._prepare_masks(model, resumed=checkpoint is not None)
+        self.sparse = SparseRun.create(config, model, self.tasks, self.manifest, self.rank, self.world_size,
+                                       self.run_dir, checkpoint)
         self.engine = _build_engine(config, model, self.device)
+        if self.sparse is not None:
+            self.sparse.attach_engine(self.engine, self.tasks)
         self.input_dtype = torch.bfloat16 if config.deepspeed.bf16 else torch.float32
         self.state = {"step": 0, "data_position": None, "mlflow_run_id": None, "history": []}
         if checkpoint is not None:
@@ -126,21 +124,6 @@ class Trainer:
         self.tracker = RunTracker(config.tracking, config.tracking.run_name or self.run_dir.name,
                                   run_id=self.state["mlflow_run_id"], enabled=is_main())
         self.state["mlflow_run_id"] = broadcast_object(self.tracker.run_id)
-
-    def _prepare_masks(self, model: torch.nn.Module, resumed: bool) -> MaskSet | None:
-        """Prune per the config (or reload the run's masks on resume) and enforce them."""
-        if not self.config.sparsity.enabled:
-            return None
-        path = self.run_dir / MASKS_FILE
-        if resumed:
-            masks = MaskSet.load(path)  # weights come from the checkpoint
-        else:
-            masks = compute_run_masks(self.config, model, self.tasks, self.manifest, self.rank, self.world_size)
-            if is_main():
-                masks.save(path)
-            barrier()
-        self.enforcer = MaskEnforcer(model, masks)
-        return masks
 
     def _spec(self, split: str, train: bool):
         return stream_spec(self.config.data, self.manifest, split, self.config.tasks, seed=self.config.seed,
@@ -152,7 +135,8 @@ class Trainer:
 
     def _save(self, step: int, batches: TrainBatches) -> None:
         self.state.update(step=step, data_position=batches.position())
-        save_checkpoint(self.engine, self.checkpoint_dir, step, dict(self.state), self.config.train.keep_checkpoints)
+        save_checkpoint(self.engine, self.checkpoint_dir, step, dict(self.state), self.config.train.keep_checkpoints,
+                        extra=self.sparse.save_into if self.sparse is not None else None)
 
     def fit(self, stop_after: int | None = None) -> dict:
         """Train until ``train.iterations`` (or for at most ``stop_after`` more steps).
@@ -163,8 +147,8 @@ class Trainer:
         if is_main():
             self.tracker.log_params(flatten(self.config.to_dict()))
             self.tracker.log_artifact(self.run_dir / "config.yaml")
-            if self.masks is not None:
-                self._log_masks()
+            if self.sparse is not None:
+                self.sparse.log_start(self.tracker, self.run_dir, self.engine.module)
         start = self.state["step"]
         end = cfg.iterations if stop_after is None else min(cfg.iterations, start + stop_after)
         batches = TrainBatches(self._spec("train", train=True), self.state["data_position"])
@@ -183,11 +167,15 @@ class Trainer:
     def _loop(self, batches: TrainBatches, progress: Progress, start: int, end: int) -> dict | None:
         cfg, engine, metrics = self.config.train, self.engine, None
         for step in range(start, end):
-            losses = _task_losses(engine, self.tasks, self.config, next(batches), self.device, self.input_dtype)
+            batch = next(batches)
+            losses = _task_losses(engine, self.tasks, self.config, batch, self.device, self.input_dtype)
             mean_losses = _check_finite(losses, step, self.world_size)
             engine.backward(sum(self.config.weight_of(name) * loss for name, loss in losses.items()))
             engine.step()
             done = step + 1
+            if self.sparse is not None and (update := self.sparse.after_step(done, batch)) is not None:
+                if is_main():
+                    self.tracker.log_metrics(update, done)
             if done % cfg.log_interval == 0 or done == end:
                 self._log_train(done, mean_losses, progress, batches)
             if done % cfg.eval_interval == 0 or done == cfg.iterations:
@@ -195,16 +183,6 @@ class Trainer:
             if done % cfg.checkpoint_interval == 0 or done == end:
                 self._save(done, batches)
         return metrics
-
-    def _log_masks(self) -> None:
-        meta = self.masks.meta
-        self.tracker.log_params({f"sparsity.{key}": meta.get(key) for key in
-                                 ("method", "criterion", "scope", "keep_ratio", "sparsity_achieved")})
-        self.tracker.log_metrics({"sparsity/achieved": self.masks.sparsity, "sparsity/keep_ratio": meta["keep_ratio"]},
-                                 0)
-        table = self.run_dir / "mask_layers.txt"
-        table.write_text(self.masks.format_table(parameter_users(self.engine.module)) + "\n")
-        self.tracker.log_artifact(table)
 
     def _log_train(self, step: int, losses: dict[str, float], progress: Progress, batches: TrainBatches) -> None:
         lr = self.engine.get_lr()[0]
@@ -239,11 +217,7 @@ class Trainer:
             "data_wait_fraction": batches.wait_seconds / max(progress.elapsed(), 1e-9),
             "bad_samples_skipped": batches.num_bad,
             "world_size": self.world_size,
-            "sparsity": None if self.masks is None else {
-                "method": self.masks.meta.get("method"), "criterion": self.masks.meta.get("criterion"),
-                "requested": self.masks.meta.get("sparsity_requested"), "achieved": self.masks.sparsity,
-                "keep_ratio": self.masks.meta.get("keep_ratio"),
-                "pruned_nonzeros": count_pruned_nonzeros(self.engine.module, self.masks)},
+            "sparsity": None if self.sparse is None else self.sparse.summary(self.engine.module),
             "mlflow_run_id": self.state["mlflow_run_id"],
             "mlflow_tracking_uri": self.tracker.uri,
             "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),

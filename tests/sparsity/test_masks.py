@@ -12,14 +12,6 @@ from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.vote import solve_vote
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead (a lot on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model():
     torch.manual_seed(0)

@@ -21,14 +21,6 @@ SPARSITIES = (0.1, 0.5, 0.9, 0.99)
 REGIMES = ("random", "equal", "zero", "duplicated")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors: intra-op threads only add overhead (a lot on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def vote_users(model) -> dict[str, frozenset[str]]:
     users = parameter_users(model)

@@ -1,0 +1,29 @@
+"""Where benchmark results go: ``benchmarks/results/<name>-<host>-<cpus>cpu-<date>.*``.
+
+Results are named by machine and date so numbers from different hardware never overwrite
+each other and the README can cite the file a number came from.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def machine_tag() -> str:
+    return f"{platform.node()}-{os.cpu_count()}cpu"
+
+
+def today() -> str:
+    return time.strftime("%Y-%m-%d")
+
+
+def result_stem(name: str, out_dir: str | Path = RESULTS_DIR) -> Path:
+    """Path without suffix for result files of benchmark ``name`` (the directory is created)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{name}-{machine_tag()}-{today()}"

@@ -1,0 +1,97 @@
+"""Each pruning method on a tiny model: exact sparsity and the semantics of its baseline."""
+
+import pytest
+import torch
+
+from dsparse.models import build_model, prunable_parameters
+from dsparse.sparsity.prune import METHODS, prune
+from dsparse.tasks import build_tasks
+
+from .test_distributed_masks import make_batches
+
+TASKS = ["seg", "depth", "edge"]
+
+
+@pytest.fixture
+def model_and_tasks():
+    torch.manual_seed(0)
+    tasks = build_tasks(TASKS, num_classes=10)
+    model = build_model("resnet18", {n: t.num_channels for n, t in tasks.items()}, base_width=4, head_dilations=(1,))
+    return model, tasks
+
+
+@pytest.mark.parametrize("method", ["disparse", "snip", "random", "magnitude"])
+@pytest.mark.parametrize("sparsity", [0.5, 0.9])
+def test_every_method_hits_the_exact_sparsity(model_and_tasks, method, sparsity):
+    model, tasks = model_and_tasks
+    masks = prune(model, tasks, iter(make_batches(2)), method=method, sparsity=sparsity, num_batches=2)
+    assert masks.num_kept == round((1 - sparsity) * masks.num_total)
+    assert masks.meta["method"] == method
+
+
+def test_magnitude_is_global_top_k_of_absolute_weights(model_and_tasks):
+    model, tasks = model_and_tasks
+    masks = prune(model, tasks, None, method="magnitude", sparsity=0.8)
+    weights = prunable_parameters(model)
+    flat = torch.cat([w.detach().abs().flatten() for w in weights.values()])
+    threshold = flat.sort(descending=True).values[masks.num_kept - 1]
+    for name, weight in weights.items():
+        kept = weight.detach().abs()[masks.masks[name]]
+        pruned = weight.detach().abs()[~masks.masks[name]]
+        assert bool((kept >= threshold).all()) and bool((pruned <= threshold).all()), name
+
+
+def test_random_depends_on_the_seed_only(model_and_tasks):
+    model, tasks = model_and_tasks
+    first = prune(model, tasks, None, method="random", sparsity=0.7, seed=1)
+    again = prune(model, tasks, None, method="random", sparsity=0.7, seed=1)
+    other = prune(model, tasks, None, method="random", sparsity=0.7, seed=2)
+    assert first.digest() == again.digest() != other.digest()
+
+
+def test_disparse_differs_from_joint_snip_and_keeps_what_a_task_needs(model_and_tasks):
+    model, tasks = model_and_tasks
+    batches = make_batches(2)
+    disparse = prune(model, tasks, iter(batches), method="disparse", sparsity=0.9, num_batches=2)
+    joint = prune(model, tasks, iter(batches), method="snip", sparsity=0.9, num_batches=2)
+    assert disparse.digest() != joint.digest()
+    # the vote: every kept shared weight was kept by at least one task before the vote
+    for name, mask in disparse.masks.items():
+        voters = [t for t, per_layer in disparse.task_masks.items() if name in per_layer]
+        union = torch.zeros_like(mask)
+        for task in voters:
+            union |= disparse.task_masks[task][name]
+        assert torch.equal(mask, union), name
+
+
+def test_pretrained_disparse_defaults_to_grad_w2(model_and_tasks):
+    model, tasks = model_and_tasks
+    masks = prune(model, tasks, iter(make_batches(1)), method="disparse", sparsity=0.5, num_batches=1,
+                  pretrained=True)
+    assert masks.meta["criterion"] == "grad_w2"
+
+
+def test_keep_first_dense_is_reported_and_counted(model_and_tasks):
+    model, tasks = model_and_tasks
+    masks = prune(model, tasks, None, method="magnitude", sparsity=0.9, keep_first_dense=True)
+    first = next(iter(prunable_parameters(model)))
+    assert masks.meta["dense_layers"] == [first] and bool(masks.masks[first].all())
+    assert masks.num_kept == round(0.1 * masks.num_total)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "obd"}, r"unknown pruning method 'obd'; known methods: \['disparse'"),
+    ({"method": "snip", "criterion": "grad_w2"}, "always scores by 'snip'"),
+    ({"method": "disparse", "criterion": "taylor"}, "taylor"),
+    ({"method": "disparse", "sparsity": 1.0}, r"sparsity must be in \(0, 1\)"),
+    ({"method": "disparse", "num_batches": 5}, "needs 5 batches but the data gave only 2"),
+])
+def test_method_errors(model_and_tasks, kwargs, message):
+    model, tasks = model_and_tasks
+    arguments = {"sparsity": 0.5, "num_batches": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        prune(model, tasks, iter(make_batches(2)), **arguments)
+
+
+def test_registry_lists_the_methods():
+    assert {"disparse", "snip", "random", "magnitude", "lottery"} <= set(METHODS)
