@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from results_io import RESULTS_DIR, machine_tag, result_stem, today
+from results_io import RESULTS_DIR, machine_tag, result_path, today
 
 from dsparse.config import config_from_dict
 from dsparse.models import build_model
@@ -84,7 +84,7 @@ def main() -> None:
     lines += ["", f"- masked / dense: {1 + overhead:.3f}x (overhead {100 * overhead:+.1f}%)"]
     report = "\n".join(lines)
     print(report)
-    path = result_stem(f"masked-training-{args.arch}-w{args.width}", args.out).with_suffix(".md")
+    path = result_path(f"masked-training-{args.arch}-w{args.width}", ".md", args.out)
     path.write_text(report + "\n")
     print(f"wrote {path}")
 

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from results_io import RESULTS_DIR, machine_tag, result_stem, today
+from results_io import RESULTS_DIR, machine_tag, result_path, today
 
 from dsparse.models import build_model, prunable_parameters
 from dsparse.sparsity.saliency import compute_saliency, task_weight_users
@@ -162,7 +162,7 @@ def main() -> None:
     rows = [run_case(label, args=args, **case) for label, case in CASES.items()]
     text = report(rows, args)
     print(text)
-    path = result_stem("saliency", args.out).with_suffix(".md")
+    path = result_path("saliency", ".md", args.out)
     path.write_text(text + "\n")
     print(f"wrote {path}")
 

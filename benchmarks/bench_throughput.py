@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from results_io import RESULTS_DIR, machine_tag, result_stem, today
+from results_io import RESULTS_DIR, machine_tag, result_path, today
 
 from dsparse.config import load_config
 from dsparse.data.loader import TrainBatches, stream_spec
@@ -124,13 +124,13 @@ def main() -> None:
               f"- data-wait fraction in the end-to-end run: {100 * summary['data_wait_fraction']:.1f}%"]
     report = "\n".join(lines)
     print(report)
-    stem = result_stem("throughput", args.out)
-    stem.with_suffix(".md").write_text(report + "\n")
-    with stem.with_suffix(".csv").open("w", newline="") as handle:
+    name = "throughput"
+    result_path(name, ".md", args.out).write_text(report + "\n")
+    with result_path(name, ".csv", args.out).open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["what", "setting", "samples_per_s"])
         writer.writerows(rows)
-    print(f"wrote {stem}.md and .csv")
+    print(f"wrote {result_path(name, '.md', args.out)} and .csv")
 
 
 if __name__ == "__main__":

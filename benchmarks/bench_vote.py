@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from results_io import RESULTS_DIR, machine_tag, result_stem
+from results_io import RESULTS_DIR, machine_tag, result_path
 
 from dsparse.models import build_model, parameter_users, prunable_parameters
 from dsparse.sparsity.vote import solve_vote
@@ -168,13 +168,13 @@ def write_report(rows: list[dict], num_total: int, out: Path) -> None:
               "tie-break). Peak = VmHWM after the solve minus VmRSS before it (scores and model excluded)."]
     report = "\n".join(lines)
     print(report)
-    stem = result_stem("vote", out)
-    stem.with_suffix(".md").write_text(report + "\n")
-    with stem.with_suffix(".csv").open("w", newline="") as handle:
+    name = "vote"
+    result_path(name, ".md", out).write_text(report + "\n")
+    with result_path(name, ".csv", out).open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {stem}.md and .csv")
+    print(f"wrote {result_path(name, '.md', out)} and .csv")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ table and a PNG plot. Usage::
 
     python benchmarks/compare_methods.py --data data/synthetic --sparsity 0.9
 
-Writes ``benchmarks/results/methods-<sparsity>-<host>-<date>.{md,json,png}``.
+Writes ``benchmarks/results/methods-<methods>-<sparsity>-<host>-<date>.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from results_io import RESULTS_DIR, machine_tag, result_stem, today  # noqa: E402
+from results_io import RESULTS_DIR, machine_tag, result_path, today  # noqa: E402
 
 from dsparse.config import load_config  # noqa: E402
 from dsparse.data.shards import load_manifest  # noqa: E402
@@ -34,6 +34,10 @@ METHODS = ["dense", "disparse", "snip", "random"]
 
 
 def run_method(method: str, args, root: Path) -> dict:
+    if method == "dense" and args.reuse_dense:
+        summary = json.loads((Path(args.reuse_dense) / "summary.json").read_text())
+        logging.info("reusing the dense baseline of %s", args.reuse_dense)
+        return summary
     overrides = [f"data.path={args.data}", f"output_dir={root / method}", f"seed={args.seed}",
                  "tracking.experiment=dsparse-methods", f"tracking.run_name={method}-{args.sparsity}"]
     if args.iterations:
@@ -83,7 +87,10 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--num-batches", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma list starting with dense; dynamic methods: disparse_dynamic,rigl,set")
+    parser.add_argument("--reuse-dense", default=None, metavar="RUN_DIR",
+                        help="take the dense baseline from this finished run (same config, seed, steps)")
     parser.add_argument("--runs", default="runs/methods")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
@@ -97,15 +104,15 @@ def main() -> None:
     tasks = build_run_tasks(config, load_manifest(args.data))
     table, deltas = report(results, tasks, args)
     host, date = machine_tag(), today()
-    stem = result_stem(f"methods-{args.sparsity}", args.out)
+    name = f"methods-{'-'.join(methods[1:])}-{args.sparsity}"
     title = (f"Methods at sparsity {args.sparsity}, config {args.config}, seed {args.seed}, "
              f"{results['dense']['step']} iterations, {host}, {date}")
-    stem.with_suffix(".md").write_text(f"{title}\n\n{table}\n")
-    stem.with_suffix(".json").write_text(json.dumps({m: {"final_metrics": r["final_metrics"],
+    result_path(name, ".md", args.out).write_text(f"{title}\n\n{table}\n")
+    result_path(name, ".json", args.out).write_text(json.dumps({m: {"final_metrics": r["final_metrics"],
                                                          "sparsity": r.get("sparsity"), "delta_t": deltas[m]}
                                                      for m, r in results.items()}, indent=2))
-    plot(results, tasks, deltas, stem.with_suffix(".png"), args.sparsity)
-    print(f"{title}\n\n{table}\n\nwrote {stem}.md/.json/.png")
+    plot(results, tasks, deltas, result_path(name, ".png", args.out), args.sparsity)
+    print(f"{title}\n\n{table}\n\nwrote {result_path(name, '.md', args.out)} (+ .json, .png)")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ def today() -> str:
     return time.strftime("%Y-%m-%d")
 
 
-def result_stem(name: str, out_dir: str | Path = RESULTS_DIR) -> Path:
-    """Path without suffix for result files of benchmark ``name`` (the directory is created)."""
+def result_path(name: str, suffix: str, out_dir: str | Path = RESULTS_DIR) -> Path:
+    """Path of benchmark ``name``'s result file with ``suffix`` (".md", ".csv"...); the
+    directory is created. (Not Path.with_suffix: names like "methods-0.9" contain dots.)"""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return out / f"{name}-{machine_tag()}-{today()}"
+    return out / f"{name}-{machine_tag()}-{today()}{suffix}"

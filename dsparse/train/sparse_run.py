@@ -64,7 +64,7 @@ class SparseRun:
 
     def log_start(self, tracker, run_dir: Path, model) -> None:
         meta = self.masks.meta
-        tracker.log_params({f"sparsity.{key}": meta.get(key) for key in
+        tracker.log_params({f"masks.{key}": meta.get(key) for key in  # as derived, beside the config
                             ("method", "criterion", "scope", "keep_ratio", "sparsity_achieved")})
         tracker.log_metrics({"sparsity/achieved": self.masks.sparsity, "sparsity/keep_ratio": meta["keep_ratio"]}, 0)
         table = run_dir / "mask_layers.txt"

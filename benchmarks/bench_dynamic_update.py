@@ -1,0 +1,125 @@
+"""Cost of one dynamic mask update relative to one training step, and its peak memory.
+
+Measured in one run on the same model, batch and DeepSpeed engine: the median time of a
+training step (forward, backward, optimizer step; the baseline) and of a DiSparse-dynamic
+mask update (per-task dense gradients on one forward, all-reduce, drop, vote-union grow,
+zeroing of weights and optimizer state), plus the peak resident memory (VmHWM) reached
+during training steps and during updates. Usage::
+
+    python benchmarks/bench_dynamic_update.py [--width 16 --batch 16 --method disparse_dynamic]
+
+Writes ``benchmarks/results/dynamic-update-<host>-<date>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from results_io import RESULTS_DIR, machine_tag, result_path, today
+
+from dsparse.config import config_from_dict
+from dsparse.models import build_model
+from dsparse.sparsity.dynamic import DynamicSchedule
+from dsparse.sparsity.enforce import MaskEnforcer
+from dsparse.sparsity.prune import get_method
+from dsparse.tasks import build_tasks
+from dsparse.train.distributed import init_distributed
+from dsparse.train.dynamic import DynamicMasks, initial_dynamic_masks
+from dsparse.train.trainer import _build_engine
+
+TASKS = ["seg", "normal", "depth", "keypoint", "edge"]
+
+
+def peak_rss_mib() -> float:
+    """VmHWM: the process's peak resident memory so far."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+
+
+def fake_batch(batch: int, size: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.nn.functional.normalize(torch.randn(batch, 3, size, size, generator=generator), dim=1)
+    return {"rgb": torch.randn(batch, 3, size, size, generator=generator),
+            "seg": torch.randint(0, 10, (batch, size, size), generator=generator), "normal": normal,
+            "depth": torch.rand(batch, 1, size, size, generator=generator) + 0.5,
+            "keypoint": torch.rand(batch, 1, size, size, generator=generator),
+            "edge": torch.rand(batch, 1, size, size, generator=generator)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--method", default="disparse_dynamic")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", default=str(RESULTS_DIR))
+    args = parser.parse_args()
+    init_distributed()
+    tasks = build_tasks(TASKS, num_classes=10)
+    torch.manual_seed(0)
+    model = build_model(args.arch, {n: t.num_channels for n, t in tasks.items()}, base_width=args.width,
+                        head_dilations=(1, 2, 4, 8))
+    config = config_from_dict({"tasks": TASKS, "data": {"batch_size": args.batch},
+                               "sparsity": {"method": args.method, "target": 0.9}})
+    method = get_method(args.method)
+    masks = initial_dynamic_masks(config, model, method)
+    enforcer = MaskEnforcer(model, masks)
+    engine = _build_engine(config, model, torch.device("cpu"))
+    dynamic = DynamicMasks(engine, tasks, masks, enforcer, method,
+                           DynamicSchedule(interval=1, end=1.0, alpha0=0.5, total_steps=10**6), seed=0)
+    batch = fake_batch(args.batch, args.size)
+
+    def train_step():
+        outputs = engine(batch["rgb"])
+        engine.backward(sum(task.loss(outputs[n], batch[n]) for n, task in tasks.items()))
+        engine.step()
+
+    def timed(function, repeats):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    for _ in range(3):  # warm-up both paths
+        train_step()
+        dynamic.maybe_update(1, [batch])
+    reset_peak_rss()
+    step_time = timed(train_step, args.repeats)
+    train_peak = peak_rss_mib()
+    reset_peak_rss()
+    counter = iter(range(2, 10**6))
+    update_time = timed(lambda: dynamic.maybe_update(next(counter), [batch]), args.repeats)
+    update_peak = peak_rss_mib()
+    host, date = machine_tag(), today()
+    lines = [f"Dynamic mask update ({args.method}) vs training step, {args.arch} width {args.width}, batch "
+             f"{args.batch} at {args.size}x{args.size}, T={len(TASKS)} tasks, 90% sparsity, {host}, {date}", "",
+             "| what | median time (ms) | peak RSS (MiB) |", "|---|---|---|",
+             f"| training step (baseline) | {1000 * step_time:.1f} | {train_peak:.0f} |",
+             f"| mask update | {1000 * update_time:.1f} | {update_peak:.0f} |", "",
+             f"- update / step time: {update_time / step_time:.2f}x (target under 2x)",
+             f"- update / training peak memory: {update_peak / train_peak:.3f}x (target under 1.1x)"]
+    report = "\n".join(lines)
+    print(report)
+    path = result_path(f"dynamic-update-{args.method}", ".md", args.out)
+    path.write_text(report + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
