@@ -18,7 +18,8 @@ import statistics
 import time
 
 import torch
-from results_io import RESULTS_DIR, machine_tag, result_path, today
+from bench_masked_training import fake_batch
+from results_io import RESULTS_DIR, machine_tag, publish, today
 
 from dsparse.config import config_from_dict
 from dsparse.models import build_model
@@ -48,16 +49,6 @@ def reset_peak_rss() -> None:
         refs.write("5")
 
 
-def fake_batch(batch: int, size: int) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    normal = torch.nn.functional.normalize(torch.randn(batch, 3, size, size, generator=generator), dim=1)
-    return {"rgb": torch.randn(batch, 3, size, size, generator=generator),
-            "seg": torch.randint(0, 10, (batch, size, size), generator=generator), "normal": normal,
-            "depth": torch.rand(batch, 1, size, size, generator=generator) + 0.5,
-            "keypoint": torch.rand(batch, 1, size, size, generator=generator),
-            "edge": torch.rand(batch, 1, size, size, generator=generator)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", default="resnet18")
@@ -81,7 +72,7 @@ def main() -> None:
     engine = _build_engine(config, model, torch.device("cpu"))
     dynamic = DynamicMasks(engine, tasks, masks, enforcer, method,
                            DynamicSchedule(interval=1, end=1.0, alpha0=0.5, total_steps=10**6), seed=0)
-    batch = fake_batch(args.batch, args.size)
+    batch = fake_batch(args.batch, args.size, num_classes=10)
 
     def train_step():
         outputs = engine(batch["rgb"])
@@ -115,10 +106,7 @@ def main() -> None:
              f"- update / step time: {update_time / step_time:.2f}x (target under 2x)",
              f"- update / training peak memory: {update_peak / train_peak:.3f}x (target under 1.1x)"]
     report = "\n".join(lines)
-    print(report)
-    path = result_path(f"dynamic-update-{args.method}", ".md", args.out)
-    path.write_text(report + "\n")
-    print(f"wrote {path}")
+    publish(f"dynamic-update-{args.method}", report, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from results_io import RESULTS_DIR, machine_tag, result_path, today
+from results_io import RESULTS_DIR, machine_tag, publish, today
 
 from dsparse.config import config_from_dict
 from dsparse.models import build_model
@@ -83,10 +83,7 @@ def main() -> None:
     lines += [f"| {label} | {1000 * value:.1f} |" for label, value in medians.items()]
     lines += ["", f"- masked / dense: {1 + overhead:.3f}x (overhead {100 * overhead:+.1f}%)"]
     report = "\n".join(lines)
-    print(report)
-    path = result_path(f"masked-training-{args.arch}-w{args.width}", ".md", args.out)
-    path.write_text(report + "\n")
-    print(f"wrote {path}")
+    publish(f"masked-training-{args.arch}-w{args.width}", report, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from results_io import RESULTS_DIR, machine_tag, result_path, today
+from results_io import RESULTS_DIR, machine_tag, publish, today
 
 from dsparse.models import build_model, prunable_parameters
 from dsparse.sparsity.saliency import compute_saliency, task_weight_users
@@ -161,10 +161,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = [run_case(label, args=args, **case) for label, case in CASES.items()]
     text = report(rows, args)
-    print(text)
-    path = result_path("saliency", ".md", args.out)
-    path.write_text(text + "\n")
-    print(f"wrote {path}")
+    publish("saliency", text, args.out)
 
 
 if __name__ == "__main__":

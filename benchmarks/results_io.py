@@ -28,3 +28,12 @@ def result_path(name: str, suffix: str, out_dir: str | Path = RESULTS_DIR) -> Pa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out / f"{name}-{machine_tag()}-{today()}{suffix}"
+
+
+def publish(name: str, report: str, out_dir: str | Path = RESULTS_DIR) -> Path:
+    """Print a Markdown report and save it as ``<name>-<host>-<date>.md``."""
+    print(report)
+    path = result_path(name, ".md", out_dir)
+    path.write_text(report + "\n")
+    print(f"wrote {path}")
+    return path
