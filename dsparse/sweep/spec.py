@@ -1,0 +1,149 @@
+"""Sweep specs: a base run config plus a search space over any config key.
+
+A spec is YAML (``sweeps/*.yaml``)::
+
+    base: synthetic_tiny                 # preset name or config path
+    overrides: {train.iterations: 600}   # applied to every trial
+    grid:                                # every combination is a trial
+      sparsity.method: [disparse, snip, random]
+      sparsity.target: [0.5, 0.7, 0.9]
+    search:                              # sampled per trial (num_samples times per grid point)
+      optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}
+    num_samples: 1
+    resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
+    max_concurrent: 1
+    metric: delta_t                      # or any logged metric, e.g. val/seg/miou
+    mode: max
+    max_failures: 2
+    scheduler: null                      # or {asha: {grace_period: 2, max_t: 10}}
+
+Every grid point is validated as a full run config when the spec is loaded, so a typo in a
+key fails before any cluster time is spent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsparse.config import config_from_dict, resolve_config_path
+
+DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
+
+
+@dataclass
+class Resources:
+    """Per trial: ``workers`` training processes, each with these CPUs and GPUs."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def __post_init__(self):
+        if self.workers < 1:
+            raise ValueError(f"resources.workers must be >= 1, got {self.workers}")
+        if self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ValueError("resources.cpus_per_worker must be > 0 and resources.gpus_per_worker >= 0, got "
+                             f"{self.cpus_per_worker} and {self.gpus_per_worker}")
+
+    def check_fits(self, available: dict[str, float]) -> None:
+        """Raise if one trial can never be placed on a cluster with ``available`` resources."""
+        need = {"CPU": self.workers * self.cpus_per_worker, "GPU": self.workers * self.gpus_per_worker}
+        for kind, amount in need.items():
+            if amount > available.get(kind, 0.0):
+                raise ValueError(
+                    f"one trial needs {amount:g} {kind} ({self.workers} workers x "
+                    f"{self.cpus_per_worker if kind == 'CPU' else self.gpus_per_worker:g}) but the cluster has "
+                    f"{available.get(kind, 0.0):g}; lower resources.workers or the per-worker amount, or add nodes")
+
+
+@dataclass
+class SweepSpec:
+    base: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list] = field(default_factory=dict)
+    search: dict[str, dict] = field(default_factory=dict)
+    num_samples: int = 1
+    resources: Resources = field(default_factory=Resources)
+    max_concurrent: int = 1
+    metric: str = "delta_t"
+    mode: str = "max"
+    max_failures: int = 1
+    scheduler: dict | None = None
+    name: str = "sweep"
+
+    def __post_init__(self):
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"mode must be min or max, got {self.mode!r}")
+        if self.num_samples < 1 or self.max_concurrent < 1 or self.max_failures < 0:
+            raise ValueError("num_samples and max_concurrent must be >= 1 and max_failures >= 0")
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"grid.{key} must be a non-empty list of values, got {values!r}")
+        for key, distribution in self.search.items():
+            if not isinstance(distribution, dict) or len(distribution) != 1 or \
+                    next(iter(distribution)) not in DISTRIBUTIONS:
+                raise ValueError(f"search.{key} must be one of {{{', '.join(d + ': ...' for d in DISTRIBUTIONS)}}}, "
+                                 f"got {distribution!r}")
+        if self.scheduler is not None and set(self.scheduler) != {"asha"}:
+            raise ValueError(f"scheduler must be null or {{asha: {{...}}}}, got {self.scheduler!r}")
+
+    def grid_points(self) -> list[dict[str, Any]]:
+        """Every combination of the grid, as ``{dotted key: value}`` (one empty point without a grid)."""
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+    def trial_overrides(self, point: dict[str, Any]) -> list[str]:
+        """``--set``-style overrides of one trial: the spec's overrides, then the grid point."""
+        merged = {**self.overrides, **point}
+        return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                for key, value in merged.items()]
+
+    def base_config(self) -> dict:
+        return yaml.safe_load(resolve_config_path(self.base).read_text()) or {}
+
+    def validate_trials(self) -> None:
+        """Build the run config of every grid point (with a sample of the search space)."""
+        sample = {key: _representative(distribution) for key, distribution in self.search.items()}
+        for point in self.grid_points():
+            try:
+                config_from_dict(self.base_config(), self.trial_overrides({**point, **sample}))
+            except ValueError as error:
+                raise ValueError(f"sweep {self.name!r}: trial {point or '(base)'} is not a valid run config: "
+                                 f"{error}") from error
+
+
+def _representative(distribution: dict) -> Any:
+    kind, arguments = next(iter(distribution.items()))
+    return arguments[0]
+
+
+def load_sweep_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep spec (every trial's config is checked too).
+
+    Raises:
+        ValueError: missing file, unknown keys, bad values, or a trial that is not a valid run config.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sweep spec {path} does not exist; examples live in sweeps/")
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in dataclasses.fields(SweepSpec)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown sweep spec key(s) {unknown} in {path}; known keys: {sorted(known)}")
+    if "base" not in raw:
+        raise ValueError(f"sweep spec {path} needs 'base': a preset name or run config path")
+    resources = raw.pop("resources", {}) or {}
+    unknown = sorted(set(resources) - {f.name for f in dataclasses.fields(Resources)})
+    if unknown:
+        raise ValueError(f"unknown resources key(s) {unknown}; known: workers, cpus_per_worker, gpus_per_worker")
+    raw.setdefault("name", path.stem)
+    spec = SweepSpec(resources=Resources(**resources), **raw)
+    spec.validate_trials()
+    return spec

@@ -1,0 +1,58 @@
+"""Sweep specs: grid expansion, per-trial overrides, fail-fast validation."""
+
+import pytest
+import yaml
+
+from dsparse.config import config_from_dict
+from dsparse.sweep import Resources, load_sweep_spec
+
+REPO_SWEEPS = __import__("pathlib").Path(__file__).resolve().parents[1] / "sweeps"
+
+
+def write_spec(tmp_path, **fields):
+    spec = {"base": "synthetic_tiny", **fields}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_repository_specs_load():
+    spec = load_sweep_spec(REPO_SWEEPS / "synthetic_sparsity.yaml")
+    assert len(spec.grid_points()) == 12 and spec.resources.workers == 2
+
+
+def test_grid_expands_to_every_combination_with_overrides(tmp_path):
+    spec = load_sweep_spec(write_spec(tmp_path, overrides={"train.iterations": 7},
+                                      grid={"sparsity.method": ["disparse", "snip"], "sparsity.target": [0.5, 0.9]}))
+    points = spec.grid_points()
+    assert len(points) == 4 and {"sparsity.method": "snip", "sparsity.target": 0.9} in points
+    config = config_from_dict(spec.base_config(), spec.trial_overrides(points[0]))
+    assert config.train.iterations == 7 and config.sparsity.method == "disparse" and config.sparsity.target == 0.5
+
+
+def test_task_subsets_are_grid_values(tmp_path):
+    spec = load_sweep_spec(write_spec(tmp_path, grid={"tasks": [["seg", "depth"], ["seg", "normal", "edge"]]}))
+    config = config_from_dict(spec.base_config(), spec.trial_overrides(spec.grid_points()[1]))
+    assert config.tasks == ["seg", "normal", "edge"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"grdi": {}}, r"unknown sweep spec key\(s\) \['grdi'\]"),
+    ({"grid": {"sparsity.targt": [0.5]}}, r"trial .* is not a valid run config: unknown config key\(s\) \['targt'\]"),
+    ({"grid": {"sparsity.target": [0.5, 1.5]}}, r"sparsity.target must be in \(0, 1\)"),
+    ({"grid": {"tasks": [["seg", "albedo"]]}}, r"unknown task\(s\) \['albedo'\]"),
+    ({"grid": {"seed": []}}, "grid.seed must be a non-empty list"),
+    ({"search": {"optimizer.lr": {"gauss": [0, 1]}}}, "search.optimizer.lr must be one of"),
+    ({"mode": "best"}, "mode must be min or max"),
+    ({"resources": {"workers": 0}}, "resources.workers must be >= 1"),
+    ({"resources": {"gpus": 1}}, r"unknown resources key\(s\) \['gpus'\]"),
+])
+def test_bad_specs_fail_fast(tmp_path, fields, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep_spec(write_spec(tmp_path, **fields))
+
+
+def test_impossible_resource_request_is_explained():
+    with pytest.raises(ValueError, match=r"one trial needs 8 GPU \(4 workers x 2\) but the cluster has 0"):
+        Resources(workers=4, cpus_per_worker=1, gpus_per_worker=2).check_fits({"CPU": 64, "GPU": 0})
+    Resources(workers=2, cpus_per_worker=1).check_fits({"CPU": 2})
