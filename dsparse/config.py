@@ -187,6 +187,9 @@ class SparsityConfig:
             raise ValueError(f"sparsity.alpha0 must be in (0, 1), got {self.alpha0}")
         if self.erk_power < 0:
             raise ValueError(f"sparsity.erk_power must be >= 0, got {self.erk_power}")
+        if self.method in ("disparse_dynamic", "rigl", "set") and (self.masks or self.from_checkpoint):
+            raise ValueError(f"sparsity.method {self.method} starts from random ERK masks; it cannot take "
+                             "sparsity.masks or sparsity.from_checkpoint (use a static method for those)")
 
     @property
     def enabled(self) -> bool:

@@ -64,3 +64,8 @@ def test_bf16_on_cpu_is_refused():
     config = config_from_dict({"deepspeed": {"bf16": True}})
     with pytest.raises(ValueError, match="bf16: true needs a CUDA GPU"):
         deepspeed_config(config, torch.device("cpu"))
+
+
+def test_dynamic_methods_refuse_mask_files():
+    with pytest.raises(ValueError, match="starts from random ERK masks"):
+        config_from_dict({"sparsity": {"method": "rigl", "masks": "m.pt"}})

@@ -178,20 +178,29 @@ class ShardStream(IterableDataset):
                 samples = _buffer_shuffle(samples, spec.shuffle_buffer, rng)
             count = 0
             for sample in samples:
-                count += 1
+                count += "__bad__" not in sample  # only readable samples make progress
                 yield sample
             if not spec.train:
                 return
             if count == 0:
-                raise SampleError(f"reader {reader} of the {spec.split} split found no samples in its shards")
+                raise SampleError(f"reader {reader} of the {spec.split} split found no readable samples in "
+                                  "its shards; check them with dsparse data tools or rewrite the dataset")
 
     def _one_pass(self, reader: int, rng: np.random.Generator) -> Iterator[dict]:
         spec = self.spec
         root = Path(spec.data_dir)
         if spec.resampled:  # endless draws with replacement; the batch limit ends the epoch
+            misses = 0
             while True:
                 shard = spec.shards[rng.integers(len(spec.shards))]
-                yield from read_shard(root / shard["name"], spec.skip_bad)
+                good = 0
+                for sample in read_shard(root / shard["name"], spec.skip_bad):
+                    good += "__bad__" not in sample
+                    yield sample
+                misses = 0 if good else misses + 1
+                if misses > 4 * len(spec.shards):  # with skip_bad, never spin on unreadable data
+                    raise SampleError(f"{misses} shard draws in a row gave no readable sample; the "
+                                      f"{spec.split} shards look unreadable")
         for shard in shards_of_reader(spec, self.epoch, reader):
             yield from read_shard(root / shard["name"], spec.skip_bad)
 

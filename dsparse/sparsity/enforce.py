@@ -40,7 +40,9 @@ class MaskEnforcer:
             self._handles.append(weights[name].register_hook(lambda grad, keep=keep: self._mask(grad, keep)))
 
     def _mask(self, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        return grad * keep if self._enabled else grad
+        # keep was made in the weight's dtype at attach time; DeepSpeed may cast weights
+        # (bf16) afterwards, and a hook must not change the gradient's dtype
+        return grad * keep.to(grad.dtype) if self._enabled else grad
 
     @contextlib.contextmanager
     def dense_gradients(self):

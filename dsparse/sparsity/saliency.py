@@ -348,8 +348,9 @@ def _accumulate(net, tasks, groups, lambdas, weights, scorer, batch_iter, device
     seen = 0
     for batch in batch_iter:
         batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        outputs = net(_target(batch, "rgb"))
-        losses = {t: task.loss(outputs[t], _target(batch, t)) for t, task in tasks.items()}
+        images = _target(batch, "rgb")
+        outputs = net(images.to(next(net.parameters()).dtype))  # bf16 models take bf16 input
+        losses = {t: task.loss(outputs[t].float(), _target(batch, t)) for t, task in tasks.items()}
         if JOINT in groups:
             losses = {JOINT: sum(lambdas[t] * loss for t, loss in losses.items())}
         jobs = [g for g in groups if groups[g]]

@@ -14,7 +14,7 @@ from dsparse.config import RunConfig
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.shards import load_manifest
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.prune import get_method, prune
+from dsparse.sparsity.prune import DATA_FREE, default_criterion, get_method, prune
 from dsparse.tasks import Task
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
 from dsparse.train.components import build_run_model, build_run_tasks
@@ -41,10 +41,13 @@ def compute_run_masks(config: RunConfig, model: torch.nn.Module, tasks: dict[str
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if method.rewind else None
     if pretrained:
         model.load_state_dict(load_model_weights(resolve_checkpoint(sparsity.from_checkpoint)))
-    spec = stream_spec(config.data, manifest, "train", config.tasks, seed=config.seed, rank=rank,
-                       world_size=world_size, train=True)
-    batches = TrainBatches(spec)  # one epoch at most: never score the same batch twice
-    one_epoch = itertools.islice(batches, batches.batches_per_epoch)
+    criterion = sparsity.criterion or default_criterion(method, pretrained)
+    one_epoch = None  # data-free criteria read no data (and need no shard split)
+    if criterion not in DATA_FREE:
+        spec = stream_spec(config.data, manifest, "train", config.tasks, seed=config.seed, rank=rank,
+                           world_size=world_size, train=True)
+        batches = TrainBatches(spec)  # one epoch at most: never score the same batch twice
+        one_epoch = itertools.islice(batches, batches.batches_per_epoch)
     masks = prune(model, tasks, one_epoch, method=method.name, sparsity=sparsity.target,
                   criterion=sparsity.criterion, num_batches=sparsity.num_batches, scope=sparsity.scope,
                   keep_first_dense=bool(sparsity.keep_first_dense), task_weights=dict(config.task_weights),

@@ -24,7 +24,7 @@ from dsparse.config import RunConfig, dump_config, flatten
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.shards import load_manifest
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
-from dsparse.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsparse.train.checkpoint import LATEST, latest_checkpoint, load_checkpoint, save_checkpoint, tag_of
 from dsparse.train.components import build_run_model, build_run_tasks
 from dsparse.train.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
 from dsparse.train.evaluate import evaluate, format_metrics_table
@@ -71,13 +71,22 @@ def _build_engine(config: RunConfig, model: torch.nn.Module, device: torch.devic
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig) -> None:
+    """Check and create the run directory on rank 0; every rank raises the same error."""
+    problem = None
     if is_main():
+        pointer = run_dir / "checkpoints" / LATEST
         if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
-            raise ValueError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it "
-                             "or choose another output_dir (e.g. --set output_dir=runs/NEW)")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(config, run_dir / "config.yaml")
-    barrier()
+            problem = (f"{run_dir} already holds checkpoints of a run; pass --resume to continue it "
+                       "or choose another output_dir (e.g. --set output_dir=runs/NEW)")
+        elif resume and pointer.is_file() and latest_checkpoint(run_dir / "checkpoints") is None:
+            problem = (f"{pointer} names {pointer.read_text().strip()!r}, which does not exist; restore that "
+                       "checkpoint or point 'latest' at an existing checkpoints/step-* directory")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(config, run_dir / "config.yaml")
+    problem = broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
 
 
 def _task_losses(engine, tasks, config: RunConfig, batch: dict, device, input_dtype) -> dict[str, torch.Tensor]:
@@ -144,6 +153,14 @@ class Trainer:
         Returns the run summary (also written to ``summary.json`` when training completes).
         """
         cfg = self.config.train
+        if stop_after is not None and stop_after < 0:
+            raise ValueError(f"stop_after must be >= 0, got {stop_after}")
+        if self.state["step"] > cfg.iterations:
+            raise ValueError(f"the checkpoint is at step {self.state['step']}, beyond train.iterations="
+                             f"{cfg.iterations}; raise train.iterations to continue the run")
+        if self.state["step"] == cfg.iterations and (self.run_dir / "summary.json").is_file():
+            log.info("%s is already complete; returning its summary", self.run_dir)
+            return json.loads((self.run_dir / "summary.json").read_text())
         if is_main():
             self.tracker.log_params(flatten(self.config.to_dict()))
             self.tracker.log_artifact(self.run_dir / "config.yaml")
@@ -155,8 +172,12 @@ class Trainer:
         progress = Progress(start, cfg.iterations, self.config.data.batch_size * self.world_size)
         try:
             metrics = self._loop(batches, progress, start, end)
-            if end == start:  # nothing to train (e.g. --stop-after 0 to only prune): still checkpoint
-                self._save(end, batches)
+            if end == start:  # nothing trained (e.g. --stop-after 0 to only prune)
+                checkpoint = latest_checkpoint(self.checkpoint_dir)
+                if checkpoint is None or checkpoint.name != tag_of(end):  # never rewrite a published one
+                    self._save(end, batches)
+                if end == cfg.iterations:  # finished run without summary (killed before writing it)
+                    metrics = self._log_validation(end)
         except BaseException:
             self.tracker.finish("FAILED")
             raise

@@ -182,3 +182,14 @@ def test_stream_spec_rejects_a_task_the_dataset_lacks(tiny_dataset):
 
 def test_shard_stream_is_an_iterable_dataset():
     assert issubclass(ShardStream, torch.utils.data.IterableDataset)
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_skip_bad_on_only_unreadable_shards_errors_instead_of_spinning(tiny_dataset, tmp_path, resampled):
+    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+    for shard in load_manifest(dataset)["splits"]["val"]["shards"]:
+        (dataset / shard["name"]).write_bytes(b"this is not a tar file" * 100)
+    extra = {"resampled": True, "epoch_length": 8} if resampled else {}
+    spec = spec_for(dataset, "val", train=True, skip_bad=True, **extra)
+    with pytest.raises(SampleError, match="readable"):
+        next(TrainBatches(spec))

@@ -134,3 +134,23 @@ def test_two_processes_under_deepspeed(tiny_dataset, tmp_path, tracking_uri, zer
     # ZeRO-2 partitions optimizer state: every rank wrote its shard into the same checkpoint
     if zero_stage == 2:
         assert len(list(Path(summary["checkpoint"]).glob("*optim_states.pt"))) == 2
+
+
+def test_resuming_a_finished_run_keeps_its_summary(tiny_dataset, tmp_path, tracking_uri):
+    config = config_from_dict(tiny_config(tiny_dataset, tmp_path / "done", tracking_uri, iterations=2,
+                                          checkpoint_interval=2, eval_interval=2))
+    first = train(config)
+    again = train(config, resume=True)
+    assert again["final_metrics"] == first["final_metrics"] is not None
+    assert json.loads((tmp_path / "done" / "summary.json").read_text())["final_metrics"] is not None
+
+
+def test_dangling_latest_pointer_and_bad_stop_after_are_errors(tiny_dataset, tmp_path, tracking_uri):
+    run_dir = tmp_path / "dangling"
+    config = config_from_dict(tiny_config(tiny_dataset, run_dir, tracking_uri, iterations=4, checkpoint_interval=2))
+    train(config, stop_after=2)
+    with pytest.raises(ValueError, match="stop_after must be >= 0"):
+        train(config, resume=True, stop_after=-1)
+    (run_dir / "checkpoints" / "latest").write_text("step-00000099")
+    with pytest.raises(ValueError, match="names 'step-00000099', which does not exist"):
+        train(config, resume=True)
