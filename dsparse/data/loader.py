@@ -293,15 +293,22 @@ class TrainBatches:
         self.spec = spec
         self.stream, self.loader = make_loader(spec)
         self.batches_per_epoch = batches_per_reader(spec) * max(1, spec.num_workers)
-        position = position or {"epoch": 0, "consumed": 0}
+        position = position or {"epoch": 0, "consumed": 0, "num_readers": spec.num_readers}
         self.epoch, self.consumed = int(position["epoch"]), int(position["consumed"])
+        saved_readers = position.get("num_readers", spec.num_readers)
+        if saved_readers != spec.num_readers:
+            log.warning("data position was saved with %d readers (ranks x workers), resuming with %d: the run "
+                        "continues in epoch %d but not with the exact next batch", saved_readers,
+                        spec.num_readers, self.epoch)
         self._iterator = None
         self.wait_seconds = 0.0
         self.num_samples = 0
         self.num_bad = 0
 
     def position(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
+        """Exact while the number of readers is unchanged (and no bad samples are skipped:
+        a resume skips raw samples, bad ones included, by count)."""
+        return {"epoch": self.epoch, "consumed": self.consumed, "num_readers": self.spec.num_readers}
 
     def __next__(self) -> dict:
         start = time.perf_counter()

@@ -208,12 +208,13 @@ class Trainer:
     def _log_train(self, step: int, losses: dict[str, float], progress: Progress, batches: TrainBatches) -> None:
         lr = self.engine.get_lr()[0]
         wait = batches.wait_seconds / max(progress.elapsed(), 1e-9)
+        num_bad = int(all_reduce_sum(torch.tensor([batches.num_bad], device=self.device)).item())  # all ranks
         if is_main():
             log.info(progress.line(step, losses, lr, wait))
             joint = sum(self.config.weight_of(n) * v for n, v in losses.items())
             metrics = {f"train/loss/{n}": v for n, v in losses.items()}
             metrics.update({"train/loss": joint, "train/lr": lr, "train/samples_per_s": progress.samples_per_second(step),
-                            "train/data_wait_fraction": wait, "train/bad_samples": batches.num_bad})
+                            "train/data_wait_fraction": wait, "train/bad_samples": num_bad})
             self.tracker.log_metrics(metrics, step)
 
     def _log_validation(self, step: int) -> dict:
