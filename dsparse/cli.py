@@ -86,6 +86,18 @@ def _cmd_eval(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _cmd_sweep(args) -> None:
+    from dsparse.sweep.runner import run_sweep
+    from dsparse.sweep.spec import load_sweep_spec
+
+    spec = load_sweep_spec(args.spec)
+    rows = run_sweep(spec, args.out or f"runs/sweeps/{spec.name}", address=args.address)
+    keys = list(rows[0]) if rows else []
+    print(" | ".join(keys))
+    for row in rows:
+        print(" | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+
+
 def _cmd_demo(args) -> None:
     from dsparse.demo import run_demo
 
@@ -138,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--out", default=None, help="write the metrics as JSON here")
     evaluate.set_defaults(func=_cmd_eval)
+
+    sweep = verbs.add_parser("sweep", help="run a sweep spec with Ray Tune (local Ray by default)")
+    sweep.add_argument("spec")
+    sweep.add_argument("--address", default=None, help="Ray cluster address (auto | ray://host:10001)")
+    sweep.add_argument("--out", default=None, help="sweep directory (default runs/sweeps/NAME)")
+    sweep.set_defaults(func=_cmd_sweep)
 
     demo = verbs.add_parser("demo", help="synthetic data -> train tiny model on 5 tasks -> eval table")
     demo.add_argument("--workdir", default=".")

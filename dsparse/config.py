@@ -203,6 +203,8 @@ class TrackingConfig:
     """MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a local store in ./mlruns."""
     experiment: str = "dsparse"
     run_name: str | None = None
+    parent_run_id: str | None = None
+    """Log as a child of this MLflow run (set by dsparse sweep for its trials)."""
 
 
 @dataclass

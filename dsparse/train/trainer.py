@@ -109,8 +109,9 @@ def _check_finite(losses: dict[str, torch.Tensor], step: int, world_size: int) -
 class Trainer:
     """Holds the pieces of one run; :meth:`fit` trains to ``train.iterations``."""
 
-    def __init__(self, config: RunConfig, *, resume: bool = False):
+    def __init__(self, config: RunConfig, *, resume: bool = False, on_validation=None):
         self.config = config
+        self.on_validation = on_validation
         self.rank, self.world_size, self.device = init_distributed()
         self.run_dir = Path(config.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -131,7 +132,8 @@ class Trainer:
             self.state.update(load_checkpoint(self.engine, checkpoint))
             log.info("resumed from %s at step %d", checkpoint, self.state["step"])
         self.tracker = RunTracker(config.tracking, config.tracking.run_name or self.run_dir.name,
-                                  run_id=self.state["mlflow_run_id"], enabled=is_main())
+                                  run_id=self.state["mlflow_run_id"], parent_run_id=config.tracking.parent_run_id,
+                                  enabled=is_main())
         self.state["mlflow_run_id"] = broadcast_object(self.tracker.run_id)
 
     def _spec(self, split: str, train: bool):
@@ -220,6 +222,8 @@ class Trainer:
     def _log_validation(self, step: int) -> dict:
         metrics = self.validate()
         self.state["history"].append({"step": step, "metrics": metrics})
+        if self.on_validation is not None:  # every rank (Ray Train needs equal report counts)
+            self.on_validation(step, metrics)
         if is_main():
             log.info("validation at step %d:\n%s", step, format_metrics_table(metrics))
             flat = {f"val/{task}/{name}": value for task, values in metrics.items() for name, value in values.items()}
@@ -265,7 +269,7 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(temporary, path)
 
 
-def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None) -> dict:
+def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None, on_validation=None) -> dict:
     """Train one run from its config; the library entry point behind ``dsparse train``.
 
     Args:
@@ -273,6 +277,8 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = N
         resume: continue from the run directory's latest checkpoint (fresh start if none).
         stop_after: train at most this many steps in this invocation, then checkpoint and
             return (for time-limited allocations); ``--resume`` continues.
+        on_validation: called as ``on_validation(step, metrics)`` on every rank after each
+            validation (the Ray Train integration reports through it).
 
     Returns:
         The run summary dict.
@@ -281,4 +287,4 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = N
         NonFiniteLossError: a task loss became NaN/inf (names task and step).
         ValueError: bad config, dataset or run directory.
     """
-    return Trainer(config, resume=resume).fit(stop_after=stop_after)
+    return Trainer(config, resume=resume, on_validation=on_validation).fit(stop_after=stop_after)
