@@ -37,7 +37,7 @@ def test_two_trial_sweep_on_local_ray(tiny_dataset, tmp_path, monkeypatch):
     assert set(by_method) == {"dense", "random"}
     assert by_method["dense"]["delta_t"] == pytest.approx(0.0)
     assert by_method["random"]["achieved"] == pytest.approx(0.5, abs=1e-4)
-    assert (tmp_path / "sweep" / "results.csv").is_file()
+    assert (tmp_path / "sweep" / "results.csv").is_file() and (tmp_path / "sweep" / "results.png").is_file()
     client = MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -53,3 +53,46 @@ def test_scheduler_is_refused_until_supported(tmp_path):
     spec_path.write_text(yaml.safe_dump({"base": "synthetic_tiny", "scheduler": {"asha": {"grace_period": 1}}}))
     with pytest.raises(ValueError, match="not supported by dsparse sweep yet"):
         run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
+
+
+def test_killed_worker_resumes_the_trial_from_its_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+    import json
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    spec_path = tmp_path / "fault.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "base": "synthetic_tiny",
+        "overrides": {"data.path": str(tiny_dataset), "data.batch_size": 4, "data.num_workers": 0,
+                      "model.base_width": 4, "model.head_dilations": [1, 2], "train.iterations": 60,
+                      "train.eval_interval": 60, "train.checkpoint_interval": 5, "train.log_interval": 5},
+        "grid": {"seed": [0]},
+        "resources": {"workers": 2, "cpus_per_worker": 1},
+        "max_failures": 2,
+    }))
+    killed = []
+
+    def kill_a_worker_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            if list((tmp_path / "sweep" / "trials").glob("*/checkpoints/latest")):
+                for process in psutil.process_iter(["cmdline"]):
+                    if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                        process.send_signal(signal.SIGKILL)
+                        killed.append(process.pid)
+                        return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_a_worker_after_first_checkpoint, daemon=True)
+    killer.start()
+    run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
+    killer.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    (summary_path,) = (tmp_path / "sweep" / "trials").glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "complete" and summary["step"] == 60
+    assert summary["steps_this_invocation"] < 60, "the restarted workers must resume, not start over"

@@ -172,4 +172,30 @@ def results_table(out_dir: Path) -> list[dict]:
             writer = csv.DictWriter(handle, fieldnames=keys)
             writer.writeheader()
             writer.writerows(rows)
+        plot_results(rows, out_dir / "results.png")
     return rows
+
+
+def plot_results(rows: list[dict], path: Path) -> None:
+    """Delta_T vs sparsity, one line per method and task set (the dense trial sits at 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["delta_t"] is not None:
+            groups.setdefault((row["method"], row["tasks"]), []).append(row)
+    for (method, tasks), members in sorted(groups.items()):
+        members.sort(key=lambda r: r["achieved"])
+        axis.plot([r["achieved"] for r in members], [r["delta_t"] for r in members], marker="o",
+                  label=method if len({t for _, t in groups}) == 1 else f"{method} ({tasks})")
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set_xlabel("achieved sparsity")
+    axis.set_ylabel("Delta_T vs dense (%)")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
