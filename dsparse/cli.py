@@ -91,7 +91,7 @@ def _cmd_sweep(args) -> None:
     from dsparse.sweep.spec import load_sweep_spec
 
     spec = load_sweep_spec(args.spec)
-    rows = run_sweep(spec, args.out or f"runs/sweeps/{spec.name}", address=args.address)
+    rows = run_sweep(spec, args.out or f"runs/sweeps/{spec.name}", address=args.address, resume=args.resume)
     keys = list(rows[0]) if rows else []
     print(" | ".join(keys))
     for row in rows:
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("spec")
     sweep.add_argument("--address", default=None, help="Ray cluster address (auto | ray://host:10001)")
     sweep.add_argument("--out", default=None, help="sweep directory (default runs/sweeps/NAME)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
     sweep.set_defaults(func=_cmd_sweep)
 
     demo = verbs.add_parser("demo", help="synthetic data -> train tiny model on 5 tasks -> eval table")

@@ -47,6 +47,30 @@ def test_two_trial_sweep_on_local_ray(tiny_dataset, tmp_path, monkeypatch):
     assert all("val/seg/miou" in c.data.metrics for c in children)
     assert all(1e-3 <= float(c.data.params["optimizer.lr"]) <= 1e-2 for c in children)
 
+    with pytest.raises(ValueError, match="already holds a sweep; pass --resume"):
+        run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
+
+
+def test_resume_reruns_only_unfinished_trials(tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    spec_path = tmp_path / "resume.yaml"
+    spec_path.write_text(yaml.safe_dump({
+        "base": "synthetic_tiny",
+        "overrides": {"data.path": str(tiny_dataset), "data.batch_size": 4, "data.num_workers": 0,
+                      "model.base_width": 4, "model.head_dilations": [1, 2], "train.iterations": 2,
+                      "train.eval_interval": 2, "train.checkpoint_interval": 1},
+        "grid": {"seed": [0, 1]},
+        "resources": {"workers": 1, "cpus_per_worker": 1},
+    }))
+    run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
+    trials = tmp_path / "sweep" / "trials"
+    kept, interrupted = sorted(trials.iterdir())
+    kept_mtime = (kept / "summary.json").stat().st_mtime_ns
+    (interrupted / "summary.json").unlink()  # as if killed after its last checkpoint
+    rows = run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep", resume=True)
+    assert len(rows) == 2 and (interrupted / "summary.json").is_file()
+    assert (kept / "summary.json").stat().st_mtime_ns == kept_mtime, "a finished trial was rerun"
+
 
 def test_scheduler_is_refused_until_supported(tmp_path):
     spec_path = tmp_path / "s.yaml"

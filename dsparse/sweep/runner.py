@@ -12,6 +12,7 @@ called equally often on all workers. Each trial trains in its own directory with
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import re
@@ -90,39 +91,73 @@ def _absolute(raw: dict, root: Path) -> dict:
     return raw
 
 
-def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = None) -> list[dict]:
-    """Run every grid point as a trial; returns the results rows (also written as CSV/PNG).
-
-    Raises:
-        ValueError: a trial that can never be placed on the cluster.
-    """
+def _init_ray(address: str | None) -> None:
     import ray
-    from ray import tune
 
-    if spec.scheduler is not None:
-        raise ValueError("sweep spec 'scheduler' (ASHA) is parsed but not supported by dsparse sweep yet; remove it")
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     if address:
         ray.init(address=address)
     elif not ray.is_initialized():
         # One logical CPU more than the machine has: trial drivers only wait on their workers.
         ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False)
+
+
+def _parent_run(spec: SweepSpec, out_dir: Path, resume: bool) -> RunTracker:
+    """The sweep's MLflow parent run; a resumed sweep keeps logging into the same one."""
+    state_file = out_dir / "sweep.json"
+    run_id = json.loads(state_file.read_text())["mlflow_parent_run_id"] if resume and state_file.is_file() else None
+    parent = RunTracker(config_from_dict(spec.base_config()).tracking, spec.name, run_id=run_id)
+    state_file.write_text(json.dumps({"name": spec.name, "mlflow_parent_run_id": parent.run_id}))
+    return parent
+
+
+def _is_complete(trial_dir: Path) -> bool:
+    summary = trial_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("status") == "complete"
+
+
+def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = None, resume: bool = False) -> list[dict]:
+    """Run every grid point as a trial; returns the results rows (also written as CSV/PNG).
+
+    With ``resume``, finished trials are kept and the others continue from their last
+    checkpoint (sampled ``search`` trials get new samples).
+
+    Raises:
+        ValueError: an unsupported scheduler, a trial that can never be placed on the
+            cluster, or an existing sweep directory without ``resume``.
+    """
+    from ray import tune
+
+    if spec.scheduler is not None:
+        raise ValueError("sweep spec 'scheduler' (ASHA) is parsed but not supported by dsparse sweep yet; remove it")
+    out_dir = Path(out_dir).resolve()
+    trials_dir = out_dir / "trials"
+    if not resume and trials_dir.is_dir() and any(trials_dir.iterdir()):
+        raise ValueError(f"{out_dir} already holds a sweep; pass --resume to continue it or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _init_ray(address)
+    import ray
+
     spec.resources.check_fits(ray.cluster_resources())
     uri = resolve_tracking_uri(config_from_dict(spec.base_config()).tracking)
-    parent = RunTracker(config_from_dict(spec.base_config()).tracking, spec.name)
-    points = spec.grid_points()
+    parent = _parent_run(spec, out_dir, resume)
     raw = _absolute(spec.base_config(), Path.cwd())
     trials = []
-    for point in points:
+    for point in spec.grid_points():
         name = trial_name(point)
+        if resume and not spec.search and _is_complete(trials_dir / name):
+            log.info("trial %s finished before; not rerun", name)
+            continue
         overrides = spec.trial_overrides(point) + [
-            f"output_dir={out_dir / 'trials' / name}", f"tracking.uri={uri}", f"tracking.run_name={name}",
+            f"output_dir={trials_dir / name}", f"tracking.uri={uri}", f"tracking.run_name={name}",
             f"tracking.parent_run_id={parent.run_id}"]
         trials.append({"trial_name": name, "point": point, "raw": raw, "overrides": overrides})
+    if not trials:
+        rows = results_table(out_dir)
+        parent.finish("FINISHED")
+        return rows
     param_space = {"trial": tune.grid_search(trials), "sampled": _search_space(spec.search)}
     common = {"resources": vars(spec.resources), "storage": str(out_dir / "ray"), "max_failures": spec.max_failures,
-              "trials_dir": str(out_dir / "trials")}
+              "trials_dir": str(trials_dir)}
     ranked = spec.metric != "delta_t"  # Delta_T needs the dense trial: computed after the sweep
     tuner = tune.Tuner(
         tune.with_resources(lambda params: _run_trial({**params["trial"], "sampled": params["sampled"], **common}),
@@ -146,8 +181,6 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
 def results_table(out_dir: Path) -> list[dict]:
     """One row per trial from its summary.json, with Delta_T against the dense trial of the
     same task set and seed; written to results.csv."""
-    import json
-
     from dsparse.data.shards import load_manifest
     from dsparse.tasks import delta_t
     from dsparse.train.components import build_run_tasks
