@@ -98,7 +98,7 @@ def _init_ray(address: str | None) -> None:
         ray.init(address=address)
     elif not ray.is_initialized():
         # One logical CPU more than the machine has: trial drivers only wait on their workers.
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False)
 
 
 def _parent_run(spec: SweepSpec, out_dir: Path, resume: bool) -> RunTracker:
