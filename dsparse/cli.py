@@ -91,11 +91,15 @@ def _cmd_sweep(args) -> None:
     from dsparse.sweep.spec import load_sweep_spec
 
     spec = load_sweep_spec(args.spec)
-    rows = run_sweep(spec, args.out or f"runs/sweeps/{spec.name}", address=args.address, resume=args.resume)
-    keys = list(rows[0]) if rows else []
-    print(" | ".join(keys))
-    for row in rows:
-        print(" | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+    out = args.out or f"runs/sweeps/{spec.name}"
+    rows = run_sweep(spec, out, address=args.address, resume=args.resume, storage=args.storage)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [keys] + [["-" if row.get(k) is None else f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k])
+                       for k in keys] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
+    for line in cells:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    print(f"results: {Path(out) / 'results.csv'} and results.png")
 
 
 def _cmd_demo(args) -> None:
@@ -156,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--address", default=None, help="Ray cluster address (auto | ray://host:10001)")
     sweep.add_argument("--out", default=None, help="sweep directory (default runs/sweeps/NAME)")
     sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    sweep.add_argument("--storage", default=None,
+                       help="Ray trial state and checkpoints: shared path or bucket URI (default OUT/ray)")
     sweep.set_defaults(func=_cmd_sweep)
 
     demo = verbs.add_parser("demo", help="synthetic data -> train tiny model on 5 tasks -> eval table")

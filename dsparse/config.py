@@ -133,6 +133,9 @@ class DeepSpeedConfig:
     gradient_clipping: float = 0.0
     bf16: bool = False
     """bf16 mixed precision (GPU only)."""
+    config_file: str | None = None
+    """A DeepSpeed JSON (e.g. ``cluster/deepspeed/zero1_bf16.json``) merged over the keys
+    above; batch-size keys are dsparse's (``data.batch_size``) and may not appear in it."""
     extra: dict = field(default_factory=dict)
     """Raw DeepSpeed config keys merged last, for anything not modelled here."""
 

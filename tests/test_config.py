@@ -1,5 +1,7 @@
 """Run configs: presets load, overrides apply, bad input is a clear error."""
 
+import json
+
 import pytest
 import torch
 
@@ -63,6 +65,30 @@ def test_missing_config_lists_presets():
 def test_bf16_on_cpu_is_refused():
     config = config_from_dict({"deepspeed": {"bf16": True}})
     with pytest.raises(ValueError, match="bf16: true needs a CUDA GPU"):
+        deepspeed_config(config, torch.device("cpu"))
+
+
+def test_deepspeed_config_file_is_merged_between_modelled_keys_and_extra(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}, "gradient_clipping": 1.0}))
+    config = config_from_dict({"data": {"batch_size": 7},
+                               "deepspeed": {"config_file": str(path), "extra": {"gradient_clipping": 0.5}}})
+    ds = deepspeed_config(config, torch.device("cpu"))
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["gradient_clipping"] == 0.5 and ds["train_micro_batch_size_per_gpu"] == 7
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"train_batch_size": 64}, "derives the batch size"),
+    ({"zero_optimization": {"stage": 3}}, "ZeRO stage 3 is not supported"),
+    ({"bf16": {"enabled": True}}, "needs a CUDA GPU"),
+    ("not json", "not a readable JSON file"),
+])
+def test_bad_deepspeed_config_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    config = config_from_dict({"deepspeed": {"config_file": str(path)}})
+    with pytest.raises(ValueError, match=message):
         deepspeed_config(config, torch.device("cpu"))
 
 

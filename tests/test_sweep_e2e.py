@@ -2,10 +2,10 @@
 
 import pytest
 import ray
-import yaml
 from mlflow.tracking import MlflowClient
 
 from dsparse.sweep import load_sweep_spec
+from dsparse.sweep.results import results_table
 from dsparse.sweep.runner import run_sweep
 
 pytestmark = pytest.mark.e2e
@@ -17,21 +17,13 @@ def shutdown_ray():
     ray.shutdown()
 
 
-def test_two_trial_sweep_on_local_ray(tiny_dataset, tmp_path, monkeypatch):
+def test_two_trial_sweep_on_local_ray(tiny_spec, tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    spec_path = tmp_path / "tiny_sweep.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "base": "synthetic_tiny",
-        "overrides": {"data.path": str(tiny_dataset), "data.batch_size": 4, "data.num_workers": 0,
-                      "model.base_width": 4, "model.head_dilations": [1, 2], "train.iterations": 4,
-                      "train.eval_interval": 2, "train.checkpoint_interval": 2, "train.log_interval": 2,
-                      "sparsity.num_batches": 1},
-        "grid": {"sparsity.method": [None, "random"], "sparsity.target": [0.5]},
-        "search": {"optimizer.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
-        "resources": {"workers": 2, "cpus_per_worker": 1},
-        "max_concurrent": 1,
-    }))
+    spec_path = tiny_spec(overrides={"sparsity.num_batches": 1},
+                          grid={"sparsity.method": [None, "random"], "sparsity.target": [0.5]},
+                          search={"optimizer.lr": {"loguniform": [1.0e-3, 1.0e-2]}},
+                          resources={"workers": 2, "cpus_per_worker": 1})
     rows = run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
     by_method = {row["method"]: row for row in rows}
     assert set(by_method) == {"dense", "random"}
@@ -51,17 +43,9 @@ def test_two_trial_sweep_on_local_ray(tiny_dataset, tmp_path, monkeypatch):
         run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
 
 
-def test_resume_reruns_only_unfinished_trials(tiny_dataset, tmp_path, monkeypatch):
+def test_resume_reruns_only_unfinished_trials(tiny_spec, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    spec_path = tmp_path / "resume.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "base": "synthetic_tiny",
-        "overrides": {"data.path": str(tiny_dataset), "data.batch_size": 4, "data.num_workers": 0,
-                      "model.base_width": 4, "model.head_dilations": [1, 2], "train.iterations": 2,
-                      "train.eval_interval": 2, "train.checkpoint_interval": 1},
-        "grid": {"seed": [0, 1]},
-        "resources": {"workers": 1, "cpus_per_worker": 1},
-    }))
+    spec_path = tiny_spec(overrides={"train.iterations": 2, "train.checkpoint_interval": 1}, grid={"seed": [0, 1]})
     run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
     trials = tmp_path / "sweep" / "trials"
     kept, interrupted = sorted(trials.iterdir())
@@ -72,14 +56,54 @@ def test_resume_reruns_only_unfinished_trials(tiny_dataset, tmp_path, monkeypatc
     assert (kept / "summary.json").stat().st_mtime_ns == kept_mtime, "a finished trial was rerun"
 
 
-def test_scheduler_is_refused_until_supported(tmp_path):
-    spec_path = tmp_path / "s.yaml"
-    spec_path.write_text(yaml.safe_dump({"base": "synthetic_tiny", "scheduler": {"asha": {"grace_period": 1}}}))
-    with pytest.raises(ValueError, match="not supported by dsparse sweep yet"):
+def test_asha_stops_a_trial_that_trails_at_its_first_rung(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    # Same seed, so at step 8 the lr=1e-12 trial still has the initial model while the first
+    # trial has trained 8 steps: ASHA (one trial at a time) must stop the second at step 8.
+    spec_path = tiny_spec(overrides={"train.iterations": 16, "train.eval_interval": 8,
+                                                            "train.checkpoint_interval": 8},
+                          grid={"optimizer.lr": [1.0e-2, 1.0e-12]}, metric="val/depth/abs_err", mode="min",
+                          scheduler={"asha": {"grace_period": 8, "reduction_factor": 2}})
+    rows = {row["trial"]: row for row in run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")}
+    assert rows["lr=0.01"]["status"] == "complete"
+    assert rows["lr=1e-12"]["status"] == "stopped at step 8"
+    assert rows["lr=1e-12"]["depth/abs_err"] > rows["lr=0.01"]["depth/abs_err"]
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    assert {r.info.status for r in runs} == {"FINISHED", "KILLED"}, "an early-stopped trial's run must be closed"
+
+
+def test_config_errors_fail_the_trial_once_with_the_message(tiny_spec, tiny_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    spec_path = tiny_spec(max_failures=5, grid={
+        "data.path": [str(tmp_path / "no_such_dataset"), str(tiny_dataset)],
+        "sparsity.method": ["snip"], "sparsity.from_checkpoint": [str(tmp_path / "no_such_run")]})
+    with pytest.raises(RuntimeError, match="2 trial\\(s\\) failed"):
         run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
+    (worker_error,) = (tmp_path / "sweep" / "trials").glob("*/trial_error.json")
+    assert "no checkpoint found at" in worker_error.read_text()
+    rows = results_table(tmp_path / "sweep")
+    assert [row["status"] for row in rows] == ["error"]
 
 
-def test_killed_worker_resumes_the_trial_from_its_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+def test_restarted_trial_restores_ray_trains_checkpoint_when_its_directory_lost_it(tiny_spec, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    spec_path = tiny_spec(grid={"seed": [0]})
+    run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
+    (trial,) = (tmp_path / "sweep" / "trials").iterdir()
+    registered = list((tmp_path / "sweep" / "ray").glob(f"{trial.name}/checkpoint_*"))
+    assert registered, "checkpoints must be registered with Ray Train's storage"
+    shutil.rmtree(trial / "checkpoints")  # as if the trial moved to a node without its local files
+    (trial / "summary.json").unlink()
+    run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep", resume=True)
+    summary = json.loads((trial / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["step"] == 4
+    assert summary["steps_this_invocation"] == 0, "the trial must resume from Ray's checkpoint, not retrain"
+
+
+def test_killed_worker_resumes_the_trial_from_its_checkpoint(tiny_spec, tmp_path, monkeypatch):
     import json
     import signal
     import threading
@@ -88,16 +112,9 @@ def test_killed_worker_resumes_the_trial_from_its_checkpoint(tiny_dataset, tmp_p
     import psutil
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    spec_path = tmp_path / "fault.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "base": "synthetic_tiny",
-        "overrides": {"data.path": str(tiny_dataset), "data.batch_size": 4, "data.num_workers": 0,
-                      "model.base_width": 4, "model.head_dilations": [1, 2], "train.iterations": 60,
-                      "train.eval_interval": 60, "train.checkpoint_interval": 5, "train.log_interval": 5},
-        "grid": {"seed": [0]},
-        "resources": {"workers": 2, "cpus_per_worker": 1},
-        "max_failures": 2,
-    }))
+    spec_path = tiny_spec(overrides={"train.iterations": 60, "train.eval_interval": 60, "train.checkpoint_interval": 5,
+                                     "train.log_interval": 5},
+                          grid={"seed": [0]}, resources={"workers": 2, "cpus_per_worker": 1}, max_failures=2)
     killed = []
 
     def kill_a_worker_after_first_checkpoint():

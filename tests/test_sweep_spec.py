@@ -46,6 +46,12 @@ def test_task_subsets_are_grid_values(tmp_path):
     ({"mode": "best"}, "mode must be min or max"),
     ({"resources": {"workers": 0}}, "resources.workers must be >= 1"),
     ({"resources": {"gpus": 1}}, r"unknown resources key\(s\) \['gpus'\]"),
+    ({"metric": "seg/miou"}, r"metric must be delta_t or val/<task>/<metric>"),
+    ({"metric": "val/seg/mIoU"}, r"task 'seg' reports \['miou', 'pixel_acc'\]"),
+    ({"metric": "val/edge/mae", "grid": {"tasks": [["seg", "depth"]]}}, "names task 'edge', which trial"),
+    ({"scheduler": {"hyperband": {}}}, "scheduler must be null or {asha:"),
+    ({"scheduler": {"asha": {"grace": 1}}, "metric": "val/seg/miou"}, r"unknown scheduler.asha option\(s\)"),
+    ({"scheduler": {"asha": {"grace_period": 1}}}, "delta_t exists only after the sweep"),
 ])
 def test_bad_specs_fail_fast(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):
@@ -53,6 +59,18 @@ def test_bad_specs_fail_fast(tmp_path, fields, message):
 
 
 def test_impossible_resource_request_is_explained():
-    with pytest.raises(ValueError, match=r"one trial needs 8 GPU \(4 workers x 2\) but the cluster has 0"):
-        Resources(workers=4, cpus_per_worker=1, gpus_per_worker=2).check_fits({"CPU": 64, "GPU": 0})
-    Resources(workers=2, cpus_per_worker=1).check_fits({"CPU": 2})
+    eight_gpus = [{"CPU": 32, "GPU": 4}, {"CPU": 32, "GPU": 4}]
+    with pytest.raises(ValueError, match=r"one trial needs 12 GPU \(6 workers x 2\) but the cluster has 8"):
+        Resources(workers=6, cpus_per_worker=1, gpus_per_worker=2).check_fits(eight_gpus)
+    with pytest.raises(ValueError, match=r"one worker needs 5 GPU but the largest node has 4"):
+        Resources(workers=1, cpus_per_worker=1, gpus_per_worker=5).check_fits(eight_gpus)
+    with pytest.raises(ValueError, match=r"needs 2.01 CPU \(2 workers x 1 \+ the trial driver\)"):
+        Resources(workers=2, cpus_per_worker=1).check_fits([{"CPU": 2}])
+    Resources(workers=4, cpus_per_worker=1, gpus_per_worker=2).check_fits(eight_gpus)
+    Resources(workers=2, cpus_per_worker=1).check_fits([{"CPU": 3}])
+
+
+def test_asha_spec_on_a_validation_metric_loads(tmp_path):
+    spec = load_sweep_spec(write_spec(tmp_path, metric="val/depth/abs_err", mode="min",
+                                      scheduler={"asha": {"grace_period": 100, "reduction_factor": 2}}))
+    assert spec.scheduler == {"asha": {"grace_period": 100, "reduction_factor": 2}}

@@ -1,70 +1,85 @@
 """``dsparse sweep``: Ray Tune drives the trials of a spec; each trial is a Ray Train
 ``TorchTrainer`` whose workers run the same training function as ``dsparse train``.
 
-Three pieces, as in Ray's own layout: the per-worker loop (:func:`_worker_loop`), the
-trial driver that builds one ``TorchTrainer`` per trial (:func:`_run_trial`), and the
+Three pieces, as in Ray's own layout: the per-worker loop (:mod:`dsparse.sweep.worker`),
+the trial driver that builds one ``TorchTrainer`` per trial (:func:`_run_trial`), and the
 ``Tuner`` over the grid (:func:`run_sweep`). Metrics reach Tune through
-``TuneReportCallback``; every rank reports at every validation, so ``ray.train.report`` is
-called equally often on all workers. Each trial trains in its own directory with
-``resume=True``, so a restarted worker group continues from the trial's last checkpoint.
+``TuneReportCallback``. Each trial trains in its own directory under ``--out`` and
+registers its checkpoints with Ray Train, so a restarted worker group continues from the
+trial's last checkpoint; ``max_failures`` bounds the restarts.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
 import re
 from pathlib import Path
 
-from dsparse.config import config_from_dict
-from dsparse.sweep.spec import SweepSpec
+from dsparse.config import apply_overrides, config_from_dict
+from dsparse.sweep.results import results_table
+from dsparse.sweep.spec import DRIVER_CPUS, SweepSpec
+from dsparse.sweep.worker import ERROR_FILE, read_error, worker_loop
 from dsparse.tracking.mlflow_tracker import RunTracker, resolve_tracking_uri
 
 log = logging.getLogger("dsparse.sweep")
 
+PATH_KEYS = (("data", "path"), ("deepspeed", "config_file"), ("sparsity", "masks"), ("sparsity", "from_checkpoint"))
 
-def _worker_loop(loop_config: dict) -> None:
-    """One Ray Train worker: the process group is up; train with dsparse's loop."""
-    import ray.train
 
-    from dsparse.train.trainer import train
-
-    def report(step: int, metrics: dict) -> None:
-        flat = {f"val/{task}/{name}": value for task, values in metrics.items() for name, value in values.items()}
-        ray.train.report({"step": step, **flat})
-
-    config = config_from_dict(loop_config["raw"], loop_config["overrides"])
-    train(config, resume=True, on_validation=report)
+class TrialConfigError(RuntimeError):
+    """A trial stopped on an error that a restart would repeat; it is not retried."""
 
 
 def _run_trial(params: dict) -> None:
-    """Tune function trainable: one multi-worker TorchTrainer for one trial."""
+    """Tune function trainable: check the trial, then run one multi-worker TorchTrainer."""
     import ray.train
     from ray import tune
-    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from dsparse.data.shards import load_manifest
+
     overrides = list(params["overrides"])
-    if params["sampled"]:  # searched keys: one directory per sampled trial (stable across restarts)
+    name = params["trial_name"]
+    if params["sampled"] or params["repeated"]:  # one directory per sample (stable across restarts)
         overrides += [f"{key}={value}" for key, value in params["sampled"].items()]
-        name = f"{params['trial_name']}-{tune.get_context().get_trial_id()}"
+        name = f"{name}-{tune.get_context().get_trial_id()}"
         overrides = [o for o in overrides if not o.startswith(("output_dir=", "tracking.run_name="))]
         overrides += [f"output_dir={Path(params['trials_dir']) / name}", f"tracking.run_name={name}"]
-        params = {**params, "trial_name": name}
+    config = config_from_dict(params["raw"], overrides)
+    try:
+        load_manifest(config.data.path)  # the commonest config error, caught before any worker starts
+    except ValueError as error:
+        raise TrialConfigError(f"trial {name}: {error}") from None
+    run_dir = Path(config.output_dir)
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
     resources = params["resources"]
     use_gpu = resources["gpus_per_worker"] > 0
     per_worker = {"CPU": resources["cpus_per_worker"], **({"GPU": resources["gpus_per_worker"]} if use_gpu else {})}
     TorchTrainer(
-        _worker_loop,
+        worker_loop,
         train_loop_config={"raw": params["raw"], "overrides": overrides},
         scaling_config=ScalingConfig(num_workers=resources["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(name=params["trial_name"], storage_path=params["storage"],
-                                       failure_config=FailureConfig(max_failures=params["max_failures"]),
-                                       callbacks=[TuneReportCallback()]),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=params["storage"],
+            failure_config=FailureConfig(max_failures=params["max_failures"]),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            callbacks=[TuneReportCallback()]),
     ).fit()
+    error = read_error(run_dir)
+    if error is not None:
+        raise TrialConfigError(f"trial {name} stopped on {error} (not retried: a restart would fail the same way)")
+
+
+def _trial_entry(params: dict, trials: dict, common: dict) -> None:
+    _run_trial({**trials[params["trial"]], "sampled": params["sampled"], **common})
+
+
+def _tune_trial_name(trial) -> str:
+    return f"{trial.config['trial']}-{trial.trial_id}"
 
 
 def _search_space(search: dict) -> dict:
@@ -76,6 +91,15 @@ def _search_space(search: dict) -> dict:
             for kind, arguments in distribution.items()}
 
 
+def _scheduler(spec: SweepSpec, iterations: int):
+    if spec.scheduler is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    options = {"max_t": iterations, **spec.scheduler["asha"]}
+    return ASHAScheduler(time_attr="step", **options)
+
+
 def trial_name(point: dict) -> str:
     text = "_".join(f"{key.split('.')[-1]}={value}" for key, value in point.items()) or "base"
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text)
@@ -84,10 +108,11 @@ def trial_name(point: dict) -> str:
 def _absolute(raw: dict, root: Path) -> dict:
     """Paths in a config are relative to where the user runs the sweep, not to Ray's workers."""
     raw = dict(raw)
-    data = dict(raw.get("data") or {})
-    if "path" in data:
-        data["path"] = str((root / data["path"]).resolve())
-    raw["data"] = data
+    for section, key in PATH_KEYS:
+        values = dict(raw.get(section) or {})
+        if values.get(key):
+            values[key] = str((root / values[key]).resolve())
+            raw[section] = values
     return raw
 
 
@@ -95,7 +120,7 @@ def _init_ray(address: str | None) -> None:
     import ray
 
     if address:
-        ray.init(address=address)
+        ray.init(address=address, log_to_driver=False)
     elif not ray.is_initialized():
         # One logical CPU more than the machine has: trial drivers only wait on their workers.
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False)
@@ -115,20 +140,44 @@ def _is_complete(trial_dir: Path) -> bool:
     return summary.is_file() and json.loads(summary.read_text()).get("status") == "complete"
 
 
-def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = None, resume: bool = False) -> list[dict]:
+def _close_interrupted_runs(trials_dir: Path, uri: str) -> None:
+    """Mark the MLflow runs of trials that never finished (stopped early by the scheduler,
+    or failed) as KILLED; their processes were ended from outside and could not."""
+    from mlflow.tracking import MlflowClient
+
+    from dsparse.train.checkpoint import STATE_FILE, latest_checkpoint
+
+    client = MlflowClient(uri)
+    for trial_dir in sorted(trials_dir.glob("*")):
+        checkpoint = latest_checkpoint(trial_dir / "checkpoints")
+        if _is_complete(trial_dir) or checkpoint is None:
+            continue
+        run_id = json.loads((checkpoint / STATE_FILE).read_text()).get("mlflow_run_id")
+        if run_id and client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+
+
+def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = None, resume: bool = False,
+              storage: str | None = None) -> list[dict]:
     """Run every grid point as a trial; returns the results rows (also written as CSV/PNG).
 
-    With ``resume``, finished trials are kept and the others continue from their last
-    checkpoint (sampled ``search`` trials get new samples).
+    Args:
+        spec: a validated sweep spec.
+        out_dir: the sweep directory (trial run directories, results). On a cluster it
+            must be on storage every node mounts.
+        address: a Ray cluster address; None starts a local Ray instance.
+        resume: keep finished trials and continue the others from their checkpoints
+            (sampled ``search`` trials get new samples).
+        storage: where Ray keeps trial state and registered checkpoints (a shared path or
+            a bucket URI such as ``s3://bucket/dsparse``); default ``out_dir/ray``.
 
     Raises:
-        ValueError: an unsupported scheduler, a trial that can never be placed on the
-            cluster, or an existing sweep directory without ``resume``.
+        ValueError: a trial that can never be placed on the cluster, or an existing sweep
+            directory without ``resume``.
+        RuntimeError: when trials failed (the first error is in the message).
     """
     from ray import tune
 
-    if spec.scheduler is not None:
-        raise ValueError("sweep spec 'scheduler' (ASHA) is parsed but not supported by dsparse sweep yet; remove it")
     out_dir = Path(out_dir).resolve()
     trials_dir = out_dir / "trials"
     if not resume and trials_dir.is_dir() and any(trials_dir.iterdir()):
@@ -137,98 +186,50 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
     _init_ray(address)
     import ray
 
-    spec.resources.check_fits(ray.cluster_resources())
+    spec.resources.check_fits([node["Resources"] for node in ray.nodes() if node["Alive"]])
     uri = resolve_tracking_uri(config_from_dict(spec.base_config()).tracking)
     parent = _parent_run(spec, out_dir, resume)
-    raw = _absolute(spec.base_config(), Path.cwd())
     trials = []
     for point in spec.grid_points():
         name = trial_name(point)
-        if resume and not spec.search and _is_complete(trials_dir / name):
+        if resume and not spec.search and spec.num_samples == 1 and _is_complete(trials_dir / name):
             log.info("trial %s finished before; not rerun", name)
             continue
-        overrides = spec.trial_overrides(point) + [
-            f"output_dir={trials_dir / name}", f"tracking.uri={uri}", f"tracking.run_name={name}",
-            f"tracking.parent_run_id={parent.run_id}"]
+        raw = _absolute(apply_overrides(spec.base_config(), spec.trial_overrides(point)), Path.cwd())
+        overrides = [f"output_dir={trials_dir / name}", f"tracking.uri={uri}", f"tracking.run_name={name}",
+                     f"tracking.parent_run_id={parent.run_id}"]
         trials.append({"trial_name": name, "point": point, "raw": raw, "overrides": overrides})
     if not trials:
         rows = results_table(out_dir)
         parent.finish("FINISHED")
         return rows
-    param_space = {"trial": tune.grid_search(trials), "sampled": _search_space(spec.search)}
-    common = {"resources": vars(spec.resources), "storage": str(out_dir / "ray"), "max_failures": spec.max_failures,
-              "trials_dir": str(trials_dir)}
+    storage = storage or str(out_dir / "ray")
+    common = {"resources": vars(spec.resources), "storage": storage, "max_failures": spec.max_failures,
+              "trials_dir": str(trials_dir), "repeated": spec.num_samples > 1}
     ranked = spec.metric != "delta_t"  # Delta_T needs the dense trial: computed after the sweep
+    # Checkpoint reports before the first validation carry no metric; spec.py checked the name.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    by_name = {trial["trial_name"]: trial for trial in trials}
+    trainable = tune.with_parameters(_trial_entry, trials=by_name, common=common)
     tuner = tune.Tuner(
-        tune.with_resources(lambda params: _run_trial({**params["trial"], "sampled": params["sampled"], **common}),
-                            {"CPU": 0.01}),
-        param_space=param_space,
+        tune.with_resources(trainable, {"CPU": DRIVER_CPUS}),
+        # Tune's live table shows these keys: the trial name and any sampled values
+        param_space={"trial": tune.grid_search(list(by_name)), "sampled": _search_space(spec.search)},
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, num_samples=spec.num_samples,
-                                    metric=spec.metric if ranked else None, mode=spec.mode if ranked else None),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(out_dir / "ray")),
+                                    metric=spec.metric if ranked else None, mode=spec.mode if ranked else None,
+                                    scheduler=_scheduler(spec, config_from_dict(trials[0]["raw"]).train.iterations),
+                                    trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
+        run_config=tune.RunConfig(name=spec.name, storage_path=storage),
     )
     results = tuner.fit()
     errors = [str(error) for error in results.errors]
+    _close_interrupted_runs(trials_dir, uri)
     rows = results_table(out_dir)
     if parent.enabled:
         parent.log_artifact(out_dir / "results.csv")
+        if (out_dir / "results.png").is_file():
+            parent.log_artifact(out_dir / "results.png")
         parent.finish("FAILED" if errors else "FINISHED")
     if errors:
-        raise RuntimeError(f"{len(errors)} trial(s) failed: {errors[0][:2000]}")
+        raise RuntimeError(f"{len(errors)} trial(s) failed: {errors[0][-3000:]}")
     return rows
-
-
-def results_table(out_dir: Path) -> list[dict]:
-    """One row per trial from its summary.json, with Delta_T against the dense trial of the
-    same task set and seed; written to results.csv."""
-    from dsparse.data.shards import load_manifest
-    from dsparse.tasks import delta_t
-    from dsparse.train.components import build_run_tasks
-
-    summaries = {path.parent.name: json.loads(path.read_text())
-                 for path in sorted((out_dir / "trials").glob("*/summary.json"))}
-    rows = []
-    for name, summary in summaries.items():
-        config = config_from_dict(summary["config"])
-        tasks = build_run_tasks(config, load_manifest(config.data.path))
-        dense = [s for s in summaries.values() if s.get("sparsity") is None
-                 and s["config"]["tasks"] == summary["config"]["tasks"] and s["config"]["seed"] == summary["config"]["seed"]]
-        sparsity = summary.get("sparsity") or {}
-        row = {"trial": name, "method": sparsity.get("method") or "dense", "target": sparsity.get("requested", 0.0),
-               "achieved": sparsity.get("achieved", 0.0), "tasks": "+".join(config.tasks), "seed": config.seed}
-        row.update({f"{t}/{task.key_metric}": summary["final_metrics"][t][task.key_metric] for t, task in tasks.items()})
-        row["delta_t"] = delta_t(summary["final_metrics"], dense[0]["final_metrics"], tasks) if dense else None
-        rows.append(row)
-    if rows:
-        keys = sorted({k for row in rows for k in row}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-        with (out_dir / "results.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
-        plot_results(rows, out_dir / "results.png")
-    return rows
-
-
-def plot_results(rows: list[dict], path: Path) -> None:
-    """Delta_T vs sparsity, one line per method and task set (the dense trial sits at 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in rows:
-        if row["delta_t"] is not None:
-            groups.setdefault((row["method"], row["tasks"]), []).append(row)
-    for (method, tasks), members in sorted(groups.items()):
-        members.sort(key=lambda r: r["achieved"])
-        axis.plot([r["achieved"] for r in members], [r["delta_t"] for r in members], marker="o",
-                  label=method if len({t for _, t in groups}) == 1 else f"{method} ({tasks})")
-    axis.axhline(0.0, color="grey", linewidth=0.8)
-    axis.set_xlabel("achieved sparsity")
-    axis.set_ylabel("Delta_T vs dense (%)")
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)

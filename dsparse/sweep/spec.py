@@ -15,10 +15,13 @@ A spec is YAML (``sweeps/*.yaml``)::
     metric: delta_t                      # or any logged metric, e.g. val/seg/miou
     mode: max
     max_failures: 2
-    scheduler: null                      # or {asha: {grace_period: 2, max_t: 10}}
+    scheduler: null                      # or {asha: {grace_period: 200, reduction_factor: 3}}
 
 Every grid point is validated as a full run config when the spec is loaded, so a typo in a
-key fails before any cluster time is spent.
+key fails before any cluster time is spent. The ranking ``metric`` is ``delta_t`` (computed
+after the sweep, against the dense trial) or a validation metric ``val/<task>/<name>``; the
+ASHA scheduler stops trials early on a validation metric, measured in training steps
+(``grace_period`` and ``max_t`` are steps; ``max_t`` defaults to ``train.iterations``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,9 @@ import yaml
 from dsparse.config import config_from_dict, resolve_config_path
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
+ASHA_OPTIONS = ("grace_period", "max_t", "reduction_factor")
+DRIVER_CPUS = 0.01
+"""CPU reserved by each trial's driver, which only waits on its workers."""
 
 
 @dataclass
@@ -51,15 +57,25 @@ class Resources:
             raise ValueError("resources.cpus_per_worker must be > 0 and resources.gpus_per_worker >= 0, got "
                              f"{self.cpus_per_worker} and {self.gpus_per_worker}")
 
-    def check_fits(self, available: dict[str, float]) -> None:
-        """Raise if one trial can never be placed on a cluster with ``available`` resources."""
-        need = {"CPU": self.workers * self.cpus_per_worker, "GPU": self.workers * self.gpus_per_worker}
+    def check_fits(self, nodes: list[dict[str, float]]) -> None:
+        """Raise if one trial can never be placed on a cluster of ``nodes`` (their resources).
+
+        A worker must fit on one node, and all workers plus the trial driver on the cluster.
+        """
+        per_worker = {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
+        for kind, amount in per_worker.items():
+            largest = max((node.get(kind, 0.0) for node in nodes), default=0.0)
+            if amount > largest:
+                raise ValueError(f"one worker needs {amount:g} {kind} but the largest node has {largest:g}; "
+                                 f"lower resources.{kind.lower()}s_per_worker or add bigger nodes")
+        need = {"CPU": self.workers * self.cpus_per_worker + DRIVER_CPUS, "GPU": self.workers * self.gpus_per_worker}
         for kind, amount in need.items():
-            if amount > available.get(kind, 0.0):
+            total = sum(node.get(kind, 0.0) for node in nodes)
+            if amount > total:
                 raise ValueError(
-                    f"one trial needs {amount:g} {kind} ({self.workers} workers x "
-                    f"{self.cpus_per_worker if kind == 'CPU' else self.gpus_per_worker:g}) but the cluster has "
-                    f"{available.get(kind, 0.0):g}; lower resources.workers or the per-worker amount, or add nodes")
+                    f"one trial needs {amount:g} {kind} ({self.workers} workers x {per_worker[kind]:g}"
+                    f"{' + the trial driver' if kind == 'CPU' else ''}) but the cluster has {total:g}; "
+                    "lower resources.workers or the per-worker amount, or add nodes")
 
 
 @dataclass
@@ -90,8 +106,21 @@ class SweepSpec:
                     next(iter(distribution)) not in DISTRIBUTIONS:
                 raise ValueError(f"search.{key} must be one of {{{', '.join(d + ': ...' for d in DISTRIBUTIONS)}}}, "
                                  f"got {distribution!r}")
-        if self.scheduler is not None and set(self.scheduler) != {"asha"}:
-            raise ValueError(f"scheduler must be null or {{asha: {{...}}}}, got {self.scheduler!r}")
+        if self.scheduler is not None:
+            self._check_scheduler()
+
+    def _check_scheduler(self) -> None:
+        if not isinstance(self.scheduler, dict) or set(self.scheduler) != {"asha"} or \
+                not isinstance(self.scheduler["asha"] or {}, dict):
+            raise ValueError(f"scheduler must be null or {{asha: {{{', '.join(ASHA_OPTIONS)}}}}}, "
+                             f"got {self.scheduler!r}")
+        options = self.scheduler["asha"] = self.scheduler["asha"] or {}
+        unknown = sorted(set(options) - set(ASHA_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown scheduler.asha option(s) {unknown}; known: {list(ASHA_OPTIONS)}")
+        if self.metric == "delta_t":
+            raise ValueError("the ASHA scheduler stops trials on a metric reported during training; delta_t "
+                             "exists only after the sweep. Set metric to a validation metric, e.g. val/seg/miou")
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every combination of the grid, as ``{dotted key: value}`` (one empty point without a grid)."""
@@ -112,14 +141,33 @@ class SweepSpec:
         sample = {key: _representative(distribution) for key, distribution in self.search.items()}
         for point in self.grid_points():
             try:
-                config_from_dict(self.base_config(), self.trial_overrides({**point, **sample}))
+                config = config_from_dict(self.base_config(), self.trial_overrides({**point, **sample}))
             except ValueError as error:
                 raise ValueError(f"sweep {self.name!r}: trial {point or '(base)'} is not a valid run config: "
                                  f"{error}") from error
+            _check_metric(self.metric, config.tasks, point)
+
+
+def _check_metric(metric: str, tasks: list[str], point: dict) -> None:
+    """``delta_t`` or ``val/<task>/<name>`` naming a task of the trial and one of its metrics."""
+    from dsparse.tasks import TASKS
+
+    if metric == "delta_t":
+        return
+    parts = metric.split("/")
+    if len(parts) != 3 or parts[0] != "val":
+        raise ValueError(f"metric must be delta_t or val/<task>/<metric> (e.g. val/seg/miou), got {metric!r}")
+    _, task, name = parts
+    if task not in tasks:
+        raise ValueError(f"metric {metric!r} names task {task!r}, which trial {point or '(base)'} does not train "
+                         f"(its tasks: {tasks})")
+    names = sorted(TASKS[task].metric_lower_is_better)
+    if name not in names:
+        raise ValueError(f"metric {metric!r}: task {task!r} reports {names}")
 
 
 def _representative(distribution: dict) -> Any:
-    kind, arguments = next(iter(distribution.items()))
+    _, arguments = next(iter(distribution.items()))
     return arguments[0]
 
 

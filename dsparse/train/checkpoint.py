@@ -31,7 +31,7 @@ def tag_of(step: int) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
 
@@ -76,6 +76,38 @@ def latest_checkpoint(directory: Path) -> Path | None:
         return None
     path = Path(directory) / pointer.read_text().strip()
     return path if path.is_dir() else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The training step a published checkpoint directory was written at."""
+    return int(json.loads((Path(path) / STATE_FILE).read_text())["step"])
+
+
+def install_checkpoint(source: Path, directory: Path) -> Path | None:
+    """Copy a published checkpoint (e.g. one restored from Ray storage) into ``directory``.
+
+    Nothing changes unless ``source`` is newer than ``directory``'s latest checkpoint. The
+    copy is staged under a unique name and renamed, and ``latest`` is replaced last, so
+    nodes that share the directory may call this at the same time.
+
+    Returns:
+        The installed checkpoint path, or None if ``directory`` was already as new.
+    """
+    source, directory = Path(source), Path(directory)
+    step = checkpoint_step(source)
+    current = latest_checkpoint(directory)
+    if current is not None and checkpoint_step(current) >= step:
+        return None
+    final = directory / tag_of(step)
+    staging = directory / f".restore-{os.getpid()}-{os.urandom(4).hex()}"
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, staging)
+    try:
+        os.replace(staging, final)
+    except OSError:  # another node installed the same checkpoint first
+        shutil.rmtree(staging, ignore_errors=True)
+    _write_atomic(directory / LATEST, final.name)
+    return final
 
 
 def load_checkpoint(engine, path: Path) -> dict:

@@ -39,10 +39,17 @@ class NonFiniteLossError(RuntimeError):
     """A task loss became NaN or inf; the run stops and keeps its last good checkpoint."""
 
 
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
 def deepspeed_config(config: RunConfig, device: torch.device) -> dict:
+    """The DeepSpeed config dict: modelled keys, then ``config_file``, then ``extra``.
+
+    Raises:
+        ValueError: an unreadable config file, batch-size keys in it, ZeRO stage 3, or
+            bf16 without a GPU.
+    """
     ds = config.deepspeed
-    if ds.bf16 and device.type != "cuda":
-        raise ValueError("deepspeed.bf16: true needs a CUDA GPU; set it to false on CPU")
     result = {
         "train_micro_batch_size_per_gpu": config.data.batch_size,
         "gradient_accumulation_steps": 1,
@@ -55,8 +62,30 @@ def deepspeed_config(config: RunConfig, device: torch.device) -> dict:
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
+    if ds.config_file is not None:
+        result.update(_read_deepspeed_file(Path(ds.config_file)))
     result.update(ds.extra)
+    stage = result.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ValueError(f"DeepSpeed ZeRO stage {stage} is not supported (masks need whole weights); use 0, 1 or 2")
+    if result.get("bf16", {}).get("enabled") and device.type != "cuda":
+        raise ValueError("deepspeed.bf16: true needs a CUDA GPU; set it to false on CPU "
+                         "(or use a DeepSpeed config file without bf16)")
     return result
+
+
+def _read_deepspeed_file(path: Path) -> dict:
+    try:
+        values = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"deepspeed.config_file {path} is not a readable JSON file: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"deepspeed.config_file {path} must hold a JSON object")
+    owned = sorted(set(values) & set(BATCH_KEYS))
+    if owned:
+        raise ValueError(f"deepspeed.config_file {path} sets {owned}; dsparse derives the batch size from "
+                         "data.batch_size and the world size, so remove them from the file")
+    return values
 
 
 def _build_engine(config: RunConfig, model: torch.nn.Module, device: torch.device):
@@ -109,9 +138,9 @@ def _check_finite(losses: dict[str, torch.Tensor], step: int, world_size: int) -
 class Trainer:
     """Holds the pieces of one run; :meth:`fit` trains to ``train.iterations``."""
 
-    def __init__(self, config: RunConfig, *, resume: bool = False, on_validation=None):
+    def __init__(self, config: RunConfig, *, resume: bool = False, on_validation=None, on_checkpoint=None):
         self.config = config
-        self.on_validation = on_validation
+        self.on_validation, self.on_checkpoint = on_validation, on_checkpoint
         self.rank, self.world_size, self.device = init_distributed()
         self.run_dir = Path(config.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
@@ -146,8 +175,11 @@ class Trainer:
 
     def _save(self, step: int, batches: TrainBatches) -> None:
         self.state.update(step=step, data_position=batches.position())
-        save_checkpoint(self.engine, self.checkpoint_dir, step, dict(self.state), self.config.train.keep_checkpoints,
-                        extra=self.sparse.save_into if self.sparse is not None else None)
+        path = save_checkpoint(self.engine, self.checkpoint_dir, step, dict(self.state),
+                               self.config.train.keep_checkpoints,
+                               extra=self.sparse.save_into if self.sparse is not None else None)
+        if self.on_checkpoint is not None:  # every rank, after the checkpoint is published
+            self.on_checkpoint(step, path)
 
     def fit(self, stop_after: int | None = None) -> dict:
         """Train until ``train.iterations`` (or for at most ``stop_after`` more steps).
@@ -269,7 +301,8 @@ def _write_json(path: Path, value: dict) -> None:
     os.replace(temporary, path)
 
 
-def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None, on_validation=None) -> dict:
+def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None, on_validation=None,
+          on_checkpoint=None) -> dict:
     """Train one run from its config; the library entry point behind ``dsparse train``.
 
     Args:
@@ -279,6 +312,8 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = N
             return (for time-limited allocations); ``--resume`` continues.
         on_validation: called as ``on_validation(step, metrics)`` on every rank after each
             validation (the Ray Train integration reports through it).
+        on_checkpoint: called as ``on_checkpoint(step, path)`` on every rank once a
+            checkpoint is published (Ray Train registers it with its storage).
 
     Returns:
         The run summary dict.
@@ -287,4 +322,5 @@ def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = N
         NonFiniteLossError: a task loss became NaN/inf (names task and step).
         ValueError: bad config, dataset or run directory.
     """
-    return Trainer(config, resume=resume, on_validation=on_validation).fit(stop_after=stop_after)
+    return Trainer(config, resume=resume, on_validation=on_validation,
+                   on_checkpoint=on_checkpoint).fit(stop_after=stop_after)
