@@ -1,6 +1,7 @@
 """Run configs: presets load, overrides apply, bad input is a clear error."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,17 @@ def test_bad_deepspeed_config_files_are_refused(tmp_path, content, message):
 def test_dynamic_methods_refuse_mask_files():
     with pytest.raises(ValueError, match="starts from random ERK masks"):
         config_from_dict({"sparsity": {"method": "rigl", "masks": "m.pt"}})
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "cluster" / "deepspeed").glob("*.json")),
+                         ids=lambda p: p.name)
+def test_cluster_deepspeed_files_merge(path):
+    """The shipped files are accepted (bf16 ones only on a GPU) and set the ZeRO stage they name."""
+    config = config_from_dict({"deepspeed": {"config_file": str(path)}})
+    stage = int(path.stem[len("zero")])
+    if "bf16" in path.stem:
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            deepspeed_config(config, torch.device("cpu"))
+        assert deepspeed_config(config, torch.device("cuda"))["zero_optimization"]["stage"] == stage
+    else:
+        assert deepspeed_config(config, torch.device("cpu"))["zero_optimization"]["stage"] == stage

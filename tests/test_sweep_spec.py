@@ -16,9 +16,14 @@ def write_spec(tmp_path, **fields):
     return path
 
 
-def test_repository_specs_load():
-    spec = load_sweep_spec(REPO_SWEEPS / "synthetic_sparsity.yaml")
-    assert len(spec.grid_points()) == 12 and spec.resources.workers == 2
+@pytest.mark.parametrize("name, trials", [("synthetic_sparsity", 10), ("nyuv2_disparse", 93),
+                                          ("cityscapes_disparse", 93), ("taskonomy_disparse", 93)])
+def test_repository_specs_load_with_one_dense_trial_per_seed(name, trials):
+    spec = load_sweep_spec(REPO_SWEEPS / f"{name}.yaml")
+    points = spec.grid_points()
+    assert len(points) == trials
+    dense = [p for p in points if p.get("sparsity.method") is None]
+    assert len(dense) == len(spec.grid.get("seed", [0])) and all(set(p) <= {"sparsity.method", "seed"} for p in dense)
 
 
 def test_grid_expands_to_every_combination_with_overrides(tmp_path):

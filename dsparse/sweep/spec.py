@@ -123,7 +123,22 @@ class SweepSpec:
                              "exists only after the sweep. Set metric to a validation metric, e.g. val/seg/miou")
 
     def grid_points(self) -> list[dict[str, Any]]:
-        """Every combination of the grid, as ``{dotted key: value}`` (one empty point without a grid)."""
+        """Every combination of the grid, as ``{dotted key: value}`` (one empty point without a grid).
+
+        A dense point (``sparsity.method`` null) ignores the other ``sparsity.*`` keys, so
+        ``method: [null, disparse]`` x ``target: [0.5, 0.9]`` gives one dense trial, not two.
+        """
+        base_method = (self.base_config().get("sparsity") or {}).get("method")
+        base_method = self.overrides.get("sparsity.method", base_method)
+        points = []
+        for point in self._combinations():
+            if point.get("sparsity.method", base_method) is None:
+                point = {k: v for k, v in point.items() if not k.startswith("sparsity.") or k == "sparsity.method"}
+            if point not in points:
+                points.append(point)
+        return points
+
+    def _combinations(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
@@ -139,7 +154,7 @@ class SweepSpec:
     def validate_trials(self) -> None:
         """Build the run config of every grid point (with a sample of the search space)."""
         sample = {key: _representative(distribution) for key, distribution in self.search.items()}
-        for point in self.grid_points():
+        for point in self._combinations():  # before dense points drop sparsity keys: check those too
             try:
                 config = config_from_dict(self.base_config(), self.trial_overrides({**point, **sample}))
             except ValueError as error:

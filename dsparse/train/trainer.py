@@ -155,7 +155,7 @@ class Trainer:
         self.engine = _build_engine(config, model, self.device)
         if self.sparse is not None:
             self.sparse.attach_engine(self.engine, self.tasks)
-        self.input_dtype = torch.bfloat16 if config.deepspeed.bf16 else torch.float32
+        self.input_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32  # also via config_file
         self.state = {"step": 0, "data_position": None, "mlflow_run_id": None, "history": []}
         if checkpoint is not None:
             self.state.update(load_checkpoint(self.engine, checkpoint))
