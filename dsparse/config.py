@@ -208,6 +208,9 @@ class TrackingConfig:
     run_name: str | None = None
     parent_run_id: str | None = None
     """Log as a child of this MLflow run (set by dsparse sweep for its trials)."""
+    run_id: str | None = None
+    """Log into this existing MLflow run (dsparse sweep creates one per trial, so a trial
+    whose workers restart before their first checkpoint still has one run)."""
 
 
 @dataclass

@@ -12,10 +12,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray
-
-from dsparse.sweep import load_sweep_spec
-from dsparse.sweep.runner import run_sweep
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +31,7 @@ def two_node_cluster(monkeypatch):
     temp_dir = tempfile.mkdtemp(prefix="r2n", dir="/tmp")  # short: Ray's socket paths have a length limit
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     address = f"127.0.0.1:{port}"
     try:
@@ -44,7 +41,6 @@ def two_node_cluster(monkeypatch):
                        capture_output=True, timeout=120)
         yield address
     finally:
-        ray.shutdown()
         for process in psutil.process_iter(["cmdline"]):
             if temp_dir in " ".join(process.info["cmdline"] or []):
                 process.kill()
@@ -55,9 +51,13 @@ def test_a_trial_spans_both_nodes(two_node_cluster, tiny_spec, tmp_path, monkeyp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     # 1.5 CPUs a worker: a 2-CPU node holds one, so the two workers need both nodes
     spec_path = tiny_spec(grid={"seed": [0]}, resources={"workers": 2, "cpus_per_worker": 1.5})
-    rows = run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep", address=two_node_cluster)
-    assert len([node for node in ray.nodes() if node["Alive"]]) == 2
-    assert [row["status"] for row in rows] == ["complete"]
+    # The CLI in its own process, as a user runs it (and apart from this process's Ray state)
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run([str(Path(sys.executable).with_name("dsparse")), "sweep", str(spec_path),
+                             "--address", two_node_cluster, "--out", str(tmp_path / "sweep")],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "complete" in result.stdout
     (placement_file,) = (tmp_path / "sweep" / "trials").glob("*/workers.json")
     placement = json.loads(placement_file.read_text())
     assert [worker["rank"] for worker in placement] == [0, 1]

@@ -137,3 +137,6 @@ def test_killed_worker_resumes_the_trial_from_its_checkpoint(tiny_spec, tmp_path
     summary = json.loads(summary_path.read_text())
     assert summary["status"] == "complete" and summary["step"] == 60
     assert summary["steps_this_invocation"] < 60, "the restarted workers must resume, not start over"
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 1 and children[0].info.status == "FINISHED", "a restart must not add an MLflow run"

@@ -25,6 +25,7 @@ from dsparse.tracking.mlflow_tracker import RunTracker, resolve_tracking_uri
 
 log = logging.getLogger("dsparse.sweep")
 
+RUN_ID_FILE = "mlflow_run_id"
 PATH_KEYS = (("data", "path"), ("deepspeed", "config_file"), ("sparsity", "masks"), ("sparsity", "from_checkpoint"))
 
 
@@ -56,6 +57,8 @@ def _run_trial(params: dict) -> None:
         raise TrialConfigError(f"trial {name}: {error}") from None
     run_dir = Path(config.output_dir)
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    if config.tracking.enabled:
+        overrides.append(f"tracking.run_id={_trial_mlflow_run(config, run_dir)}")
     resources = params["resources"]
     use_gpu = resources["gpus_per_worker"] > 0
     per_worker = {"CPU": resources["cpus_per_worker"], **({"GPU": resources["gpus_per_worker"]} if use_gpu else {})}
@@ -72,6 +75,20 @@ def _run_trial(params: dict) -> None:
     error = read_error(run_dir)
     if error is not None:
         raise TrialConfigError(f"trial {name} stopped on {error} (not retried: a restart would fail the same way)")
+
+
+def _trial_mlflow_run(config, run_dir: Path) -> str:
+    """The trial's MLflow child run, created once and kept in the trial directory, so
+    restarted workers and ``--resume`` keep logging into it."""
+    path = run_dir / RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = RunTracker(config.tracking, config.tracking.run_name, parent_run_id=config.tracking.parent_run_id).run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(run_id)
+    os.replace(temporary, path)
+    return run_id
 
 
 def _trial_entry(params: dict, trials: dict, common: dict) -> None:
@@ -145,15 +162,10 @@ def _close_interrupted_runs(trials_dir: Path, uri: str) -> None:
     or failed) as KILLED; their processes were ended from outside and could not."""
     from mlflow.tracking import MlflowClient
 
-    from dsparse.train.checkpoint import STATE_FILE, latest_checkpoint
-
     client = MlflowClient(uri)
-    for trial_dir in sorted(trials_dir.glob("*")):
-        checkpoint = latest_checkpoint(trial_dir / "checkpoints")
-        if _is_complete(trial_dir) or checkpoint is None:
-            continue
-        run_id = json.loads((checkpoint / STATE_FILE).read_text()).get("mlflow_run_id")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
+    for path in sorted(trials_dir.glob(f"*/{RUN_ID_FILE}")):
+        run_id = path.read_text().strip()
+        if not _is_complete(path.parent) and client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, status="KILLED")
 
 
@@ -223,7 +235,8 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
     )
     results = tuner.fit()
     errors = [str(error) for error in results.errors]
-    _close_interrupted_runs(trials_dir, uri)
+    if parent.enabled:
+        _close_interrupted_runs(trials_dir, uri)
     rows = results_table(out_dir)
     if parent.enabled:
         parent.log_artifact(out_dir / "results.csv")

@@ -161,7 +161,8 @@ class Trainer:
             self.state.update(load_checkpoint(self.engine, checkpoint))
             log.info("resumed from %s at step %d", checkpoint, self.state["step"])
         self.tracker = RunTracker(config.tracking, config.tracking.run_name or self.run_dir.name,
-                                  run_id=self.state["mlflow_run_id"], parent_run_id=config.tracking.parent_run_id,
+                                  run_id=self.state["mlflow_run_id"] or config.tracking.run_id,
+                                  parent_run_id=config.tracking.parent_run_id,
                                   enabled=is_main())
         self.state["mlflow_run_id"] = broadcast_object(self.tracker.run_id)
 
