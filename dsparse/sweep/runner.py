@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dsparse.config import apply_overrides, config_from_dict
 from dsparse.sweep.results import results_table
-from dsparse.sweep.spec import DRIVER_CPUS, SweepSpec
+from dsparse.sweep.spec import DRIVER_CPUS, SweepSpec, format_override
 from dsparse.sweep.worker import ERROR_FILE, read_error, worker_loop
 from dsparse.tracking.mlflow_tracker import RunTracker, resolve_tracking_uri
 
@@ -46,7 +46,7 @@ def _run_trial(params: dict) -> None:
     overrides = list(params["overrides"])
     name = params["trial_name"]
     if params["sampled"] or params["repeated"]:  # one directory per sample (stable across restarts)
-        overrides += [f"{key}={value}" for key, value in params["sampled"].items()]
+        overrides += [format_override(key, value) for key, value in params["sampled"].items()]
         name = f"{name}-{tune.get_context().get_trial_id()}"
         overrides = [o for o in overrides if not o.startswith(("output_dir=", "tracking.run_name="))]
         overrides += [f"output_dir={Path(params['trials_dir']) / name}", f"tracking.run_name={name}"]

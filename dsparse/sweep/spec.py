@@ -144,9 +144,7 @@ class SweepSpec:
 
     def trial_overrides(self, point: dict[str, Any]) -> list[str]:
         """``--set``-style overrides of one trial: the spec's overrides, then the grid point."""
-        merged = {**self.overrides, **point}
-        return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
-                for key, value in merged.items()]
+        return [format_override(key, value) for key, value in {**self.overrides, **point}.items()]
 
     def base_config(self) -> dict:
         return yaml.safe_load(resolve_config_path(self.base).read_text()) or {}
@@ -161,6 +159,11 @@ class SweepSpec:
                 raise ValueError(f"sweep {self.name!r}: trial {point or '(base)'} is not a valid run config: "
                                  f"{error}") from error
             _check_metric(self.metric, config.tasks, point)
+
+
+def format_override(key: str, value: Any) -> str:
+    """``key=value`` with the value as YAML, as ``--set`` reads it back."""
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
 
 
 def _check_metric(metric: str, tasks: list[str], point: dict) -> None:
