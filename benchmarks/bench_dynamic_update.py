@@ -18,20 +18,23 @@ import statistics
 import time
 
 import torch
-from bench_masked_training import fake_batch
-from results_io import RESULTS_DIR, machine_tag, publish, today
-
 from dsparse.config import config_from_dict
-from dsparse.models import build_model
 from dsparse.sparsity.dynamic import DynamicSchedule
 from dsparse.sparsity.enforce import MaskEnforcer
 from dsparse.sparsity.prune import get_method
-from dsparse.tasks import build_tasks
 from dsparse.train.distributed import init_distributed
 from dsparse.train.dynamic import DynamicMasks, initial_dynamic_masks
 from dsparse.train.trainer import _build_engine
 
-TASKS = ["seg", "normal", "depth", "keypoint", "edge"]
+from bench_model import (
+    TASKS,
+    add_model_args,
+    bench_model,
+    bench_tasks,
+    fake_batch,
+    train_step,
+)
+from results_io import RESULTS_DIR, machine_tag, publish, today
 
 
 def peak_rss_mib() -> float:
@@ -51,19 +54,14 @@ def reset_peak_rss() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=64)
+    add_model_args(parser)
     parser.add_argument("--method", default="disparse_dynamic")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     init_distributed()
-    tasks = build_tasks(TASKS, num_classes=10)
-    torch.manual_seed(0)
-    model = build_model(args.arch, {n: t.num_channels for n, t in tasks.items()}, base_width=args.width,
-                        head_dilations=(1, 2, 4, 8))
+    tasks = bench_tasks()
+    model = bench_model(args, tasks)
     config = config_from_dict({"tasks": TASKS, "data": {"batch_size": args.batch},
                                "sparsity": {"method": args.method, "target": 0.9}})
     method = get_method(args.method)
@@ -72,12 +70,10 @@ def main() -> None:
     engine = _build_engine(config, model, torch.device("cpu"))
     dynamic = DynamicMasks(engine, tasks, masks, enforcer, method,
                            DynamicSchedule(interval=1, end=1.0, alpha0=0.5, total_steps=10**6), seed=0)
-    batch = fake_batch(args.batch, args.size, num_classes=10)
+    batch = fake_batch(args.batch, args.size)
 
-    def train_step():
-        outputs = engine(batch["rgb"])
-        engine.backward(sum(task.loss(outputs[n], batch[n]) for n, task in tasks.items()))
-        engine.step()
+    def one_step():
+        train_step(engine, tasks, batch)
 
     def timed(function, repeats):
         times = []
@@ -88,10 +84,10 @@ def main() -> None:
         return statistics.median(times)
 
     for _ in range(3):  # warm-up both paths
-        train_step()
+        one_step()
         dynamic.maybe_update(1, [batch])
     reset_peak_rss()
-    step_time = timed(train_step, args.repeats)
+    step_time = timed(one_step, args.repeats)
     train_peak = peak_rss_mib()
     reset_peak_rss()
     counter = iter(range(2, 10**6))

@@ -16,37 +16,21 @@ import statistics
 import time
 
 import torch
-
-from results_io import RESULTS_DIR, machine_tag, publish, today
-
 from dsparse.config import config_from_dict
-from dsparse.models import build_model
 from dsparse.sparsity.enforce import MaskEnforcer
 from dsparse.sparsity.prune import prune
-from dsparse.tasks import build_tasks
 from dsparse.train.distributed import init_distributed
 from dsparse.train.trainer import _build_engine
 
-TASKS = ["seg", "normal", "depth", "keypoint", "edge"]
-
-
-def fake_batch(batch: int, size: int, num_classes: int) -> dict:
-    generator = torch.Generator().manual_seed(0)
-    normal = torch.nn.functional.normalize(torch.randn(batch, 3, size, size, generator=generator), dim=1)
-    return {"rgb": torch.randn(batch, 3, size, size, generator=generator),
-            "seg": torch.randint(0, num_classes, (batch, size, size), generator=generator),
-            "normal": normal, "depth": torch.rand(batch, 1, size, size, generator=generator) * 5 + 0.5,
-            "keypoint": torch.rand(batch, 1, size, size, generator=generator),
-            "edge": torch.rand(batch, 1, size, size, generator=generator)}
+from bench_model import add_model_args, bench_model, bench_tasks, fake_batch, train_step
+from results_io import RESULTS_DIR, machine_tag, publish, today
 
 
 def time_steps(engine, tasks, batch, num_steps: int) -> list[float]:
     times = []
     for step in range(num_steps + 3):
         start = time.perf_counter()
-        outputs = engine(batch["rgb"])
-        engine.backward(sum(task.loss(outputs[n], batch[n]) for n, task in tasks.items()))
-        engine.step()
+        train_step(engine, tasks, batch)
         if step >= 3:  # warm-up
             times.append(time.perf_counter() - start)
     return times
@@ -54,23 +38,18 @@ def time_steps(engine, tasks, batch, num_steps: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", default="resnet18")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--size", type=int, default=64)
+    add_model_args(parser)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--zero-stage", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     init_distributed()
-    tasks = build_tasks(TASKS, num_classes=10)
+    tasks = bench_tasks()
     config = config_from_dict({"data": {"batch_size": args.batch}, "deepspeed": {"zero_stage": args.zero_stage}})
-    batch = fake_batch(args.batch, args.size, 10)
+    batch = fake_batch(args.batch, args.size)
     medians = {}
     for label in ("dense", "masked 90%"):
-        torch.manual_seed(0)
-        model = build_model(args.arch, {n: t.num_channels for n, t in tasks.items()}, base_width=args.width,
-                            head_dilations=(1, 2, 4, 8))
+        model = bench_model(args, tasks)
         if label != "dense":
             MaskEnforcer(model, prune(model, tasks, None, method="random", sparsity=0.9))
         engine = _build_engine(config, model, torch.device("cpu"))

@@ -3,6 +3,12 @@
 The package is tested as installed (``./setup.sh`` installs it editable), so no path hacks.
 """
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -33,3 +39,22 @@ def tiny_spec(tiny_dataset, tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture
+def torchrun_train(tmp_path):
+    """Runs ``dsparse train`` on a config dict (absolute ``output_dir``) in ``nproc``
+    processes under torchrun, a real multi-process launch; returns its summary.json."""
+
+    def run(config: dict, nproc: int = 2) -> dict:
+        path = tmp_path / "torchrun_config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                   "-m", "dsparse", "train", str(path)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("RANK", None)  # torchrun sets the ranks
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        return json.loads((Path(config["output_dir"]) / "summary.json").read_text())
+
+    return run

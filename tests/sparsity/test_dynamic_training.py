@@ -1,17 +1,12 @@
 """Dynamic sparse training in the real loop: exact ERK densities after every update, grown
 weights and their optimizer state zero under ZeRO 0/1/2, schedule end, resume, ranks agree."""
 
-import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import yaml
 
 from dsparse.config import config_from_dict
 from dsparse.models import build_model, prunable_parameters
@@ -156,15 +151,7 @@ def test_one_and_two_ranks_agree_after_several_updates(tmp_path):
     assert MaskSet.load(out).digest() == single.digest()
 
 
-def test_two_process_zero2_dynamic_training(tiny_dataset, tmp_path):
-    run_dir = tmp_path / "ddp"
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(dynamic_config(tiny_dataset, run_dir, zero_stage=2, iterations=6)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "dsparse", "train", str(config_path)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+def test_two_process_zero2_dynamic_training(tiny_dataset, tmp_path, torchrun_train):
+    summary = torchrun_train(dynamic_config(tiny_dataset, tmp_path / "ddp", zero_stage=2, iterations=6))
     # every update checked the mask digest across both ranks; pruned weights stayed zero
     assert summary["sparsity"]["num_updates"] == 3 and summary["sparsity"]["pruned_nonzeros"] == 0

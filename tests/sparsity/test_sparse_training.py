@@ -1,10 +1,7 @@
 """Sparse training end to end: masks hold under DeepSpeed ZeRO 0/1/2, exact sparsity, resume."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -93,16 +90,9 @@ def test_lottery_rewinds_to_initial_weights(tiny_dataset, tmp_path):
         assert torch.equal(rewound[name], initial[name] * mask), name
 
 
-def test_two_process_zero2_sparse_training(tiny_dataset, tmp_path):
+def test_two_process_zero2_sparse_training(tiny_dataset, tmp_path, torchrun_train):
     run_dir = tmp_path / "ddp"
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(sparse_config(tiny_dataset, run_dir, zero_stage=2, iterations=6)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "dsparse", "train", str(config_path)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = torchrun_train(sparse_config(tiny_dataset, run_dir, zero_stage=2, iterations=6))
     assert summary["world_size"] == 2 and summary["sparsity"]["pruned_nonzeros"] == 0
     check_weights_follow_masks(run_dir)
 

@@ -1,9 +1,6 @@
 """End to end on the real stack: DeepSpeed training, checkpoints, resume, NaN stop, MLflow, eval."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -112,21 +109,11 @@ def test_existing_run_without_resume_is_refused(tiny_dataset, tmp_path, tracking
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
-def test_two_processes_under_deepspeed(tiny_dataset, tmp_path, tracking_uri, zero_stage):
-    import yaml
-
+def test_two_processes_under_deepspeed(tiny_dataset, tmp_path, tracking_uri, zero_stage, torchrun_train):
     run_dir = tmp_path / f"ddp{zero_stage}"
     raw = tiny_config(tiny_dataset, run_dir, tracking_uri, iterations=20, checkpoint_interval=10, eval_interval=20)
     raw["deepspeed"] = {"zero_stage": zero_stage}
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    env.pop("RANK", None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "dsparse", "train", str(config_path)]
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = torchrun_train(raw)
     assert summary["world_size"] == 2 and summary["step"] == 20
     losses = losses_of(tracking_uri, summary["mlflow_run_id"])
     assert len(losses) == 20, "rank 0 alone logs, once per step"

@@ -1,0 +1,49 @@
+"""The model, batch and training step the step-level benchmarks share: the demo's tiny
+multitask network (or any registered arch) on five tasks, with in-memory batches so the
+loader never enters the timing."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from dsparse.models import build_model
+from dsparse.tasks import build_tasks
+
+TASKS = ["seg", "normal", "depth", "keypoint", "edge"]
+NUM_CLASSES = 10
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arch", default="resnet18")
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=64)
+
+
+def bench_tasks() -> dict:
+    return build_tasks(TASKS, num_classes=NUM_CLASSES)
+
+
+def bench_model(args: argparse.Namespace, tasks: dict) -> torch.nn.Module:
+    """A freshly initialised model (seed 0), so every variant in a run starts equal."""
+    torch.manual_seed(0)
+    return build_model(args.arch, {name: task.num_channels for name, task in tasks.items()},
+                       base_width=args.width, head_dilations=(1, 2, 4, 8))
+
+
+def fake_batch(batch: int, size: int, num_classes: int = NUM_CLASSES) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    normal = torch.nn.functional.normalize(torch.randn(batch, 3, size, size, generator=generator), dim=1)
+    return {"rgb": torch.randn(batch, 3, size, size, generator=generator),
+            "seg": torch.randint(0, num_classes, (batch, size, size), generator=generator),
+            "normal": normal, "depth": torch.rand(batch, 1, size, size, generator=generator) * 5 + 0.5,
+            "keypoint": torch.rand(batch, 1, size, size, generator=generator),
+            "edge": torch.rand(batch, 1, size, size, generator=generator)}
+
+
+def train_step(engine, tasks: dict, batch: dict) -> None:
+    """One DeepSpeed step on the unweighted sum of the task losses."""
+    outputs = engine(batch["rgb"])
+    engine.backward(sum(task.loss(outputs[name], batch[name]) for name, task in tasks.items()))
+    engine.step()
