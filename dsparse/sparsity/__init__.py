@@ -3,14 +3,13 @@
 Applied to a model from outside (models stay pure); everything is keyed by parameter FQN.
 """
 
+from dsparse.sparsity.criteria import CRITERIA, register_criterion
 from dsparse.sparsity.saliency import (
-    CRITERIA,
     JOINT,
     ScoreSet,
     all_reduce_scores,
     compute_saliency,
     normalize_scores,
-    register_criterion,
     task_weight_users,
 )
 from dsparse.sparsity.masks import MaskSet

@@ -20,11 +20,11 @@ from dsparse.sparsity.dynamic import (
     grow_by_votes,
     update_layer_masks,
 )
+from dsparse.sparsity.criteria import CRITERIA
 from dsparse.sparsity.enforce import MaskEnforcer
 from dsparse.sparsity.erk import erk_counts, random_masks
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.saliency import (
-    CRITERIA,
     JOINT,
     compute_saliency,
     normalize_scores,

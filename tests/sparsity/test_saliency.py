@@ -19,8 +19,8 @@ from torch import nn
 
 from dsparse.models import build_branched_model, build_model, prunable_parameters
 from dsparse.sparsity import saliency
+from dsparse.sparsity.criteria import CRITERIA
 from dsparse.sparsity.saliency import (
-    CRITERIA,
     JOINT,
     all_reduce_scores,
     compute_saliency,
