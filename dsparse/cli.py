@@ -100,6 +100,11 @@ def _cmd_sweep(args) -> None:
     for line in cells:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
     print(f"results: {Path(out) / 'results.csv'} and results.png")
+    from dsparse.config import config_from_dict
+    from dsparse.tracking.mlflow_tracker import resolve_tracking_uri, ui_command
+
+    uri = resolve_tracking_uri(config_from_dict(spec.base_config()).tracking)
+    print(f"MLflow (the sweep is the parent run, trials are child runs): {ui_command(uri)}")
 
 
 def _cmd_demo(args) -> None:
