@@ -79,3 +79,11 @@ def test_asha_spec_on_a_validation_metric_loads(tmp_path):
     spec = load_sweep_spec(write_spec(tmp_path, metric="val/depth/abs_err", mode="min",
                                       scheduler={"asha": {"grace_period": 100, "reduction_factor": 2}}))
     assert spec.scheduler == {"asha": {"grace_period": 100, "reduction_factor": 2}}
+
+
+def test_a_cluster_sweep_after_a_local_one_in_the_same_process_is_refused(tmp_path, monkeypatch):
+    from dsparse.sweep import runner
+
+    monkeypatch.setattr(runner, "_started_local_ray", True)
+    with pytest.raises(ValueError, match="start a new process"):
+        runner.run_sweep(load_sweep_spec(write_spec(tmp_path)), tmp_path / "sweep", address="127.0.0.1:1")

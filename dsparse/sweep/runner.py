@@ -133,14 +133,25 @@ def _absolute(raw: dict, root: Path) -> dict:
     return raw
 
 
+_started_local_ray = False  # this process has run a local Ray instance
+
+
 def _init_ray(address: str | None) -> None:
+    global _started_local_ray
     import ray
 
     if address:
+        if _started_local_ray:
+            # Ray Tune 2.60: trial actors die at once ("The actor never ran") when a process
+            # that ran a local Ray instance connects to a cluster; checked with a plain Tuner.
+            raise ValueError("this Python process already ran a sweep on a local Ray instance, and Ray Tune "
+                             "cannot then run trials on a cluster from it; start a new process (e.g. "
+                             f"`dsparse sweep SPEC --address {address}`)")
         ray.init(address=address, log_to_driver=False)
     elif not ray.is_initialized():
         # One logical CPU more than the machine has: trial drivers only wait on their workers.
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False)
+        _started_local_ray = True
 
 
 def _parent_run(spec: SweepSpec, out_dir: Path, resume: bool) -> RunTracker:
