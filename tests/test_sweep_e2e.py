@@ -140,3 +140,14 @@ def test_killed_worker_resumes_the_trial_from_its_checkpoint(tiny_spec, tmp_path
     runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 1 and children[0].info.status == "FINISHED", "a restart must not add an MLflow run"
+
+
+def test_optuna_searches_the_learning_rate_of_one_grid_point(tiny_spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    spec_path = tiny_spec(grid={"seed": [0]}, search={"optimizer.lr": {"loguniform": [1.0e-4, 1.0e-2]}},
+                          search_alg="optuna", num_samples=2, metric="val/depth/abs_err", mode="min")
+    rows = run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
+    assert [row["status"] for row in rows] == ["complete", "complete"]
+    runs = MlflowClient().search_runs([e.experiment_id for e in MlflowClient().search_experiments()])
+    rates = sorted(float(r.data.params["optimizer.lr"]) for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert len(rates) == 2 and rates[0] != rates[1] and all(1e-4 <= lr <= 1e-2 for lr in rates)

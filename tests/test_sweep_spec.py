@@ -57,6 +57,11 @@ def test_task_subsets_are_grid_values(tmp_path):
     ({"scheduler": {"hyperband": {}}}, "scheduler must be null or {asha:"),
     ({"scheduler": {"asha": {"grace": 1}}, "metric": "val/seg/miou"}, r"unknown scheduler.asha option\(s\)"),
     ({"scheduler": {"asha": {"grace_period": 1}}}, "delta_t exists only after the sweep"),
+    ({"search_alg": "bayes"}, r"search_alg must be one of \['random', 'optuna'\]"),
+    ({"search_alg": "optuna", "metric": "val/seg/miou"}, "needs a 'search' space"),
+    ({"search_alg": "optuna", "search": {"optimizer.lr": {"uniform": [0.1, 0.2]}}}, "delta_t exists only after"),
+    ({"search_alg": "optuna", "search": {"optimizer.lr": {"uniform": [0.1, 0.2]}}, "metric": "val/seg/miou",
+      "grid": {"seed": [0, 1]}}, "optuna searches one grid point"),
 ])
 def test_bad_specs_fail_fast(tmp_path, fields, message):
     with pytest.raises(ValueError, match=message):

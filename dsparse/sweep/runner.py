@@ -117,6 +117,15 @@ def _scheduler(spec: SweepSpec, iterations: int):
     return ASHAScheduler(time_attr="step", **options)
 
 
+def _search_alg(spec: SweepSpec):
+    """None: Tune's own random sampling and grid expansion."""
+    if spec.search_alg != "optuna":
+        return None
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=0)
+
+
 def trial_name(point: dict) -> str:
     text = "_".join(f"{key.split('.')[-1]}={value}" for key, value in point.items()) or "base"
     return re.sub(r"[^A-Za-z0-9_.=-]+", "-", text)
@@ -237,10 +246,12 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
     tuner = tune.Tuner(
         tune.with_resources(trainable, {"CPU": DRIVER_CPUS}),
         # Tune's live table shows these keys: the trial name and any sampled values
-        param_space={"trial": tune.grid_search(list(by_name)), "sampled": _search_space(spec.search)},
+        param_space={"trial": tune.grid_search(list(by_name)) if len(by_name) > 1 else next(iter(by_name)),
+                     "sampled": _search_space(spec.search)},
         tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, num_samples=spec.num_samples,
                                     metric=spec.metric if ranked else None, mode=spec.mode if ranked else None,
                                     scheduler=_scheduler(spec, config_from_dict(trials[0]["raw"]).train.iterations),
+                                    search_alg=_search_alg(spec),
                                     trial_name_creator=_tune_trial_name, trial_dirname_creator=_tune_trial_name),
         run_config=tune.RunConfig(name=spec.name, storage_path=storage),
     )

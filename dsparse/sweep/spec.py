@@ -9,6 +9,7 @@ A spec is YAML (``sweeps/*.yaml``)::
       sparsity.target: [0.5, 0.7, 0.9]
     search:                              # sampled per trial (num_samples times per grid point)
       optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}
+    search_alg: random                   # or optuna (TPE; one grid point, a validation metric)
     num_samples: 1
     resources: {workers: 2, cpus_per_worker: 1, gpus_per_worker: 0}
     max_concurrent: 1
@@ -37,6 +38,7 @@ import yaml
 from dsparse.config import config_from_dict, resolve_config_path
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "randint")
+SEARCH_ALGS = ("random", "optuna")
 ASHA_OPTIONS = ("grace_period", "max_t", "reduction_factor")
 DRIVER_CPUS = 0.01
 """CPU reserved by each trial's driver, which only waits on its workers."""
@@ -84,6 +86,7 @@ class SweepSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list] = field(default_factory=dict)
     search: dict[str, dict] = field(default_factory=dict)
+    search_alg: str = "random"
     num_samples: int = 1
     resources: Resources = field(default_factory=Resources)
     max_concurrent: int = 1
@@ -108,6 +111,20 @@ class SweepSpec:
                                  f"got {distribution!r}")
         if self.scheduler is not None:
             self._check_scheduler()
+        self._check_search_alg()
+
+    def _check_search_alg(self) -> None:
+        if self.search_alg not in SEARCH_ALGS:
+            raise ValueError(f"search_alg must be one of {list(SEARCH_ALGS)}, got {self.search_alg!r}")
+        if self.search_alg == "optuna":
+            if not self.search:
+                raise ValueError("search_alg: optuna needs a 'search' space to sample")
+            if self.metric == "delta_t":
+                raise ValueError("search_alg: optuna learns from a metric reported during training; delta_t exists "
+                                 "only after the sweep. Set metric to a validation metric, e.g. val/seg/miou")
+            if any(len(values) > 1 for values in self.grid.values()):
+                raise ValueError("search_alg: optuna searches one grid point (Ray's Optuna searcher cannot combine "
+                                 "with a grid); give every grid key one value, or write one spec per point")
 
     def _check_scheduler(self) -> None:
         if not isinstance(self.scheduler, dict) or set(self.scheduler) != {"asha"} or \
