@@ -16,8 +16,9 @@ def write_spec(tmp_path, **fields):
     return path
 
 
-@pytest.mark.parametrize("name, trials", [("synthetic_sparsity", 10), ("nyuv2_disparse", 93),
-                                          ("cityscapes_disparse", 93), ("taskonomy_disparse", 93)])
+@pytest.mark.parametrize("name, trials", [("synthetic_sparsity", 10), ("synthetic_seeds_90", 6),
+                                          ("nyuv2_disparse", 93), ("cityscapes_disparse", 93),
+                                          ("taskonomy_disparse", 93)])
 def test_repository_specs_load_with_one_dense_trial_per_seed(name, trials):
     spec = load_sweep_spec(REPO_SWEEPS / f"{name}.yaml")
     points = spec.grid_points()
