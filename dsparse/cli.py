@@ -185,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # user errors: say what and how to fix, no traceback
         print(f"dsparse: error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        from dsparse.sweep.runner import SweepFailedError
+        from dsparse.train.trainer import NonFiniteLossError
+
+        if not isinstance(error, (SweepFailedError, NonFiniteLossError)):
+            raise
+        print(f"dsparse: error: {error}", file=sys.stderr)  # the message says what to do
+        return 1
     return 0
 
 

@@ -6,7 +6,7 @@ from mlflow.tracking import MlflowClient
 
 from dsparse.sweep import load_sweep_spec
 from dsparse.sweep.results import results_table
-from dsparse.sweep.runner import run_sweep
+from dsparse.sweep.runner import SweepFailedError, run_sweep
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,8 @@ def test_config_errors_fail_the_trial_once_with_the_message(tiny_spec, tiny_data
     spec_path = tiny_spec(max_failures=5, grid={
         "data.path": [str(tmp_path / "no_such_dataset"), str(tiny_dataset)],
         "sparsity.method": ["snip"], "sparsity.from_checkpoint": [str(tmp_path / "no_such_run")]})
-    with pytest.raises(RuntimeError, match="2 trial\\(s\\) failed"):
+    first_error = r"(?s)2 trial\(s\) failed; the first error: dsparse.sweep.runner.TrialConfigError: .*--resume"
+    with pytest.raises(SweepFailedError, match=first_error):
         run_sweep(load_sweep_spec(spec_path), tmp_path / "sweep")
     (worker_error,) = (tmp_path / "sweep" / "trials").glob("*/trial_error.json")
     assert "no checkpoint found at" in worker_error.read_text()

@@ -53,7 +53,8 @@ def _finished_row(name: str, summary: dict, summaries: dict[str, dict]) -> dict:
     config = config_from_dict(summary["config"])
     tasks = _tasks(config)
     dense = [s for s in summaries.values() if s.get("sparsity") is None
-             and s["config"]["tasks"] == summary["config"]["tasks"] and s["config"]["seed"] == summary["config"]["seed"]]
+             and s["config"]["tasks"] == summary["config"]["tasks"]
+             and s["config"]["seed"] == summary["config"]["seed"]]
     row = _describe(name, config, "complete")
     row["achieved"] = (summary.get("sparsity") or {}).get("achieved", 0.0)
     row.update({f"{t}/{task.key_metric}": summary["final_metrics"][t][task.key_metric] for t, task in tasks.items()})

@@ -29,6 +29,10 @@ RUN_ID_FILE = "mlflow_run_id"
 PATH_KEYS = (("data", "path"), ("deepspeed", "config_file"), ("sparsity", "masks"), ("sparsity", "from_checkpoint"))
 
 
+class SweepFailedError(RuntimeError):
+    """Some trials failed; the finished ones are in the results, ``--resume`` reruns the rest."""
+
+
 class TrialConfigError(RuntimeError):
     """A trial stopped on an error that a restart would repeat; it is not retried."""
 
@@ -65,7 +69,8 @@ def _run_trial(params: dict) -> None:
     TorchTrainer(
         worker_loop,
         train_loop_config={"raw": params["raw"], "overrides": overrides},
-        scaling_config=ScalingConfig(num_workers=resources["workers"], use_gpu=use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=resources["workers"], use_gpu=use_gpu,
+                                     resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(
             name=name, storage_path=params["storage"],
             failure_config=FailureConfig(max_failures=params["max_failures"]),
@@ -189,6 +194,12 @@ def _close_interrupted_runs(trials_dir: Path, uri: str) -> None:
             client.set_terminated(run_id, status="KILLED")
 
 
+def _last_exception(text: str) -> str:
+    """The final ``SomeError: message`` of a remote traceback (Tune's error text is all of it)."""
+    matches = list(re.finditer(r"^[\w.]*(?:Error|Exception): ", text, flags=re.MULTILINE))
+    return text[matches[-1].start():].strip()[-3000:] if matches else text[-3000:]
+
+
 def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = None, resume: bool = False,
               storage: str | None = None) -> list[dict]:
     """Run every grid point as a trial; returns the results rows (also written as CSV/PNG).
@@ -206,7 +217,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
     Raises:
         ValueError: a trial that can never be placed on the cluster, or an existing sweep
             directory without ``resume``.
-        RuntimeError: when trials failed (the first error is in the message).
+        SweepFailedError: when trials failed (the first error is in the message).
     """
     from ray import tune
 
@@ -266,5 +277,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
             parent.log_artifact(out_dir / "results.png")
         parent.finish("FAILED" if errors else "FINISHED")
     if errors:
-        raise RuntimeError(f"{len(errors)} trial(s) failed: {errors[0][-3000:]}")
+        raise SweepFailedError(f"{len(errors)} trial(s) failed; the first error: {_last_exception(errors[0])}\n"
+                               f"Finished trials are in {out_dir / 'results.csv'}; after fixing the cause, rerun "
+                               "the same command with --resume to run only the unfinished trials")
     return rows
