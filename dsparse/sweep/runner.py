@@ -21,6 +21,7 @@ from dsparse.config import apply_overrides, config_from_dict
 from dsparse.sweep.results import results_table
 from dsparse.sweep.spec import DRIVER_CPUS, SweepSpec, format_override
 from dsparse.sweep.worker import ERROR_FILE, read_error, worker_loop
+from dsparse.train.checkpoint import write_text_atomic
 from dsparse.tracking.mlflow_tracker import RunTracker, resolve_tracking_uri
 
 log = logging.getLogger("dsparse.sweep")
@@ -90,9 +91,7 @@ def _trial_mlflow_run(config, run_dir: Path) -> str:
         return path.read_text().strip()
     run_id = RunTracker(config.tracking, config.tracking.run_name, parent_run_id=config.tracking.parent_run_id).run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(run_id)
-    os.replace(temporary, path)
+    write_text_atomic(path, run_id)
     return run_id
 
 
@@ -168,12 +167,12 @@ def _init_ray(address: str | None) -> None:
         _started_local_ray = True
 
 
-def _parent_run(spec: SweepSpec, out_dir: Path, resume: bool) -> RunTracker:
+def _parent_run(spec: SweepSpec, tracking, out_dir: Path, resume: bool) -> RunTracker:
     """The sweep's MLflow parent run; a resumed sweep keeps logging into the same one."""
     state_file = out_dir / "sweep.json"
     run_id = json.loads(state_file.read_text())["mlflow_parent_run_id"] if resume and state_file.is_file() else None
-    parent = RunTracker(config_from_dict(spec.base_config()).tracking, spec.name, run_id=run_id)
-    state_file.write_text(json.dumps({"name": spec.name, "mlflow_parent_run_id": parent.run_id}))
+    parent = RunTracker(tracking, spec.name, run_id=run_id)
+    write_text_atomic(state_file, json.dumps({"name": spec.name, "mlflow_parent_run_id": parent.run_id}))
     return parent
 
 
@@ -230,15 +229,17 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, *, address: str | None = Non
     import ray
 
     spec.resources.check_fits([node["Resources"] for node in ray.nodes() if node["Alive"]])
-    uri = resolve_tracking_uri(config_from_dict(spec.base_config()).tracking)
-    parent = _parent_run(spec, out_dir, resume)
+    base = spec.base_config()
+    tracking = config_from_dict(base).tracking
+    uri = resolve_tracking_uri(tracking)
+    parent = _parent_run(spec, tracking, out_dir, resume)
     trials = []
     for point in spec.grid_points():
         name = trial_name(point)
         if resume and not spec.search and spec.num_samples == 1 and _is_complete(trials_dir / name):
             log.info("trial %s finished before; not rerun", name)
             continue
-        raw = _absolute(apply_overrides(spec.base_config(), spec.trial_overrides(point)), Path.cwd())
+        raw = _absolute(apply_overrides(base, spec.trial_overrides(point)), Path.cwd())
         overrides = [f"output_dir={trials_dir / name}", f"tracking.uri={uri}", f"tracking.run_name={name}",
                      f"tracking.parent_run_id={parent.run_id}"]
         trials.append({"trial_name": name, "point": point, "raw": raw, "overrides": overrides})

@@ -145,7 +145,8 @@ class SweepSpec:
         A dense point (``sparsity.method`` null) ignores the other ``sparsity.*`` keys, so
         ``method: [null, disparse]`` x ``target: [0.5, 0.9]`` gives one dense trial, not two.
         """
-        base_method = (self.base_config().get("sparsity") or {}).get("method")
+        base = self.base_config()
+        base_method = (base.get("sparsity") or {}).get("method")
         base_method = self.overrides.get("sparsity.method", base_method)
         points = []
         for point in self._combinations():
@@ -169,9 +170,10 @@ class SweepSpec:
     def validate_trials(self) -> None:
         """Build the run config of every grid point (with a sample of the search space)."""
         sample = {key: _representative(distribution) for key, distribution in self.search.items()}
+        base = self.base_config()
         for point in self._combinations():  # before dense points drop sparsity keys: check those too
             try:
-                config = config_from_dict(self.base_config(), self.trial_overrides({**point, **sample}))
+                config = config_from_dict(base, self.trial_overrides({**point, **sample}))
             except ValueError as error:
                 raise ValueError(f"sweep {self.name!r}: trial {point or '(base)'} is not a valid run config: "
                                  f"{error}") from error

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 
 from dsparse.config import config_from_dict
+from dsparse.train.checkpoint import write_text_atomic
 
 ERROR_FILE = "trial_error.json"
 
@@ -76,9 +77,8 @@ def record_placement(run_dir: Path, rank: int) -> None:
     placement = gather_objects(here)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        temporary = run_dir / "workers.json.tmp"
-        temporary.write_text(json.dumps(sorted(placement, key=lambda worker: worker["rank"]), indent=1))
-        os.replace(temporary, run_dir / "workers.json")
+        write_text_atomic(run_dir / "workers.json",
+                          json.dumps(sorted(placement, key=lambda worker: worker["rank"]), indent=1))
 
 
 def worker_loop(loop_config: dict) -> None:
@@ -97,15 +97,9 @@ def worker_loop(loop_config: dict) -> None:
         train(config, resume=True, on_validation=reporter.validation, on_checkpoint=reporter.checkpoint)
     except (ValueError, NonFiniteLossError) as error:
         if rank == 0:
-            _write_error(run_dir / ERROR_FILE, error)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / ERROR_FILE, json.dumps({"type": type(error).__name__, "message": str(error)}))
         return
-
-
-def _write_error(path: Path, error: BaseException) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps({"type": type(error).__name__, "message": str(error)}))
-    os.replace(temporary, path)
 
 
 def read_error(run_dir: Path) -> str | None:

@@ -30,7 +30,9 @@ def tag_of(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file and a rename: readers see the old
+    file or the new one, never a half-written one (the pid keeps concurrent writers apart)."""
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
@@ -58,7 +60,7 @@ def save_checkpoint(engine, directory: Path, step: int, client_state: dict, keep
             extra(partial / tag)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial / tag, final)
-        _write_atomic(directory / LATEST, tag)
+        write_text_atomic(directory / LATEST, tag)
         _prune(directory, keep)
     barrier()
     return final
@@ -106,7 +108,7 @@ def install_checkpoint(source: Path, directory: Path) -> Path | None:
         os.replace(staging, final)
     except OSError:  # another node installed the same checkpoint first
         shutil.rmtree(staging, ignore_errors=True)
-    _write_atomic(directory / LATEST, final.name)
+    write_text_atomic(directory / LATEST, final.name)
     return final
 
 

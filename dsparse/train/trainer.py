@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 import torch
@@ -24,7 +23,14 @@ from dsparse.config import RunConfig, dump_config, flatten
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.shards import load_manifest
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
-from dsparse.train.checkpoint import LATEST, latest_checkpoint, load_checkpoint, save_checkpoint, tag_of
+from dsparse.train.checkpoint import (
+    LATEST,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    tag_of,
+    write_text_atomic,
+)
 from dsparse.train.components import build_run_model, build_run_tasks
 from dsparse.train.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
 from dsparse.train.evaluate import evaluate, format_metrics_table
@@ -284,7 +290,8 @@ class Trainer:
         }
         if is_main():
             if complete:
-                _write_json(self.run_dir / "summary.json", summary)
+                summary_text = json.dumps(summary, indent=2, default=str)
+                write_text_atomic(self.run_dir / "summary.json", summary_text)
                 self.tracker.log_artifact(self.run_dir / "summary.json")
                 self.tracker.finish("FINISHED")
                 log.info("done in %s; summary at %s; MLflow run %s: %s", format_duration(summary["wall_time_s"]),
@@ -294,12 +301,6 @@ class Trainer:
                 log.info("stopped at step %d of %d; continue with --resume", end, self.config.train.iterations)
         barrier()
         return summary
-
-
-def _write_json(path: Path, value: dict) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(temporary, path)
 
 
 def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None, on_validation=None,
