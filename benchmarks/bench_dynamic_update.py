@@ -19,11 +19,8 @@ import time
 
 import torch
 from dsparse.config import config_from_dict
-from dsparse.sparsity.dynamic import DynamicSchedule
-from dsparse.sparsity.enforce import MaskEnforcer
-from dsparse.sparsity.prune import get_method
-from dsparse.train.distributed import init_distributed
-from dsparse.train.dynamic import DynamicMasks, initial_dynamic_masks
+from dsparse.distributed import init_distributed
+from dsparse.sparsity import MaskInputs, build_sparsifier
 from dsparse.train.trainer import _build_engine
 
 from bench_model import (
@@ -34,22 +31,8 @@ from bench_model import (
     fake_batch,
     train_step,
 )
+from peak_memory import peak_rss_mib, reset_peak_rss
 from results_io import RESULTS_DIR, machine_tag, publish, today
-
-
-def peak_rss_mib() -> float:
-    """VmHWM: the process's peak resident memory so far."""
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak_rss() -> None:
-    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
 
 
 def main() -> None:
@@ -63,13 +46,12 @@ def main() -> None:
     tasks = bench_tasks()
     model = bench_model(args, tasks)
     config = config_from_dict({"tasks": TASKS, "data": {"batch_size": args.batch},
-                               "sparsity": {"method": args.method, "target": 0.9}})
-    method = get_method(args.method)
-    masks = initial_dynamic_masks(config, model, method)
-    enforcer = MaskEnforcer(model, masks)
+                               "sparsity": {"method": args.method, "target": 0.9, "interval": 1, "end": 1.0,
+                                            "alpha0": 0.5}})
+    sparsifier = build_sparsifier(config.sparsity, MaskInputs(tasks, config.sparsity, seed=0, total_steps=10**6))
+    model = sparsifier.prepare(model)
     engine = _build_engine(config, model, torch.device("cpu"))
-    dynamic = DynamicMasks(engine, tasks, masks, enforcer, method,
-                           DynamicSchedule(interval=1, end=1.0, alpha0=0.5, total_steps=10**6), seed=0)
+    sparsifier.bind(engine.optimizer)
     batch = fake_batch(args.batch, args.size)
 
     def one_step():
@@ -85,13 +67,13 @@ def main() -> None:
 
     for _ in range(3):  # warm-up both paths
         one_step()
-        dynamic.maybe_update(1, [batch])
+        sparsifier.step(1, batch)
     reset_peak_rss()
     step_time = timed(one_step, args.repeats)
     train_peak = peak_rss_mib()
     reset_peak_rss()
     counter = iter(range(2, 10**6))
-    update_time = timed(lambda: dynamic.maybe_update(next(counter), [batch]), args.repeats)
+    update_time = timed(lambda: sparsifier.step(next(counter), batch), args.repeats)
     update_peak = peak_rss_mib()
     host, date = machine_tag(), today()
     lines = [f"Dynamic mask update ({args.method}) vs training step, {args.arch} width {args.width}, batch "

@@ -1,7 +1,7 @@
 """Overhead of masked (sparse) training vs dense training, per DeepSpeed step.
 
 Same model, same in-memory batches, same engine settings; the masked run adds the
-gradient hooks of ``MaskEnforcer`` (90% random masks). Dense is the baseline measured in
+gradient hooks of ``ElementApplier`` (90% random masks). Dense is the baseline measured in
 the same run. Usage::
 
     python benchmarks/bench_masked_training.py [--arch resnet18 --width 16 --batch 16]
@@ -17,9 +17,9 @@ import time
 
 import torch
 from dsparse.config import config_from_dict
-from dsparse.sparsity.enforce import MaskEnforcer
+from dsparse.sparsity.appliers import ElementApplier
 from dsparse.sparsity.prune import prune
-from dsparse.train.distributed import init_distributed
+from dsparse.distributed import init_distributed
 from dsparse.train.trainer import _build_engine
 
 from bench_model import add_model_args, bench_model, bench_tasks, fake_batch, train_step
@@ -51,7 +51,7 @@ def main() -> None:
     for label in ("dense", "masked 90%"):
         model = bench_model(args, tasks)
         if label != "dense":
-            MaskEnforcer(model, prune(model, tasks, None, method="random", sparsity=0.9))
+            ElementApplier(model, prune(model, tasks, None, method="random", sparsity=0.9))
         engine = _build_engine(config, model, torch.device("cpu"))
         medians[label] = statistics.median(time_steps(engine, tasks, batch, args.steps))
     overhead = medians["masked 90%"] / medians["dense"] - 1

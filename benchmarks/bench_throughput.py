@@ -29,7 +29,7 @@ from dsparse.config import load_config
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.shards import load_manifest
 from dsparse.train.components import build_run_model, build_run_tasks
-from dsparse.train.distributed import init_distributed
+from dsparse.distributed import init_distributed
 from dsparse.train.optim import build_optimizer
 from dsparse.train.trainer import _build_engine, train
 

@@ -4,7 +4,8 @@
     dsparse data synth --out data/synthetic        # procedural multitask scenes as shards
     dsparse prune CONFIG.yaml --method disparse --sparsity 0.9 [--criterion snip] [--from RUN] --out masks.pt
     dsparse train CONFIG.yaml [--set k=v ...] [--masks masks.pt] [--resume] [--stop-after N]
-    dsparse eval RUN_OR_CHECKPOINT [--baseline RUN] [--out metrics.json]
+    dsparse eval RUN_OR_CHECKPOINT_OR_EXPORT [--baseline RUN] [--out metrics.json]
+    dsparse export RUN --out model.pt              # kept blocks/weights + layout + config
 
 Multi-process: ``torchrun --nproc_per_node 2 -m dsparse train CONFIG.yaml``.
 """
@@ -86,6 +87,14 @@ def _cmd_eval(args) -> None:
         print(f"wrote {args.out}")
 
 
+def _cmd_export(args) -> None:
+    from dsparse.export import export_run
+
+    report = export_run(args.run, args.out)
+    print(f"wrote {report.path}: {report.num_bytes / 2**20:.2f} MiB, {100 * report.ratio:.1f}% of the dense model's "
+          f"{report.dense_bytes / 2**20:.2f} MiB ({report.granularity} masks, sparsity {report.sparsity:.4f})")
+
+
 def _cmd_sweep(args) -> None:
     from dsparse.sweep.runner import run_sweep
     from dsparse.sweep.spec import load_sweep_spec
@@ -159,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--out", default=None, help="write the metrics as JSON here")
     evaluate.set_defaults(func=_cmd_eval)
+
+    export = verbs.add_parser("export", help="write a sparse run's kept blocks or weights as a compact model file")
+    export.add_argument("run", help="run directory or checkpoints/step-N directory of a sparse run")
+    export.add_argument("--out", required=True, help="the file to write (eval it with dsparse eval FILE)")
+    export.set_defaults(func=_cmd_export)
 
     sweep = verbs.add_parser("sweep", help="run a sweep spec with Ray Tune (local Ray by default)")
     sweep.add_argument("spec")

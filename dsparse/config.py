@@ -176,6 +176,12 @@ class SparsityConfig:
     """Dynamic: initial drop fraction, decayed by cosine to 0 at ``end``."""
     erk_power: float = 1.0
     """Dynamic: exponent of the ERK layer-density rule (0 = uniform density)."""
+    granularity: str = "element"
+    """element (any weight may be pruned; enforced by gradient hooks on dense weights) | block
+    (``block x block`` tiles of each weight's GEMM view are kept or pruned whole, and masked
+    layers are swapped for block-sparse ones that store and compute only the kept blocks)."""
+    block: int = 32
+    """Block side for ``granularity: block``: 16, 32 or 64."""
 
     def __post_init__(self):
         if not 0.0 < self.target < 1.0:
@@ -190,6 +196,10 @@ class SparsityConfig:
             raise ValueError(f"sparsity.alpha0 must be in (0, 1), got {self.alpha0}")
         if self.erk_power < 0:
             raise ValueError(f"sparsity.erk_power must be >= 0, got {self.erk_power}")
+        if self.granularity not in ("element", "block"):
+            raise ValueError(f"sparsity.granularity must be element or block, got {self.granularity!r}")
+        if self.block not in (16, 32, 64):
+            raise ValueError(f"sparsity.block must be 16, 32 or 64, got {self.block!r}")
         if self.method in ("disparse_dynamic", "rigl", "set") and (self.masks or self.from_checkpoint):
             raise ValueError(f"sparsity.method {self.method} starts from random ERK masks; it cannot take "
                              "sparsity.masks or sparsity.from_checkpoint (use a static method for those)")

@@ -13,9 +13,11 @@ from dsparse.config import RunConfig, load_config
 from dsparse.data.loader import stream_spec
 from dsparse.data.shards import load_manifest
 from dsparse.tasks import delta_t
+from dsparse.distributed import device_and_backend
+from dsparse.export import is_export_file, load_sparse
+from dsparse.sparsity.sparsifier import read_sparsifier_state, swap_sparse_layers
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
 from dsparse.train.components import build_run_model, build_run_tasks
-from dsparse.train.distributed import device_and_backend
 from dsparse.train.evaluate import evaluate
 
 
@@ -47,7 +49,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
     """Metrics of a checkpoint on ``split``; with ``baseline``, also ``Delta_T`` against it.
 
     Args:
-        checkpoint: a run directory, its checkpoints directory or a ``step-*`` directory.
+        checkpoint: a run directory, its checkpoints directory, a ``step-*`` directory, or
+            a file written by ``dsparse export``.
         data_path: dataset directory (default: the one in the run's config).
         split: dataset split to evaluate.
         baseline: a dense baseline run (directory or summary.json) or eval JSON.
@@ -56,14 +59,21 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
     Returns:
         ``{"checkpoint", "data", "split", "metrics", "delta_t"?}``.
     """
-    path = resolve_checkpoint(checkpoint)
-    config = run_config_of(path)
+    if is_export_file(checkpoint):  # a sparse model from `dsparse export`: block-sparse layers
+        path = Path(checkpoint)
+        model, config = load_sparse(path)
+    else:
+        path = resolve_checkpoint(checkpoint)
+        config = run_config_of(path)
+        model = None
     if data_path is not None:
         config.data.path = str(data_path)
     manifest = load_manifest(config.data.path)
     tasks = build_run_tasks(config, manifest)
-    model = build_run_model(config, tasks)
-    model.load_state_dict(load_model_weights(path))
+    if model is None:
+        model = build_run_model(config, tasks)
+        swap_sparse_layers(model, read_sparsifier_state(path))  # block runs store only kept blocks
+        model.load_state_dict(load_model_weights(path))
     device, _ = device_and_backend()
     spec = stream_spec(config.data, manifest, split, config.tasks, seed=config.seed, rank=0, world_size=1,
                        train=False)

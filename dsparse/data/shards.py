@@ -20,6 +20,7 @@ across runs (sorted keys, fixed member order, zero timestamps and owners).
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dsparse.data import codec
+from dsparse.io import atomic_path, write_bytes_atomic
 from dsparse.data.synth import CLASSES, TASK_ENTRIES, render_scene
 
 MANIFEST_NAME = "manifest.json"
@@ -62,12 +64,6 @@ def scene_seed(seed: int, split: str, index: int) -> int:
 
 
 # ------------------------------------------------------------------------- writing
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), 0, 0o444
@@ -113,32 +109,21 @@ def write_shards(out_dir: str | Path, split: str,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[dict] = []
-    tar, tmp, previous_key = None, None, None
-    try:
-        for key, arrays in samples:
-            if previous_key is not None and key <= previous_key:
-                raise ValueError(f"sample keys must increase: {key!r} after {previous_key!r}")
-            previous_key = key
-            if tar is None:
-                name = f"{split}-{len(shards):06d}.tar"
-                tmp = out_dir / f"{name}.tmp"
-                tar = tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT)
-                shards.append({"name": name, "num_samples": 0})
-            for member, data in _encode_sample(key, arrays):
-                _add_member(tar, member, data)
-            shards[-1]["num_samples"] += 1
-            if shards[-1]["num_samples"] == shard_size:
-                tar.close()
-                os.replace(tmp, out_dir / shards[-1]["name"])
-                tar = None
-        if tar is not None:
-            tar.close()
-            os.replace(tmp, out_dir / shards[-1]["name"])
-            tar = None
-    finally:
-        if tar is not None:  # an error mid-shard: leave no partial file behind
-            tar.close()
-            tmp.unlink(missing_ok=True)
+    previous_key = None
+    samples = iter(samples)
+    while (first := next(samples, None)) is not None:
+        name, num_samples = f"{split}-{len(shards):06d}.tar", 0
+        # streams sample by sample; an error mid-shard leaves no partial file behind
+        with atomic_path(out_dir / name) as temporary, tarfile.open(temporary, "w",
+                                                                    format=tarfile.USTAR_FORMAT) as tar:
+            for key, arrays in itertools.chain([first], itertools.islice(samples, shard_size - 1)):
+                if previous_key is not None and key <= previous_key:
+                    raise ValueError(f"sample keys must increase: {key!r} after {previous_key!r}")
+                previous_key = key
+                for member, data in _encode_sample(key, arrays):
+                    _add_member(tar, member, data)
+                num_samples += 1
+        shards.append({"name": name, "num_samples": num_samples})
     return shards
 
 
@@ -242,7 +227,7 @@ def write_synthetic_dataset(out_dir: str | Path, num_train: int = 4000, num_val:
         "generator": {"kind": "synthetic", "seed": seed, "size": size,
                       "scene_seed": "((seed * 3 + {train: 0, val: 1, test: 2}[split]) << 32) | index"},
     }
-    _atomic_write(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_bytes_atomic(out_dir / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
 
 

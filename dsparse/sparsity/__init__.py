@@ -1,9 +1,15 @@
-"""Sparsity: per-task saliency, the unanimous vote, masks and pruning methods.
+"""Sparsity: per-task saliency, the unanimous vote, masks, pruning methods and the
+Sparsifier that owns a run's masks.
 
 Applied to a model from outside (models stay pure); everything is keyed by parameter FQN.
 """
 
+from dsparse.sparsity.appliers import ElementApplier, MaskApplier, count_pruned_nonzeros
 from dsparse.sparsity.criteria import CRITERIA, register_criterion
+from dsparse.sparsity.masks import MaskSet
+from dsparse.sparsity.method import METHODS, MaskInputs, Method, get_method, register_method, verify_masks_agree
+from dsparse.sparsity.prune import StaticMethod, prune
+from dsparse.sparsity.dynamic_methods import DynamicMethod
 from dsparse.sparsity.saliency import (
     JOINT,
     ScoreSet,
@@ -12,27 +18,34 @@ from dsparse.sparsity.saliency import (
     normalize_scores,
     task_weight_users,
 )
-from dsparse.sparsity.masks import MaskSet
+from dsparse.sparsity.sparsifier import MaskedSparsifier, Sparsifier, build_sparsifier
 from dsparse.sparsity.vote import SCOPES, VoteResult, solve_vote
-from dsparse.sparsity.enforce import MaskEnforcer, count_pruned_nonzeros
-from dsparse.sparsity.prune import METHODS, get_method, prune, verify_masks_agree
 
 __all__ = [
     "CRITERIA",
+    "DynamicMethod",
+    "ElementApplier",
     "JOINT",
     "METHODS",
-    "MaskEnforcer",
+    "MaskApplier",
+    "MaskInputs",
     "MaskSet",
+    "MaskedSparsifier",
+    "Method",
     "SCOPES",
     "ScoreSet",
+    "Sparsifier",
+    "StaticMethod",
     "VoteResult",
     "all_reduce_scores",
+    "build_sparsifier",
     "compute_saliency",
     "count_pruned_nonzeros",
     "get_method",
     "normalize_scores",
     "prune",
     "register_criterion",
+    "register_method",
     "solve_vote",
     "task_weight_users",
     "verify_masks_agree",

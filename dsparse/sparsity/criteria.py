@@ -8,11 +8,12 @@ criteria score the weights alone, once.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from dsparse.registry import Registry
 
 
 class Criterion(abc.ABC):
@@ -46,24 +47,9 @@ class DataFreeCriterion(Criterion):
         """One float32 score tensor per weight, in the order of ``weights``."""
 
 
-CRITERIA: dict[str, type[Criterion]] = {}
-
-
-def register_criterion(name: str) -> Callable[[type[Criterion]], type[Criterion]]:
-    """Class decorator adding a Criterion to CRITERIA under ``name``.
-
-    Raises:
-        ValueError: if ``name`` is already registered.
-    """
-
-    def decorate(cls: type[Criterion]) -> type[Criterion]:
-        if name in CRITERIA:
-            raise ValueError(f"saliency criterion {name!r} is already registered by {CRITERIA[name].__name__}")
-        cls.name = name
-        CRITERIA[name] = cls
-        return cls
-
-    return decorate
+CRITERIA: Registry[type[Criterion]] = Registry("saliency criterion", "criteria")
+register_criterion = CRITERIA.register
+"""Class decorator adding a Criterion to CRITERIA under a name."""
 
 
 def get_criterion(name: str) -> Criterion:
@@ -72,9 +58,7 @@ def get_criterion(name: str) -> Criterion:
     Raises:
         ValueError: on an unknown name, listing the registered ones.
     """
-    if name not in CRITERIA:
-        raise ValueError(f"unknown saliency criterion {name!r}; known criteria: {sorted(CRITERIA)}")
-    return CRITERIA[name]()
+    return CRITERIA.lookup(name)()
 
 
 @register_criterion("snip")

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from dsparse.io import atomic_path
 from dsparse.models import prunable_parameters, unwrap_model
 from dsparse.sparsity.vote import VoteResult
 
@@ -88,15 +87,16 @@ class MaskSet:
 
     # --- files ----------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
-        """Write atomically: a temporary file in the same directory, then ``os.replace``.
+    def state_dict(self) -> dict:
+        """The file payload: format tag, version, meta and packed masks (plain values and
+        uint8 tensors only, so ``torch.load(weights_only=True)`` reads it).
 
         Raises:
             ValueError: if ``meta`` holds values other than str/int/float/bool/None and
-                lists, tuples or dicts of them (the file must load with weights_only).
+                lists, tuples or dicts of them.
         """
         _check_plain(self.meta, "meta")
-        payload = {
+        return {
             "format": FORMAT,
             "version": VERSION,
             "meta": self.meta,
@@ -105,18 +105,38 @@ class MaskSet:
                 task: {fqn: _pack(mask) for fqn, mask in masks.items()} for task, masks in self.task_masks.items()
             },
         }
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+
+    @classmethod
+    def from_state_dict(cls, payload, where: str = "mask state") -> MaskSet:
+        """Inverse of ``state_dict``.
+
+        Raises:
+            ValueError: not a dsparse mask payload, another version, or corrupt.
+        """
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            raise ValueError(f"{where} is not a dsparse mask file (no {FORMAT!r} format tag)")
+        if payload.get("version") != VERSION:
+            raise ValueError(f"{where} has format version {payload.get('version')!r}; this dsparse "
+                             f"reads version {VERSION}: recreate it with `dsparse prune`")
         try:
-            with os.fdopen(handle, "wb") as file:
-                torch.save(payload, file)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+            masks = {fqn: _unpack(packed) for fqn, packed in payload["masks"].items()}
+            task_masks = payload["task_masks"]
+            if task_masks is not None:
+                task_masks = {t: {fqn: _unpack(p) for fqn, p in m.items()} for t, m in task_masks.items()}
+            return cls(masks, dict(payload["meta"]), task_masks)
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
+            raise ValueError(f"{where} is corrupt ({type(error).__name__}: {error}); "
+                             "recreate it with `dsparse prune`") from error
+
+    def save(self, path: str | Path) -> None:
+        """Write ``state_dict()`` atomically (a temporary file, then ``os.replace``).
+
+        Raises:
+            ValueError: as ``state_dict``.
+        """
+        payload = self.state_dict()
+        with atomic_path(path) as temporary, open(temporary, "wb") as file:
+            torch.save(payload, file)
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:
@@ -134,20 +154,7 @@ class MaskSet:
         except Exception as error:
             raise ValueError(f"mask file {path} cannot be read ({type(error).__name__}: {error}); it is corrupt "
                              "or truncated: recreate it with `dsparse prune`") from error
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a dsparse mask file (no {FORMAT!r} format tag)")
-        if payload.get("version") != VERSION:
-            raise ValueError(f"mask file {path} has format version {payload.get('version')!r}; this dsparse "
-                             f"reads version {VERSION}: recreate it with `dsparse prune`")
-        try:
-            masks = {fqn: _unpack(packed) for fqn, packed in payload["masks"].items()}
-            task_masks = payload["task_masks"]
-            if task_masks is not None:
-                task_masks = {t: {fqn: _unpack(p) for fqn, p in m.items()} for t, m in task_masks.items()}
-            return cls(masks, dict(payload["meta"]), task_masks)
-        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as error:
-            raise ValueError(f"mask file {path} is corrupt ({type(error).__name__}: {error}); "
-                             "recreate it with `dsparse prune`") from error
+        return cls.from_state_dict(payload, f"mask file {path}")
 
     def digest(self) -> str:
         """sha256 over FQNs (sorted), shapes and packed bits: equal iff the masks are equal."""

@@ -14,30 +14,72 @@ state lives depends on the ZeRO stage:
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 
-def zero_positions_(param: torch.nn.Parameter, positions: torch.Tensor, optimizer) -> None:
-    """Set ``param[positions]`` and its optimizer state at those positions to zero.
+class OptimizerState(abc.ABC):
+    """Where a run's optimizer keeps each weight's master copy and state; what dynamic
+    sparsity needs of it is to zero positions in place. ``bind_optimizer`` picks the
+    implementation for a plain torch optimizer or DeepSpeed's."""
 
-    Args:
-        param: a parameter of the model wrapped by the DeepSpeed engine.
-        positions: bool tensor of ``param``'s shape; True = zero it.
-        optimizer: ``engine.optimizer`` (a ZeRO optimizer or the client torch optimizer).
+    @abc.abstractmethod
+    def zero_(self, param: torch.nn.Parameter, positions: torch.Tensor) -> None:
+        """Set ``param[positions]`` and its optimizer state at those positions to zero.
 
-    Raises:
-        ValueError: for a ZeRO-3 partitioned parameter (not supported: masks need whole weights).
-    """
+        Args:
+            param: a parameter of the model being trained.
+            positions: bool tensor of ``param``'s shape; True = zero it.
+        """
+
+
+class TorchOptimizerState(OptimizerState):
+    """A ``torch.optim.Optimizer`` (also DeepSpeed ZeRO 0 in fp32, which steps the client
+    optimizer): the parameter is the master weight, the state is ``optimizer.state[param]``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def zero_(self, param: torch.nn.Parameter, positions: torch.Tensor) -> None:
+        keep = _keep(param, positions)
+        with torch.no_grad():
+            param.mul_(keep)
+            for value in self.optimizer.state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value.mul_(keep.to(value.dtype))
+
+
+class PartitionedOptimizerState(OptimizerState):
+    """DeepSpeed ZeRO 1/2 and bf16 optimizers: the fp32 master and the state live in flat
+    partitioned buffers, located through each parameter's ``_hp_mapping``."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self._fallback = TorchOptimizerState(_torch_optimizer(optimizer))
+
+    def zero_(self, param: torch.nn.Parameter, positions: torch.Tensor) -> None:
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:  # a parameter DeepSpeed left to the client optimizer
+            self._fallback.zero_(param, positions)
+            return
+        keep = _keep(param, positions)
+        with torch.no_grad():
+            param.mul_(keep)
+            _zero_fragments(mapping, keep)
+
+
+def bind_optimizer(optimizer) -> OptimizerState:
+    """The :class:`OptimizerState` of a plain torch optimizer or of ``engine.optimizer``."""
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return TorchOptimizerState(optimizer)
+    return PartitionedOptimizerState(optimizer)
+
+
+def _keep(param: torch.nn.Parameter, positions: torch.Tensor) -> torch.Tensor:
     if hasattr(param, "ds_id"):
         raise ValueError("ZeRO stage 3 is not supported by dynamic sparsity; use deepspeed.zero_stage 0, 1 or 2")
-    keep = (~positions).to(device=param.device, dtype=param.dtype)
-    with torch.no_grad():
-        param.mul_(keep)
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is not None:
-            _zero_fragments(mapping, keep)
-        else:
-            _zero_torch_state(_torch_optimizer(optimizer), param, keep)
+    return (~positions).to(device=param.device, dtype=param.dtype)
 
 
 def _zero_fragments(mapping, keep: torch.Tensor) -> None:
@@ -47,12 +89,6 @@ def _zero_fragments(mapping, keep: torch.Tensor) -> None:
     for key in (None, *keys):  # None = the fp32 master weights
         fragment = mapping.get_hp_fragment(key)
         fragment.mul_(local_keep.to(fragment.dtype))
-
-
-def _zero_torch_state(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, keep: torch.Tensor) -> None:
-    for value in optimizer.state.get(param, {}).values():
-        if torch.is_tensor(value) and value.shape == param.shape:
-            value.mul_(keep.to(value.dtype))
 
 
 def _torch_optimizer(optimizer):

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
 from dsparse.sparsity.criteria import DataFreeCriterion, get_criterion
 from dsparse.tasks import Task
-from dsparse.train.distributed import all_reduce_sum
+from dsparse.distributed import all_reduce_sum
 
 ScoreSet = dict[str, dict[str, Tensor]]
 """Task (or ``JOINT``) -> weight FQN -> score tensor (float64 sums from gradient criteria, float32 after normalize_scores) of the weight's shape, >= 0."""
@@ -66,6 +66,8 @@ def compute_saliency(
     task_weights: dict[str, float] | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    weights: dict[str, Tensor] | None = None,
+    users: dict[str, frozenset[str]] | None = None,
 ) -> ScoreSet:
     """Per-task saliency of every prunable weight, accumulated over this rank's batches.
 
@@ -81,6 +83,11 @@ def compute_saliency(
         task_weights: ``lambda_t`` of the joint loss; missing tasks weigh 1.
         seed: seed of the ``random`` criterion.
         device: where batches go and scores live; default the model's device.
+        weights: FQN -> the tensor to differentiate for each prunable weight; default the
+            model's ``prunable_parameters``. A mask applier passes its own (for example
+            the dense probes of block-sparse layers).
+        users: FQN -> tasks using each weight; default ``task_weight_users(model)``
+            (needed when ``model``'s layers were swapped after the users were read).
 
     Returns:
         ScoreSet: task -> {fqn: score} for the weights that task uses, in
@@ -95,9 +102,9 @@ def compute_saliency(
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
     net = unwrap_model(model)
-    groups = _score_groups(net, tasks, joint)
+    groups = _score_groups(net if users is None else users, tasks, joint)
     lambdas = _joint_weights(tasks, task_weights, joint)
-    weights = prunable_parameters(net)
+    weights = prunable_parameters(net) if weights is None else weights
     if device is None:
         device = next(net.parameters()).device
     if isinstance(scorer, DataFreeCriterion):
@@ -171,11 +178,11 @@ def all_reduce_scores(scores: ScoreSet) -> ScoreSet:
 # ---------------------------------------------------------------- internals
 
 
-def _score_groups(net: nn.Module, tasks: dict[str, Task], joint: bool) -> dict[str, list[str]]:
+def _score_groups(net_or_users, tasks: dict[str, Task], joint: bool) -> dict[str, list[str]]:
     """Score group (task or JOINT) -> FQNs it is scored on, in prunable order."""
     if not tasks:
         raise ValueError("tasks is empty; give at least one task to score")
-    users = task_weight_users(net)
+    users = task_weight_users(net_or_users) if isinstance(net_or_users, nn.Module) else net_or_users
     model_tasks = set().union(*users.values()) if users else set()
     unknown = [t for t in tasks if t not in model_tasks]
     if unknown:

@@ -83,9 +83,10 @@ def solve_vote(
     scores: dict[str, dict[str, torch.Tensor]],
     users: dict[str, frozenset[str]],
     *,
-    sparsity: float,
+    sparsity: float | None = None,
     scope: str = "global",
     dense: Iterable[str] = (),
+    num_keep: int | None = None,
 ) -> VoteResult:
     """Vote per DiSparse and keep exactly ``round((1 - sparsity) * num_total)`` weights.
 
@@ -98,6 +99,10 @@ def solve_vote(
         scope: ``"global"`` ranks each task across all its layers, ``"layerwise"`` ranks
             each (task, layer) separately with the same ratio.
         dense: FQNs kept whole and outside the vote, counted in the denominator.
+        num_keep: keep exactly this many weights (dense layers included) instead of
+            deriving the count from ``sparsity``; give one of the two. Kept sets are
+            nested in ``num_keep`` (the vote's order is a fixed total order), which the
+            block vote's search relies on.
 
     Returns:
         A ``VoteResult`` whose ``num_kept`` is exactly the budget, deterministic for a
@@ -107,9 +112,17 @@ def solve_vote(
         ValueError: bad sparsity or scope, an unknown dense FQN, missing/extra/mis-shaped
             or negative/NaN scores, or dense layers larger than the keep budget.
     """
-    _check_sparsity(sparsity)
+    if (sparsity is None) == (num_keep is None):
+        raise ValueError("give exactly one of sparsity and num_keep")
+    if sparsity is not None:
+        _check_sparsity(sparsity)
     layout = _layout(scores, users, scope, dense)
-    budget = round((1.0 - float(sparsity)) * layout.num_total)
+    if num_keep is None:
+        budget = round((1.0 - float(sparsity)) * layout.num_total)
+    elif isinstance(num_keep, bool) or not isinstance(num_keep, int) or not 0 <= num_keep <= layout.num_total:
+        raise ValueError(f"num_keep must be an integer in [0, {layout.num_total}], got {num_keep!r}")
+    else:
+        budget, sparsity = num_keep, 1.0 - num_keep / layout.num_total
     num_dense = layout.num_total - layout.num_voted
     if num_dense > budget:
         raise ValueError(

@@ -21,7 +21,7 @@ from dsparse.config import apply_overrides, config_from_dict
 from dsparse.sweep.results import results_table
 from dsparse.sweep.spec import DRIVER_CPUS, SweepSpec, format_override
 from dsparse.sweep.worker import ERROR_FILE, read_error, worker_loop
-from dsparse.train.checkpoint import write_text_atomic
+from dsparse.io import write_text_atomic
 from dsparse.tracking.mlflow_tracker import RunTracker, resolve_tracking_uri
 
 log = logging.getLogger("dsparse.sweep")

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from dsparse.config import config_from_dict
-from dsparse.train.checkpoint import write_text_atomic
+from dsparse.io import write_text_atomic
 
 ERROR_FILE = "trial_error.json"
 
@@ -53,7 +53,7 @@ def restore_registered_checkpoint(checkpoint_dir: Path) -> Path | None:
     import ray.train
 
     from dsparse.train.checkpoint import install_checkpoint
-    from dsparse.train.distributed import barrier
+    from dsparse.distributed import barrier
 
     registered = ray.train.get_checkpoint()
     installed = None
@@ -70,7 +70,7 @@ def record_placement(run_dir: Path, rank: int) -> None:
 
     import ray
 
-    from dsparse.train.distributed import gather_objects
+    from dsparse.distributed import gather_objects
 
     here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
             "pid": os.getpid()}

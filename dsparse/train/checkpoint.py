@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from dsparse.train.distributed import barrier, is_main
+from dsparse.distributed import barrier, is_main
+from dsparse.io import write_text_atomic
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -28,14 +29,6 @@ CLIENT_KEY = "dsparse"  # our state lives under one key, apart from DeepSpeed's 
 
 def tag_of(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename: readers see the old
-    file or the new one, never a half-written one (the pid keeps concurrent writers apart)."""
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
 
 
 def save_checkpoint(engine, directory: Path, step: int, client_state: dict, keep: int,

@@ -6,7 +6,7 @@ import torch
 
 from dsparse.data.loader import StreamSpec, eval_batches
 from dsparse.tasks import Task
-from dsparse.train.distributed import all_reduce_sum
+from dsparse.distributed import all_reduce_sum
 
 
 @torch.no_grad()

@@ -1,5 +1,9 @@
-"""Masks for a run, from its ``sparsity`` config section: shared by ``dsparse prune`` and
-``dsparse train`` so both derive exactly the same masks from the same config.
+"""A run's Sparsifier, from its config: shared by ``dsparse prune`` and ``dsparse train`` so
+both derive exactly the same masks from the same config.
+
+The sparsity package knows nothing of shards or checkpoints; this module hands it the
+run's data (this rank's training stream, one epoch at most, opened only by methods that
+score on data) and the trained weights of ``sparsity.from_checkpoint``.
 """
 
 from __future__ import annotations
@@ -13,62 +17,58 @@ import torch
 from dsparse.config import RunConfig
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.shards import load_manifest
+from dsparse.distributed import init_distributed, is_main
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.prune import DATA_FREE, default_criterion, get_method, prune
+from dsparse.sparsity.method import MaskInputs, get_method
+from dsparse.sparsity.prune import StaticMethod
+from dsparse.sparsity.sparsifier import Sparsifier, build_sparsifier
 from dsparse.tasks import Task
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
 from dsparse.train.components import build_run_model, build_run_tasks
-from dsparse.train.distributed import init_distributed, is_main
 
 log = logging.getLogger("dsparse.prune")
 
 
-def compute_run_masks(config: RunConfig, model: torch.nn.Module, tasks: dict[str, Task], manifest: dict,
-                      rank: int, world_size: int) -> MaskSet:
-    """Score and vote per ``config.sparsity``; leaves ``model`` holding the weights to train.
+def mask_inputs(config: RunConfig, tasks: dict[str, Task], manifest: dict, rank: int, world_size: int) -> MaskInputs:
+    """What the run's method may read: tasks, settings, seed, data and pretrained weights."""
 
-    For ``from_checkpoint`` the trained weights are loaded first (and kept, except for the
-    lottery rewind, which restores the initial weights after taking the masks).
-    """
-    sparsity = config.sparsity
-    if sparsity.masks is not None:
-        return MaskSet.load(sparsity.masks)
-    method = get_method(sparsity.method)
-    pretrained = sparsity.from_checkpoint is not None
-    if method.needs_trained and not pretrained:
-        raise ValueError(f"method {method.name!r} takes its masks from a trained model: set "
-                         "sparsity.from_checkpoint (or --from) to a finished dense run")
-    initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if method.rewind else None
-    if pretrained:
-        model.load_state_dict(load_model_weights(resolve_checkpoint(sparsity.from_checkpoint)))
-    criterion = sparsity.criterion or default_criterion(method, pretrained)
-    one_epoch = None  # data-free criteria read no data (and need no shard split)
-    if criterion not in DATA_FREE:
+    def batches():
         spec = stream_spec(config.data, manifest, "train", config.tasks, seed=config.seed, rank=rank,
                            world_size=world_size, train=True)
-        batches = TrainBatches(spec)  # one epoch at most: never score the same batch twice
-        one_epoch = itertools.islice(batches, batches.batches_per_epoch)
-    masks = prune(model, tasks, one_epoch, method=method.name, sparsity=sparsity.target,
-                  criterion=sparsity.criterion, num_batches=sparsity.num_batches, scope=sparsity.scope,
-                  keep_first_dense=bool(sparsity.keep_first_dense), task_weights=dict(config.task_weights),
-                  seed=config.seed, pretrained=pretrained)
-    if initial is not None:
-        model.load_state_dict(initial)
-    log.info("pruned with %s (%s): requested sparsity %.4f, achieved %.4f, per-task keep ratio %.4f",
-             method.name, masks.meta["criterion"], sparsity.target, masks.sparsity, masks.meta["keep_ratio"])
-    return masks
+        stream = TrainBatches(spec)  # one epoch at most: never score the same batch twice
+        return itertools.islice(stream, stream.batches_per_epoch)
+
+    source = config.sparsity.from_checkpoint
+    pretrained = None if source is None else (lambda: load_model_weights(resolve_checkpoint(source)))
+    return MaskInputs(tasks=tasks, settings=config.sparsity, seed=config.seed, task_weights=dict(config.task_weights),
+                      total_steps=config.train.iterations, batches=batches, pretrained=pretrained)
+
+
+def run_sparsifier(config: RunConfig, tasks: dict[str, Task], manifest: dict, rank: int, world_size: int,
+                   run_dir: Path | None = None) -> Sparsifier:
+    """The Sparsifier of ``config`` (the no-op one for a dense run)."""
+    return build_sparsifier(config.sparsity, mask_inputs(config, tasks, manifest, rank, world_size), run_dir=run_dir)
 
 
 def prune_run(config: RunConfig, out: str | Path) -> MaskSet:
     """Library entry point behind ``dsparse prune``: masks for a run config, saved to ``out``."""
     if not config.sparsity.enabled:
         raise ValueError("no pruning method given: pass --method (or set sparsity.method in the config)")
+    method = config.sparsity.method
+    if method is not None and not isinstance(get_method(method), StaticMethod):
+        raise ValueError(f"{method!r} is a dynamic method: its masks evolve during training. Use it in a run "
+                         f"config (sparsity.method: {method}) with dsparse train, not dsparse prune")
     rank, world_size, device = init_distributed()
     torch.manual_seed(config.seed)
     manifest = load_manifest(config.data.path)
     tasks = build_run_tasks(config, manifest)
     model = build_run_model(config, tasks).to(device)
-    masks = compute_run_masks(config, model, tasks, manifest, rank, world_size)
+    sparsifier = run_sparsifier(config, tasks, manifest, rank, world_size)
+    sparsifier.prepare(model)
+    masks = sparsifier.masks
+    meta = masks.meta
+    log.info("pruned with %s (%s): requested sparsity %.4f, achieved %.4f, per-task keep ratio %.4f",
+             meta.get("method"), meta.get("criterion"), config.sparsity.target, masks.sparsity, meta["keep_ratio"])
     if is_main():
         masks.save(out)
     return masks

@@ -22,6 +22,9 @@ import torch
 from dsparse.config import RunConfig, dump_config, flatten
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.shards import load_manifest
+from dsparse.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
+from dsparse.io import write_text_atomic
+from dsparse.sparsity.sparsifier import read_sparsifier_state
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
 from dsparse.train.checkpoint import (
     LATEST,
@@ -29,14 +32,12 @@ from dsparse.train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     tag_of,
-    write_text_atomic,
 )
 from dsparse.train.components import build_run_model, build_run_tasks
-from dsparse.train.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
 from dsparse.train.evaluate import evaluate, format_metrics_table
 from dsparse.train.optim import build_optimizer, build_scheduler
 from dsparse.train.progress import Progress, format_duration
-from dsparse.train.sparse_run import SparseRun
+from dsparse.train.sparsify import run_sparsifier
 
 log = logging.getLogger("dsparse.train")
 
@@ -156,11 +157,12 @@ class Trainer:
         self.tasks = build_run_tasks(config, self.manifest)
         checkpoint = latest_checkpoint(self.checkpoint_dir) if resume else None
         model = build_run_model(config, self.tasks).to(self.device)
-        self.sparse = SparseRun.create(config, model, self.tasks, self.manifest, self.rank, self.world_size,
-                                       self.run_dir, checkpoint)
+        self.sparsifier = run_sparsifier(config, self.tasks, self.manifest, self.rank, self.world_size, self.run_dir)
+        if checkpoint is not None:
+            self.sparsifier.load_state_dict(read_sparsifier_state(checkpoint))
+        model = self.sparsifier.prepare(model)
         self.engine = _build_engine(config, model, self.device)
-        if self.sparse is not None:
-            self.sparse.attach_engine(self.engine, self.tasks)
+        self.sparsifier.bind(self.engine.optimizer)
         self.input_dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32  # also via config_file
         self.state = {"step": 0, "data_position": None, "mlflow_run_id": None, "history": []}
         if checkpoint is not None:
@@ -184,7 +186,7 @@ class Trainer:
         self.state.update(step=step, data_position=batches.position())
         path = save_checkpoint(self.engine, self.checkpoint_dir, step, dict(self.state),
                                self.config.train.keep_checkpoints,
-                               extra=self.sparse.save_into if self.sparse is not None else None)
+                               extra=self.sparsifier.save)
         if self.on_checkpoint is not None:  # every rank, after the checkpoint is published
             self.on_checkpoint(step, path)
 
@@ -205,8 +207,7 @@ class Trainer:
         if is_main():
             self.tracker.log_params(flatten(self.config.to_dict()))
             self.tracker.log_artifact(self.run_dir / "config.yaml")
-            if self.sparse is not None:
-                self.sparse.log_start(self.tracker, self.run_dir, self.engine.module)
+            self.sparsifier.log_start(self.tracker, self.run_dir)
         start = self.state["step"]
         end = cfg.iterations if stop_after is None else min(cfg.iterations, start + stop_after)
         batches = TrainBatches(self._spec("train", train=True), self.state["data_position"])
@@ -235,9 +236,8 @@ class Trainer:
             engine.backward(sum(self.config.weight_of(name) * loss for name, loss in losses.items()))
             engine.step()
             done = step + 1
-            if self.sparse is not None and (update := self.sparse.after_step(done, batch)) is not None:
-                if is_main():
-                    self.tracker.log_metrics(update, done)
+            if (update := self.sparsifier.step(done, batch)) is not None and is_main():
+                self.tracker.log_metrics(update, done)
             if done % cfg.log_interval == 0 or done == end:
                 self._log_train(done, mean_losses, progress, batches)
             if done % cfg.eval_interval == 0 or done == cfg.iterations:
@@ -282,7 +282,7 @@ class Trainer:
             "data_wait_fraction": batches.wait_seconds / max(progress.elapsed(), 1e-9),
             "bad_samples_skipped": batches.num_bad,
             "world_size": self.world_size,
-            "sparsity": None if self.sparse is None else self.sparse.summary(self.engine.module),
+            "sparsity": self.sparsifier.summary(),
             "mlflow_run_id": self.state["mlflow_run_id"],
             "mlflow_tracking_uri": self.tracker.uri,
             "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),

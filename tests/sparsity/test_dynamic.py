@@ -21,7 +21,7 @@ from dsparse.sparsity.dynamic import (
     update_layer_masks,
 )
 from dsparse.sparsity.criteria import CRITERIA
-from dsparse.sparsity.enforce import MaskEnforcer
+from dsparse.sparsity.appliers import ElementApplier
 from dsparse.sparsity.erk import erk_counts, random_masks
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.saliency import (
@@ -303,7 +303,7 @@ def test_grad_scores_of_a_masked_model_drive_an_update():
     shapes = {fqn: w.shape for fqn, w in weights.items()}
     stem = next(iter(shapes))
     masks = MaskSet(random_masks(shapes, erk_counts(shapes, 0.2, dense=[stem]), seed=0), meta={})
-    enforcer = MaskEnforcer(model, masks)
+    enforcer = ElementApplier(model, masks)
     g = torch.Generator().manual_seed(1)
     batch = {"rgb": torch.randn(2, 3, 32, 32, generator=g), "seg": torch.randint(0, 5, (2, 32, 32), generator=g),
              "depth": torch.rand(2, 1, 32, 32, generator=g)}

@@ -1,8 +1,6 @@
 """Dynamic sparse training in the real loop: exact ERK densities after every update, grown
 weights and their optimizer state zero under ZeRO 0/1/2, schedule end, resume, ranks agree."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,14 +8,10 @@ import torch.multiprocessing as mp
 
 from dsparse.config import config_from_dict
 from dsparse.models import build_model, prunable_parameters
-from dsparse.sparsity.dynamic import DynamicSchedule
-from dsparse.sparsity.enforce import MaskEnforcer
-from dsparse.sparsity.masks import MaskSet
+from dsparse.sparsity import MaskInputs, MaskSet, build_sparsifier
 from dsparse.sparsity.optim_state import optimizer_state_at
-from dsparse.sparsity.prune import get_method
 from dsparse.tasks import build_tasks
 from dsparse.train.checkpoint import latest_checkpoint, load_model_weights
-from dsparse.train.dynamic import DynamicMasks, initial_dynamic_masks
 from dsparse.train.trainer import Trainer
 
 from .test_distributed_masks import TASKS, make_batches
@@ -44,17 +38,17 @@ def dynamic_config(dataset, run_dir, *, method="disparse_dynamic", zero_stage=0,
 
 def spy_on_updates(trainer):
     """Record the masks before every update that happens."""
-    dynamic, before = trainer.sparse.dynamic, {}
-    original = dynamic.maybe_update
+    sparsifier, before = trainer.sparsifier, {}
+    original = sparsifier.step
 
-    def spy(step, batches):
-        snapshot = {n: m.clone() for n, m in dynamic.masks.masks.items()}
-        result = original(step, batches)
+    def spy(step, batch):
+        snapshot = {n: m.clone() for n, m in sparsifier.masks.masks.items()}
+        result = original(step, batch)
         if result is not None:
             before[step] = snapshot
         return result
 
-    dynamic.maybe_update = spy
+    sparsifier.step = spy
     return before
 
 
@@ -65,11 +59,11 @@ def layer_counts(masks):
 @pytest.mark.parametrize("zero_stage", [0, 1, 2])
 def test_updates_keep_erk_counts_and_zero_grown_state(tiny_dataset, tmp_path, zero_stage):
     trainer = Trainer(config_from_dict(dynamic_config(tiny_dataset, tmp_path / "run", zero_stage=zero_stage)))
-    erk = layer_counts(trainer.sparse.masks.masks)
+    erk = layer_counts(trainer.sparsifier.masks.masks)
     before = spy_on_updates(trainer)
     trainer.fit(stop_after=4)  # updates after steps 2 and 4; nothing trains after the second
     assert sorted(before) == [2, 4]
-    masks = trainer.sparse.masks.masks
+    masks = trainer.sparsifier.masks.masks
     assert layer_counts(masks) == erk, "every layer must return exactly to its ERK count"
     weights = prunable_parameters(trainer.engine.module)
     num_grown = 0
@@ -91,16 +85,16 @@ def test_no_mask_change_after_end(tiny_dataset, tmp_path):
     assert sorted(before) == [2, 4]
     assert summary["sparsity"]["num_updates"] == 2
     densities = summary["sparsity"]["layer_density"]
-    assert set(densities) == set(trainer.sparse.masks.masks)
+    assert set(densities) == set(trainer.sparsifier.masks.masks)
 
 
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_baselines_run_in_the_same_loop(tiny_dataset, tmp_path, method):
     trainer = Trainer(config_from_dict(dynamic_config(tiny_dataset, tmp_path / method, method=method, iterations=4)))
-    erk = layer_counts(trainer.sparse.masks.masks)
+    erk = layer_counts(trainer.sparsifier.masks.masks)
     summary = trainer.fit()
     assert summary["sparsity"]["num_updates"] == 2 and summary["sparsity"]["pruned_nonzeros"] == 0
-    assert layer_counts(trainer.sparse.masks.masks) == erk
+    assert layer_counts(trainer.sparsifier.masks.masks) == erk
 
 
 def test_resume_mid_schedule_equals_uninterrupted(tiny_dataset, tmp_path):
@@ -110,7 +104,7 @@ def test_resume_mid_schedule_equals_uninterrupted(tiny_dataset, tmp_path):
     Trainer(config).fit(stop_after=5)
     resumed = Trainer(config, resume=True)
     resumed.fit()
-    assert resumed.sparse.masks.digest() == straight.sparse.masks.digest()
+    assert resumed.sparsifier.masks.digest() == straight.sparsifier.masks.digest()
     a = load_model_weights(latest_checkpoint(tmp_path / "a" / "checkpoints"))
     b = load_model_weights(latest_checkpoint(tmp_path / "b" / "checkpoints"))
     for name in a:
@@ -121,15 +115,14 @@ def _dynamic_masks_after_updates(batches_per_update, rank_slice):
     torch.manual_seed(0)
     tasks = build_tasks(TASKS, num_classes=10)
     model = build_model("resnet18", {n: t.num_channels for n, t in tasks.items()}, base_width=8, head_dilations=(1, 2))
-    config = config_from_dict({"tasks": TASKS, "sparsity": {"method": "disparse_dynamic", "target": 0.8}})
-    masks = initial_dynamic_masks(config, model, get_method("disparse_dynamic"))
-    enforcer = MaskEnforcer(model, masks)
-    engine = SimpleNamespace(module=model, optimizer=torch.optim.Adam(model.parameters()))
-    dynamic = DynamicMasks(engine, tasks, masks, enforcer, get_method("disparse_dynamic"),
-                           DynamicSchedule(interval=1, end=1.0, alpha0=0.5, total_steps=10), seed=0)
+    config = config_from_dict({"tasks": TASKS, "sparsity": {"method": "disparse_dynamic", "target": 0.8,
+                                                            "interval": 1, "end": 1.0, "alpha0": 0.5}})
+    sparsifier = build_sparsifier(config.sparsity, MaskInputs(tasks, config.sparsity, seed=0, total_steps=10))
+    sparsifier.prepare(model)
+    sparsifier.bind(torch.optim.Adam(model.parameters()))  # a plain torch optimizer: no engine needed
     for step, batches in enumerate(batches_per_update, start=1):
-        dynamic.maybe_update(step, batches[rank_slice])
-    return masks
+        sparsifier.step(step, batches[rank_slice])
+    return sparsifier.masks
 
 
 def _rank_worker(rank, world_size, init_file, batches_per_update, out):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsparse.models import build_model, prunable_parameters
-from dsparse.sparsity.prune import METHODS, prune
+from dsparse.sparsity import METHODS, prune
 from dsparse.tasks import build_tasks
 
 from .test_distributed_masks import make_batches

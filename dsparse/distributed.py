@@ -1,4 +1,5 @@
-"""Process-group set-up and the few collectives the trainer needs.
+"""Process-group set-up and the few collectives dsparse needs (model-agnostic: the
+trainer, the sparsity methods and the sweep workers all use these).
 
 One code path for every launcher: ``torchrun``, the ``deepspeed`` launcher and Ray Train
 set ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``; a plain ``dsparse train`` sets them for a

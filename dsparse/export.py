@@ -1,0 +1,204 @@
+"""Sparse export: a trained sparse run as a file that stores only what its masks keep.
+
+    dsparse export runs/NAME --out model.dsparse.pt       # library: export_run / load_sparse
+    dsparse eval model.dsparse.pt [--data DIR]
+
+The file (``torch.load(weights_only=True)`` reads it) holds the run's config, the model's
+task channels, and per masked weight either its kept blocks with their layout (block
+masks: ``blocks [S, B, B]`` plus ``slot_rows``/``slot_cols``) or its kept values with a
+packed bit mask (element masks); everything else (biases, norms, unmasked layers) is
+stored dense. ``load_sparse`` rebuilds the model with block-sparse layers for block
+masks, so it computes only the kept blocks; element masks load into dense layers with
+zeros (nothing to skip).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dsparse.config import config_from_dict
+from dsparse.io import atomic_path
+from dsparse.models import build_model, prunable_parameters
+from dsparse.sparsity.appliers import BlockApplier
+from dsparse.sparsity.block_layers import BlockSparseLayer, BlockSparseConv2d, BlockSparseLinear
+from dsparse.sparsity.block_layout import BlockLayout
+from dsparse.sparsity.blocks import block_grid, mask_units
+from dsparse.sparsity.masks import MaskSet
+from dsparse.sparsity.sparsifier import read_sparsifier_state
+from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
+
+__all__ = ["ExportReport", "export_run", "is_export_file", "load_sparse"]
+
+FORMAT = "dsparse-sparse-model"
+VERSION = 1
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    num_bytes: int
+    dense_bytes: int
+    """Bytes of the same model's dense fp32 state dict (what a dense checkpoint holds)."""
+    sparsity: float
+    granularity: str
+
+    @property
+    def ratio(self) -> float:
+        return self.num_bytes / self.dense_bytes
+
+
+def export_run(run: str | Path, out: str | Path) -> ExportReport:
+    """Write the latest checkpoint of sparse run ``run`` as a sparse model file ``out``.
+
+    Raises:
+        ValueError: no checkpoint, a dense run, or an unreadable config or data manifest.
+    """
+    from dsparse.evaluation import run_config_of  # evaluation imports this module
+    from dsparse.data.shards import load_manifest
+    from dsparse.train.components import build_run_model, build_run_tasks
+
+    checkpoint = resolve_checkpoint(run)
+    config = run_config_of(checkpoint)
+    state = read_sparsifier_state(checkpoint)
+    if not state:
+        raise ValueError(f"{run} is a dense run (no sparsity state in {checkpoint}), so there is nothing to export "
+                         "sparsely; its checkpoint already holds the dense model")
+    masks = MaskSet.from_state_dict(state["masks"], f"the masks of {checkpoint}")
+    tasks = build_run_tasks(config, load_manifest(config.data.path))
+    model = build_run_model(config, tasks)
+    dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    layers = _sparse_layers(model, masks)
+    model.load_state_dict(load_model_weights(checkpoint))
+    payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
+               "task_channels": {name: task.num_channels for name, task in tasks.items()},
+               "masks_meta": masks.meta, "sparse": {}, "dense": {}}
+    skip = set()
+    for fqn, mask in masks.masks.items():
+        layer = layers.get(fqn)
+        module_path = fqn.rsplit(".", 1)[0]
+        if layer is not None:
+            payload["sparse"][fqn] = {"kind": "block", "shape": list(layer.weight_shape), "block": layer.block,
+                                      "slot_rows": layer.slot_rows.to(torch.int32),
+                                      "slot_cols": layer.slot_cols.to(torch.int32), "blocks": layer.blocks.detach()}
+            skip.update(f"{module_path}.{name}" for name in ("blocks", "slot_rows", "slot_cols"))
+        elif not bool(mask.all()):
+            weight = prunable_parameters(model)[fqn].detach()
+            payload["sparse"][fqn] = {"kind": "element", "shape": list(mask.shape),
+                                      "bits": torch.from_numpy(np.packbits(mask.reshape(-1).numpy())),
+                                      "values": weight[mask.to(weight.device)].clone()}
+            skip.add(fqn)
+    payload["dense"] = {k: v.detach() for k, v in model.state_dict().items() if k not in skip}
+    out = Path(out)
+    with atomic_path(out) as temporary:
+        torch.save(payload, temporary)
+    return ExportReport(out, out.stat().st_size, dense_bytes, masks.sparsity, masks.meta.get("granularity", "element"))
+
+
+def _sparse_layers(model: torch.nn.Module, masks: MaskSet) -> dict[str, BlockSparseLayer]:
+    """Swap the model's masked layers for block-sparse ones if the masks are block masks."""
+    if masks.meta.get("granularity", "element") != "block":
+        return {}
+    shapes = {fqn: tuple(w.shape) for fqn, w in prunable_parameters(model).items()}
+    return BlockApplier(model, masks, mask_units("block", masks.meta["block"], shapes)).layers
+
+
+def is_export_file(path: str | Path) -> bool:
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def load_sparse(path: str | Path, model: torch.nn.Module | None = None):
+    """The model of an exported file, with block-sparse layers for block masks.
+
+    Args:
+        path: a file written by ``export_run``.
+        model: load into this model (same architecture and tasks) instead of building one.
+
+    Returns:
+        (model, RunConfig of the exported run).
+
+    Raises:
+        ValueError: not an export file, another format version, or a model whose
+            parameters do not match the file (naming them).
+    """
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} cannot be read as a dsparse export ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a sparse model exported by `dsparse export`")
+    if payload.get("version") != VERSION:
+        raise ValueError(f"{path} has export version {payload.get('version')!r}; this dsparse reads {VERSION}")
+    config = config_from_dict(payload["config"])
+    if model is None:
+        m = config.model
+        model = build_model(m.arch, payload["task_channels"], base_width=m.base_width, output_stride=m.output_stride,
+                            head_dilations=tuple(m.head_dilations), head_hidden=m.head_hidden,
+                            stem_pool=m.stem_pool)
+    _check_model_matches(model, payload, path)
+    modules = dict(model.named_modules())
+    weights = prunable_parameters(model)
+    for fqn, entry in payload["sparse"].items():
+        if entry["kind"] == "element":
+            mask = torch.from_numpy(np.unpackbits(entry["bits"].numpy(), count=weights[fqn].numel()).view(np.bool_))
+            with torch.no_grad():
+                weights[fqn].zero_()
+                weights[fqn].view(-1)[mask.to(weights[fqn].device)] = entry["values"].to(weights[fqn].dtype)
+            continue
+        module_path = fqn.rsplit(".", 1)[0]
+        layer = _block_layer(modules[module_path], entry)
+        parent, _, attribute = module_path.rpartition(".")
+        setattr(modules[parent] if parent else model, attribute, layer)
+    missing, unexpected = model.load_state_dict(payload["dense"], strict=False)
+    sparse_keys = {f"{fqn.rsplit('.', 1)[0]}.{name}" for fqn, e in payload["sparse"].items() if e["kind"] == "block"
+                   for name in ("blocks", "slot_rows", "slot_cols")} | set(payload["sparse"])
+    missing = [key for key in missing if key not in sparse_keys]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model, config
+
+
+def _block_layer(dense: torch.nn.Module, entry: dict) -> BlockSparseLayer:
+    """A block-sparse twin of ``dense`` holding the exported blocks in their slots."""
+    rows, cols = entry["slot_rows"].to(torch.int64), entry["slot_cols"].to(torch.int64)
+    grid = block_grid(entry["shape"], entry["block"]).grid
+    block_mask = torch.zeros(grid, dtype=torch.bool)
+    block_mask[rows, cols] = True
+    kwargs = {"device": dense.weight.device, "dtype": entry["blocks"].dtype}
+    bias = getattr(dense, "bias", None)
+    if isinstance(dense, torch.nn.Linear):
+        layer = BlockSparseLinear(dense.in_features, dense.out_features, entry["block"], block_mask, bias, **kwargs)
+    else:
+        layer = BlockSparseConv2d(dense.in_channels, dense.out_channels, dense.kernel_size, entry["block"],
+                                  block_mask, bias, stride=dense.stride, padding=dense.padding,
+                                  dilation=dense.dilation, **kwargs)
+    layer.set_layout(BlockLayout.from_slots(rows, cols, grid))
+    with torch.no_grad():
+        layer.blocks.copy_(entry["blocks"])
+    return layer
+
+
+def _check_model_matches(model: torch.nn.Module, payload: dict, path: Path) -> None:
+    weights = prunable_parameters(model)
+    state = model.state_dict()
+    problems = [f"{fqn} (not a prunable weight of the model)" for fqn in payload["sparse"] if fqn not in weights]
+    problems += [f"{fqn}: file {tuple(e['shape'])} vs model {tuple(weights[fqn].shape)}"
+                 for fqn, e in payload["sparse"].items() if fqn in weights and tuple(e["shape"]) != weights[fqn].shape]
+    problems += [f"{key}: file {tuple(v.shape)} vs model {tuple(state[key].shape)}"
+                 for key, v in payload["dense"].items() if key in state and state[key].shape != v.shape]
+    problems += [f"{key} (not in the model)" for key in payload["dense"] if key not in state
+                 and not key.endswith(("blocks", "slot_rows", "slot_cols"))]
+    if problems:
+        raise ValueError(f"{path} was exported from another model (architecture, width or tasks differ): "
+                         + "; ".join(problems[:6]))

@@ -1,0 +1,178 @@
+"""Mask appliers: keeping pruned weights at exactly zero through training (DESIGN.md section 5).
+
+An applier enforces a run's masks on its model; the Sparsifier picks it by
+``sparsity.granularity``. Element masks use the gradient hooks below; block masks swap
+masked layers for block-sparse ones that store only the kept blocks.
+
+The element mechanism is a gradient hook on every masked weight that multiplies the gradient by
+the mask *before* it is accumulated. DeepSpeed reads gradients after accumulation (into
+its flat, partitioned ZeRO-1/2 buffers), so it only ever sees masked gradients. With a
+zero weight and a zero gradient, every optimizer dsparse builds leaves the weight at zero:
+Adam's moments stay zero (so its update is 0 / (0 + eps) = 0), L2 weight decay adds
+``wd * 0``, AdamW's decoupled decay multiplies 0, SGD momentum stays 0. The fp32 master
+copy of ZeRO therefore stays zero too, and no post-step copy into DeepSpeed's private
+buffers is needed. ``tests/sparsity/test_sparse_training.py`` proves it for ZeRO 0, 1 and 2.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+
+import torch
+
+from dsparse.models import prunable_parameters, unwrap_model
+from dsparse.sparsity.block_layers import BlockSparseLayer, block_sparse_from_dense
+from dsparse.sparsity.blocks import BlockUnits
+from dsparse.sparsity.masks import MaskSet
+
+
+class MaskApplier(abc.ABC):
+    """Enforces a MaskSet on a model; built by the Sparsifier in ``prepare``.
+
+    Methods see the model's prunable weights only through an applier, by FQN and in the
+    weights' own shapes, whether the layer holds a dense weight or only kept blocks.
+    """
+
+    masks: MaskSet
+
+    @abc.abstractmethod
+    def weights(self) -> dict[str, torch.Tensor]:
+        """FQN -> the weight's current values (detached; zeros where pruned)."""
+
+    @abc.abstractmethod
+    def dense_gradients(self) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+        """A context yielding FQN -> a tensor of the weight's shape to differentiate; its
+        gradient is the dense one, pruned positions included (growth scores)."""
+
+    @abc.abstractmethod
+    def update(self, masks: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizer) -> None:
+        """Enforce changed masks: ``reset`` positions (dropped and grown) restart at zero
+        weight and zero optimizer state (``OptimizerState``), then ``masks`` take effect."""
+
+
+class ElementApplier(MaskApplier):
+    """Zeroes pruned weights once and masks their gradients from then on.
+
+    Attach to the plain model *before* wrapping it in DeepSpeed, or to ``engine.module``.
+    """
+
+    def __init__(self, model: torch.nn.Module, masks: MaskSet):
+        self.masks = masks
+        model = unwrap_model(model)
+        masks.check_matches(model)
+        masks.apply_(model)
+        self._handles = []
+        self._keep: dict[str, torch.Tensor] = {}
+        self._enabled = True
+        self._weights = prunable_parameters(model)
+        for name, mask in masks.masks.items():
+            weight = self._weights[name]
+            keep = self._keep[name] = mask.to(device=weight.device, dtype=weight.dtype)
+            self._handles.append(weight.register_hook(lambda grad, keep=keep: self._mask(grad, keep)))
+
+    def _mask(self, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        # keep was made in the weight's dtype at attach time; DeepSpeed may cast weights
+        # (bf16) afterwards, and a hook must not change the gradient's dtype
+        return grad * keep.to(grad.dtype) if self._enabled else grad
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: self._weights[name].detach() for name in self.masks.masks}
+
+    @contextlib.contextmanager
+    def dense_gradients(self):
+        """Let unmasked gradients through (growth scores need the dense gradient)."""
+        self._enabled = False
+        try:
+            yield {name: self._weights[name] for name in self.masks.masks}
+        finally:
+            self._enabled = True
+
+    def update(self, masks: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizer) -> None:
+        for name, positions in reset.items():
+            if positions.any():
+                optimizer.zero_(self._weights[name], positions)
+        self.masks.masks.update(masks)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Pick up masks changed in place in ``self.masks`` (dynamic sparsity): no new hooks."""
+        for name, mask in self.masks.masks.items():
+            self._keep[name].copy_(mask)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def count_pruned_nonzeros(weights: dict[str, torch.Tensor], masks: MaskSet) -> int:
+    """Number of pruned positions whose weight is not exactly zero (0 when masks hold).
+
+    Args:
+        weights: FQN -> weight values (``applier.weights()`` or ``prunable_parameters``).
+    """
+    return sum(int(torch.count_nonzero(weights[name].detach()[~mask.to(weights[name].device)]))
+               for name, mask in masks.masks.items())
+
+
+class BlockApplier(MaskApplier):
+    """Swaps every masked ``Linear``/``Conv2d`` for a block-sparse layer holding only its
+    kept blocks (``dsparse.sparsity.block_layers``), by FQN, in place in ``model``.
+
+    A layer whose mask keeps every block stays the standard layer (nothing to skip);
+    dynamic updates never change such layers (dense and ERK-capped layers).
+    """
+
+    def __init__(self, model: torch.nn.Module, masks: MaskSet, units: BlockUnits):
+        self.masks, self.units = masks, units
+        model = unwrap_model(model)
+        masks.check_matches(model)
+        modules = dict(model.named_modules())
+        self._dense = prunable_parameters(model)
+        self.layers: dict[str, BlockSparseLayer] = {}
+        for fqn, mask in masks.masks.items():
+            block_mask = units.unit_mask(fqn, mask)
+            if bool(block_mask.all()):
+                continue
+            path = fqn.rsplit(".", 1)[0]
+            layer = block_sparse_from_dense(modules[path], units.block, block_mask)
+            parent, _, attribute = path.rpartition(".")
+            setattr(modules[parent] if parent else model, attribute, layer)
+            self.layers[fqn] = layer
+            del self._dense[fqn]
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {name: self.layers[name].dense_weight() if name in self.layers else self._dense[name].detach()
+                for name in self.masks.masks}
+
+    @contextlib.contextmanager
+    def dense_gradients(self):
+        """Give every block-sparse layer a probe that receives its dense weight gradient."""
+        targets = {}
+        for name in self.masks.masks:
+            if name in self.layers:
+                targets[name] = self.layers[name].probe = self.layers[name].new_probe()
+            else:
+                targets[name] = self._dense[name]
+        try:
+            yield targets
+        finally:
+            for layer in self.layers.values():
+                layer.probe = None
+
+    def update(self, masks: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizer) -> None:
+        for name, mask in masks.items():
+            layer = self.layers.get(name)
+            if layer is None:
+                if not bool(mask.all()):
+                    raise ValueError(f"{name!r} was kept whole as a standard layer and cannot be pruned later; "
+                                     "block updates only move blocks within block-sparse layers")
+                continue
+            layout, grown_slots = layer.layout().reassign(self.units.unit_mask(name, mask))
+            reset_blocks = self.units.pool(name, reset[name].to(torch.int64)) > 0
+            restart = grown_slots | reset_blocks[layout.slot_rows, layout.slot_cols]
+            if restart.any():
+                optimizer.zero_(layer.blocks, restart[:, None, None].expand_as(layer.blocks))
+            layer.set_layout(layout)
+        self.masks.masks.update(masks)

@@ -1,0 +1,82 @@
+"""The unanimous vote on blocks, exact to the block (DESIGN.md sections 3 and 6).
+
+Each task's score of a block is the sum of its element scores (normalised per task
+before pooling, so pooling keeps every task's scores summing to 1). The vote then runs
+on blocks exactly as on weights. Sparsity still counts *elements*: blocks of a weight
+whose dimensions are not multiples of ``B`` hold fewer elements, so the number of kept
+blocks is searched for. The vote's kept sets are nested in the number kept, so the
+element count grows with it; the search (bisection over the block count, one vote on
+blocks per step) keeps the block count whose element count is closest to
+``round((1 - sparsity) * num_elements)``, the smaller one on a tie. The achieved
+sparsity is therefore exact to one block.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsparse.sparsity.blocks import BlockUnits
+from dsparse.sparsity.vote import VoteResult, _check_sparsity, solve_vote
+
+__all__ = ["BlockVote", "solve_block_vote"]
+
+
+class BlockVote:
+    """A block vote's outcome in elements: masks and task masks of the weights' shapes."""
+
+    def __init__(self, result: VoteResult, units: BlockUnits):
+        self.result = result
+        self.masks = {fqn: units.expand(fqn, mask) for fqn, mask in result.masks.items()}
+        self.task_masks = {task: {fqn: units.expand(fqn, mask) for fqn, mask in per.items()}
+                           for task, per in result.task_masks.items()}
+        self.num_kept = sum(int(mask.sum()) for mask in self.masks.values())
+        self.num_total = sum(mask.numel() for mask in self.masks.values())
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.num_kept / self.num_total
+
+
+def solve_block_vote(scores: dict[str, dict[str, torch.Tensor]], users: dict[str, frozenset[str]],
+                     units: BlockUnits, *, sparsity: float, scope: str = "global", dense=()) -> BlockVote:
+    """Vote on blocks and keep the block count whose elements best match ``sparsity``.
+
+    Args:
+        scores: task -> FQN -> element scores (normalised per task), as for ``solve_vote``.
+        users: FQN -> tasks using the weight.
+        units: the block tiling of every weight in ``users``.
+        sparsity: fraction of all prunable *elements* to prune, in (0, 1).
+        scope, dense: as for ``solve_vote``.
+
+    Raises:
+        ValueError: as ``solve_vote``; dense layers larger than the element budget.
+    """
+    _check_sparsity(sparsity)
+    block_scores = {task: {fqn: units.pool(fqn, score.double()).float() for fqn, score in per.items()}
+                    for task, per in scores.items()}
+    sizes = {fqn: units.sizes(fqn) for fqn in users}
+    num_elements = sum(int(size.sum()) for size in sizes.values())
+    target = round((1.0 - float(sparsity)) * num_elements)
+    dense = list(dense)
+    num_dense_blocks = sum(sizes[fqn].numel() for fqn in dense)
+    num_blocks = sum(size.numel() for size in sizes.values())
+
+    def vote(num_keep: int) -> tuple[int, VoteResult]:
+        result = solve_vote(block_scores, users, num_keep=num_keep, scope=scope, dense=dense)
+        return sum(int(sizes[fqn][mask].sum()) for fqn, mask in result.masks.items()), result
+
+    low, high = num_dense_blocks, num_blocks  # vote(low) keeps <= target (else refused below)
+    kept_low, result_low = vote(low)
+    if kept_low > target:
+        raise ValueError(f"dense layers {sorted(dense)} hold {kept_low} weights, more than the {target} the "
+                         f"sparsity {sparsity} keeps; lower the sparsity or keep fewer layers dense")
+    while high - low > 1:  # invariant: kept(low) <= target < kept(high) (or high = all blocks)
+        middle = (low + high) // 2
+        kept, result = vote(middle)
+        if kept <= target:
+            low, kept_low, result_low = middle, kept, result
+        else:
+            high = middle
+    kept_high, result_high = vote(high)
+    best = result_high if kept_high - target < target - kept_low else result_low
+    return BlockVote(best, units)

@@ -1,0 +1,152 @@
+"""Dynamic sparse training methods: DiSparse dynamic, RigL and SET (DESIGN.md section 4).
+
+They start from random masks at Erdos-Renyi-Kernel layer densities and, every
+``interval`` steps until ``end``, drop the weakest active weights of each layer and regrow
+as many where the method points: DiSparse by the union of per-task nominations of the
+dense per-task gradients, RigL by the joint-loss gradient, SET at random. Changed
+positions restart from zero weight and zero optimizer state, wherever the optimizer keeps
+it, and every rank must end with the same masks. Masks change in place: no model copy, no
+optimizer or scheduler rebuild.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from dsparse.config import SparsityConfig
+from dsparse.models import prunable_parameters, unwrap_model
+from dsparse.sparsity.blocks import mask_units
+from dsparse.sparsity.dynamic import DynamicSchedule, update_layer_masks
+from dsparse.sparsity.erk import erk_counts, random_masks
+from dsparse.sparsity.masks import MaskSet
+from dsparse.sparsity.method import MaskInputs, Method, first_conv, register_method, verify_masks_agree
+from dsparse.sparsity.saliency import JOINT, ScoreSet, all_reduce_scores, compute_saliency, normalize_scores
+
+
+class DynamicMethod(Method):
+    """ERK random start, then drop by magnitude and regrow by ``grow`` on a schedule."""
+
+    grow: ClassVar[str] = ""
+    """How ``update_layer_masks`` regrows: votes | gradient | random."""
+
+    def check(self, settings: SparsityConfig) -> None:
+        if settings.masks or settings.from_checkpoint:
+            raise ValueError(f"sparsity.method {self.name} starts from random ERK masks; it cannot take "
+                             "sparsity.masks or sparsity.from_checkpoint (use a static method for those)")
+
+    def initial_masks(self, model: torch.nn.Module, inputs: MaskInputs) -> MaskSet:
+        """Random masks at the ERK layer densities of the global target (same on every rank).
+
+        With blocks, each layer keeps its ERK density times its number of blocks, rounded
+        (within half a block of its ERK count), and the blocks are drawn at random.
+        """
+        self.check(inputs.settings)
+        settings = inputs.settings
+        weights = prunable_parameters(unwrap_model(model))
+        keep_dense = True if settings.keep_first_dense is None else settings.keep_first_dense
+        dense = [first_conv(model)] if keep_dense else []
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        counts = erk_counts(shapes, 1.0 - settings.target, power=settings.erk_power, dense=dense)
+        units = mask_units(settings.granularity, settings.block, shapes)
+        unit_shapes = {n: units.unit_shape(n, shape) for n, shape in shapes.items()}
+        unit_counts = {n: round(counts[n] / math.prod(shapes[n]) * math.prod(unit_shapes[n])) for n in shapes}
+        drawn = random_masks(unit_shapes, unit_counts, seed=inputs.seed)
+        masks = {n: units.expand(n, mask).to(weights[n].device) for n, mask in drawn.items()}
+        num_total = sum(w.numel() for w in weights.values())
+        num_kept = sum(int(m.sum()) for m in masks.values())
+        meta = {"method": self.name, "criterion": "grad", "scope": "erk", "sparsity_requested": settings.target,
+                "sparsity_achieved": 1.0 - num_kept / num_total, "keep_ratio": num_kept / num_total,
+                "dense_layers": dense, "num_kept": num_kept, "num_total": num_total, "erk_counts": unit_counts,
+                "num_updates": 0, **units.meta()}
+        return MaskSet(masks=masks, meta=meta)
+
+    def schedule(self, inputs: MaskInputs) -> DynamicSchedule:
+        settings = inputs.settings
+        return DynamicSchedule(interval=settings.interval, end=settings.end, alpha0=settings.alpha0,
+                               total_steps=inputs.total_steps)
+
+    def growth_scores(self, state, batches: list[dict]) -> ScoreSet:
+        """Growth scores over this rank's ``batches``, summed over ranks and normalised."""
+        with state.applier.dense_gradients() as targets:
+            scores = compute_saliency(state.model, state.inputs.tasks, batches, criterion="grad",
+                                      num_batches=len(batches), joint=self.grow == "gradient", weights=targets,
+                                      users=state.users)
+        return normalize_scores(all_reduce_scores(scores))
+
+    def growth_users(self, state) -> dict[str, frozenset[str]]:
+        return {name: frozenset({JOINT}) for name in state.masks.masks}
+
+    def update(self, step: int, batches: list[dict], state) -> dict | None:
+        """Drop and regrow every sparse layer if ``step`` is an update step, in the masks'
+        units (weights or blocks: magnitudes and scores are summed per block).
+
+        Returns:
+            Statistics for logging (dropped/grown per layer and per task, densities), or None.
+        """
+        schedule = self.schedule(state.inputs)
+        if not schedule.is_update_step(step):
+            return None
+        masks, units = state.masks, state.units
+        dense = set(masks.meta.get("dense_layers", []))
+        sparse = [name for name in masks.masks if name not in dense]
+        scores = self.growth_scores(state, batches)
+        users = self.growth_users(state)
+        weights = state.applier.weights()
+        old = {name: units.unit_mask(name, masks.masks[name]) for name in sparse}
+        new, stats = update_layer_masks(
+            {name: units.pool(name, weights[name].abs()) for name in sparse}, old,
+            {task: {n: units.pool(n, s) for n, s in per.items() if n in old} for task, per in scores.items()},
+            {name: users[name] for name in sparse}, schedule.drop_fraction(step),
+            grow=self.grow, seed=state.inputs.seed, update_index=step)
+        # dropped weights go to zero; grown ones (also those dropped and regrown at once)
+        # restart from zero weight and zero optimizer state
+        reset = {name: units.expand(name, (old[name] & ~new[name]) | stats.grown_masks[name]) for name in sparse}
+        state.applier.update({name: units.expand(name, new[name]) for name in sparse}, reset, state.optimizer)
+        masks.meta["num_updates"] = masks.meta.get("num_updates", 0) + 1
+        verify_masks_agree(masks)
+        return self._report(stats, masks)
+
+    def _report(self, stats, masks: MaskSet) -> dict:
+        report = {"sparsity/dropped": sum(stats.dropped.values()), "sparsity/grown": sum(stats.grown.values())}
+        for per_task in stats.grown_per_task.values():  # layer -> task -> count
+            for task, count in per_task.items():
+                report[f"sparsity/grown_by/{task}"] = report.get(f"sparsity/grown_by/{task}", 0) + count
+        report.update({f"density/{name}": value for name, value in layer_densities(masks).items()})
+        return report
+
+    def summary(self, state) -> dict:
+        return {"num_updates": state.masks.meta.get("num_updates", 0), "layer_density": layer_densities(state.masks)}
+
+
+def layer_densities(masks: MaskSet) -> dict[str, float]:
+    return {name: float(mask.float().mean()) for name, mask in masks.masks.items()}
+
+
+@register_method("disparse_dynamic")
+class DiSparseDynamic(DynamicMethod):
+    """Regrow where any user task's own gradient nominates (the union), trimmed to ERK."""
+
+    grow = "votes"
+
+    def growth_users(self, state) -> dict[str, frozenset[str]]:
+        return state.users
+
+
+@register_method("rigl")
+class RigL(DynamicMethod):
+    """Regrow by the dense gradient of the joint loss."""
+
+    grow = "gradient"
+
+
+@register_method("set")
+class SET(DynamicMethod):
+    """Regrow at random."""
+
+    grow = "random"
+
+    def growth_scores(self, state, batches: list[dict]) -> ScoreSet:
+        return {}

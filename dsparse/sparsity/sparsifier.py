@@ -1,0 +1,236 @@
+"""The Sparsifier: one object owns a run's sparsity, shaped like ``torch.optim``.
+
+    sparsifier = build_sparsifier(config.sparsity, inputs, run_dir=run_dir)
+    sparsifier.load_state_dict(state)          # resuming: the checkpoint's masks
+    model = sparsifier.prepare(model)          # masks made/loaded and applied, before DeepSpeed
+    engine = deepspeed.initialize(model=model, ...)
+    sparsifier.bind(engine.optimizer)          # where optimizer state lives (torch or ZeRO 1/2)
+    for step ...:
+        ...; engine.step()
+        report = sparsifier.step(step + 1, batch)   # dynamic updates when due
+    save(sparsifier.state_dict())              # in every checkpoint
+
+A dense run gets the no-op :class:`Sparsifier`, so the training loop has no sparsity
+branches. :class:`MaskedSparsifier` holds the masks, the method that makes and changes
+them, and the applier that enforces them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dsparse.config import SparsityConfig
+from dsparse.distributed import barrier, is_main
+from dsparse.io import atomic_path
+from dsparse.models import parameter_users, prunable_parameters, unwrap_model
+from dsparse.sparsity.appliers import BlockApplier, ElementApplier, MaskApplier, count_pruned_nonzeros
+from dsparse.sparsity.blocks import BlockUnits, MaskUnits, mask_units
+from dsparse.sparsity.masks import MaskSet
+from dsparse.sparsity.method import MaskInputs, Method, get_method
+from dsparse.sparsity.optim_state import OptimizerState, bind_optimizer
+
+__all__ = ["MASKS_FILE", "STATE_FILE", "MaskState", "MaskedSparsifier", "Sparsifier", "build_sparsifier",
+           "check_granularity", "read_sparsifier_state", "swap_sparse_layers"]
+
+MASKS_FILE = "masks.pt"
+"""The masks a run starts from, in its run directory (static runs: the masks of the run)."""
+STATE_FILE = "sparsity.pt"
+"""The Sparsifier's state in every checkpoint directory."""
+STATE_FORMAT = "dsparse-sparsifier"
+STATE_VERSION = 1
+
+
+class Sparsifier:
+    """A dense run: nothing is masked. Subclasses keep the same calls."""
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Make, load or initialise masks and apply them; call before DeepSpeed wraps ``model``."""
+        return model
+
+    def bind(self, optimizer) -> None:
+        """Remember where the optimizer keeps state (``engine.optimizer`` or a torch optimizer)."""
+
+    def step(self, step: int, batch: dict | list[dict]) -> dict | None:
+        """Call after every optimizer step with the finished step count and its batch;
+        returns statistics to log when the masks changed."""
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError("the checkpoint holds sparsity masks but the config has no sparsity.method; resume "
+                             "with the sparsity settings the run was started with")
+
+    def save(self, checkpoint_dir: Path) -> None:
+        """Write ``state_dict()`` into a checkpoint being published (rank 0)."""
+
+    def log_start(self, tracker, run_dir: Path) -> None:
+        """Log what the masks are to the run's tracker (rank 0)."""
+
+    def summary(self) -> dict | None:
+        return None
+
+
+@dataclass
+class MaskState:
+    """What a method's update works on: the model, its masks, the applier enforcing them,
+    the optimizer's state and the run's inputs."""
+
+    model: torch.nn.Module
+    masks: MaskSet
+    applier: MaskApplier
+    optimizer: OptimizerState | None
+    inputs: MaskInputs
+    users: dict[str, frozenset[str]]
+    """Weight FQN -> tasks using it, read from the model before any layer was swapped."""
+    units: MaskUnits
+
+
+class MaskedSparsifier(Sparsifier):
+    """A sparse run: ``method`` makes (and maybe changes) the masks, an applier enforces them.
+
+    Args:
+        method: the run's method (see ``dsparse.sparsity.method.METHODS``); None when the
+            masks come only from ``masks``.
+        inputs: tasks, settings, seed, data and pretrained weights for the method.
+        masks: masks to use instead of making them (``sparsity.masks``).
+        run_dir: where the starting masks are written (``MASKS_FILE``) on rank 0.
+    """
+
+    def __init__(self, method: Method | None, inputs: MaskInputs, *, masks: MaskSet | None = None,
+                 run_dir: Path | None = None):
+        self.method, self.inputs, self.run_dir = method, inputs, run_dir
+        self._given = masks
+        self._resumed = False
+        self.state: MaskState | None = None
+
+    @property
+    def masks(self) -> MaskSet:
+        return self.state.masks if self.state is not None else self._given
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        masks = self._given if self._given is not None else self.method.initial_masks(model, self.inputs)
+        settings = self.inputs.settings
+        check_granularity(masks, settings, "the masks")
+        weights = prunable_parameters(unwrap_model(model))
+        users = parameter_users(model)
+        units = mask_units(settings.granularity, settings.block, {n: tuple(w.shape) for n, w in weights.items()})
+        applier = BlockApplier(model, masks, units) if isinstance(units, BlockUnits) else ElementApplier(model, masks)
+        self.state = MaskState(model, masks, applier, None, self.inputs, {n: users[n] for n in weights}, units)
+        if not self._resumed and self.run_dir is not None:
+            if is_main():
+                masks.save(self.run_dir / MASKS_FILE)
+            barrier()
+        return model
+
+    def bind(self, optimizer) -> None:
+        self.state.optimizer = bind_optimizer(optimizer)
+
+    def step(self, step: int, batch: dict | list[dict]) -> dict | None:
+        if self.method is None:
+            return None
+        return self.method.update(step, batch if isinstance(batch, list) else [batch], self.state)
+
+    def state_dict(self) -> dict:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "masks": self.masks.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from a checkpoint's state; call before ``prepare``."""
+        if not state:
+            raise ValueError("the checkpoint has no sparsity state but the config asks for sparsity.method "
+                             f"{self.inputs.settings.method!r}; resume with the settings the run was started with")
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise ValueError(f"sparsity state of format {state.get('format')!r} version {state.get('version')!r}; "
+                             f"this dsparse reads {STATE_FORMAT!r} version {STATE_VERSION}")
+        if self.state is not None:
+            raise RuntimeError("load_state_dict must come before prepare")
+        self._given = MaskSet.from_state_dict(state["masks"])
+        self._resumed = True
+
+    def save(self, checkpoint_dir: Path) -> None:
+        with atomic_path(Path(checkpoint_dir) / STATE_FILE) as temporary:
+            torch.save(self.state_dict(), temporary)
+
+    def log_start(self, tracker, run_dir: Path) -> None:
+        meta = self.masks.meta
+        tracker.log_params({f"masks.{key}": meta.get(key) for key in  # as derived, beside the config
+                            ("method", "criterion", "scope", "keep_ratio", "sparsity_achieved")})
+        tracker.log_metrics({"sparsity/achieved": self.masks.sparsity, "sparsity/keep_ratio": meta["keep_ratio"]}, 0)
+        table = run_dir / "mask_layers.txt"
+        table.write_text(self.masks.format_table(self.state.users) + "\n")
+        tracker.log_artifact(table)
+
+    def summary(self) -> dict:
+        meta = self.masks.meta
+        result = {"method": meta.get("method"), "criterion": meta.get("criterion"),
+                  "requested": meta.get("sparsity_requested"), "achieved": self.masks.sparsity,
+                  "keep_ratio": meta.get("keep_ratio"),
+                  "granularity": meta.get("granularity", "element"), "block": meta.get("block"),
+                  "pruned_nonzeros": count_pruned_nonzeros(self.state.applier.weights(), self.masks)}
+        if self.method is not None:
+            result.update(self.method.summary(self.state))
+        return result
+
+
+def check_granularity(masks: MaskSet, settings: SparsityConfig, where: str) -> None:
+    """Refuse masks whose granularity or block size differs from the run's settings.
+
+    Raises:
+        ValueError: naming both and how to make them agree.
+    """
+    granularity = masks.meta.get("granularity", "element")
+    block = masks.meta.get("block") if granularity == "block" else None
+    wanted = settings.block if settings.granularity == "block" else None
+    if granularity != settings.granularity or block != wanted:
+        have = "element masks" if granularity == "element" else f"block masks (block {block})"
+        want = "element masks" if wanted is None else f"block masks (block {wanted})"
+        fix = ("sparsity.granularity=element" if granularity == "element"
+               else f"sparsity.granularity=block sparsity.block={block}")
+        raise ValueError(f"{where} hold {have} but the config asks for {want}; set {fix} to use them, or make "
+                         f"new masks with the config's settings")
+
+
+def swap_sparse_layers(model: torch.nn.Module, state: dict) -> torch.nn.Module:
+    """Give ``model`` the layer structure a checkpoint's weights were saved from: block-sparse
+    layers where the saved Sparsifier ``state`` holds block masks; unchanged otherwise."""
+    if not state:
+        return model
+    masks = MaskSet.from_state_dict(state["masks"], "the checkpoint's sparsity state")
+    if masks.meta.get("granularity", "element") == "block":
+        shapes = {n: tuple(w.shape) for n, w in prunable_parameters(unwrap_model(model)).items()}
+        BlockApplier(model, masks, mask_units("block", masks.meta["block"], shapes))
+    return model
+
+
+def read_sparsifier_state(checkpoint_dir: Path) -> dict:
+    """The Sparsifier state saved in a checkpoint directory ({} for a dense run's)."""
+    path = Path(checkpoint_dir) / STATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); the checkpoint is damaged, "
+                         "resume from an earlier one") from error
+
+
+def build_sparsifier(settings: SparsityConfig, inputs: MaskInputs, *, run_dir: Path | None = None) -> Sparsifier:
+    """The Sparsifier of a run's ``sparsity`` section: no-op when dense.
+
+    Raises:
+        ValueError: an unknown method, settings the method refuses, or an unreadable mask file.
+    """
+    if not settings.enabled:
+        return Sparsifier()
+    method = get_method(settings.method) if settings.method else None
+    if method is not None:
+        method.check(settings)
+    masks = MaskSet.load(settings.masks) if settings.masks is not None else None
+    if masks is not None:
+        check_granularity(masks, settings, f"mask file {settings.masks}")
+    return MaskedSparsifier(method, inputs, masks=masks, run_dir=run_dir)

@@ -1,0 +1,212 @@
+"""Block-sparse layers against dense masked PyTorch: forward, dX and dW (kept blocks only),
+the dense probe gradient, layouts, and gradcheck.
+
+Tolerances: fp32 results agree with the dense reference to ``rtol=1e-4, atol=1e-4``
+(different summation order); bf16 to ``rtol=atol=5e-2`` relative to the output scale
+(both sides round to bf16's 8-bit mantissa); gradcheck runs in float64 at its defaults.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsparse.sparsity.block_layers import BlockSparseConv2d, BlockSparseLinear, block_sparse_from_dense
+from dsparse.sparsity.block_layout import BlockLayout
+from dsparse.sparsity.blocks import block_grid
+
+FP32 = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def random_block_mask(grid, kept: float, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(grid, generator=generator) < kept
+
+
+def check_against_dense(layer: nn.Module, x: torch.Tensor, kept: float, block: int, seed: int = 0, dtype=torch.float32,
+                        tolerance=FP32):
+    grid = block_grid(layer.weight.shape, block)
+    block_mask = random_block_mask(grid.grid, kept, seed)
+    element_mask = grid.expand(block_mask)
+    sparse = block_sparse_from_dense(layer, block, block_mask).to(dtype)
+    reference = layer.to(dtype)
+    x_dense = x.to(dtype).clone().requires_grad_()
+    x_sparse = x.to(dtype).clone().requires_grad_()
+    weight = reference.weight * element_mask.to(dtype)
+    if isinstance(layer, nn.Linear):
+        expected = F.linear(x_dense, weight, reference.bias)
+    else:
+        expected = F.conv2d(x_dense, weight, reference.bias, reference.stride, reference.padding, reference.dilation)
+    got = sparse(x_sparse)
+    assert got.shape == expected.shape
+    scale = max(1.0, float(expected.detach().abs().max()))
+    torch.testing.assert_close(got.float() / scale, expected.float() / scale, **tolerance)
+    upstream = torch.randn_like(expected)
+    expected.backward(upstream)
+    got.backward(upstream)
+    torch.testing.assert_close(x_sparse.grad.float(), x_dense.grad.float(), **tolerance)
+    dense_grad = reference.weight.grad * element_mask.to(dtype)
+    kept_grad = sparse.dense_of(sparse.blocks.grad)
+    torch.testing.assert_close(kept_grad.float(), dense_grad.float(), **tolerance)
+    # the zero padding of edge blocks gets exactly zero gradient, so it stays zero
+    saved = sparse.blocks.detach().clone()
+    sparse.load_dense(torch.ones(sparse.weight_shape, dtype=dtype))
+    padding = sparse.blocks.detach() == 0
+    sparse.blocks.data.copy_(saved)
+    assert torch.count_nonzero(sparse.blocks.grad[padding]) == 0
+    if reference.bias is not None:
+        torch.testing.assert_close(sparse.bias.grad.float(), reference.bias.grad.float(), **tolerance)
+    return sparse
+
+
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("kept", [0.0, 0.1, 0.5, 1.0])
+def test_linear_matches_dense_masked(block, kept):
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 80)  # 96 and 80 are not multiples of 64 (and 80 not of 32): partial edge blocks
+    check_against_dense(layer, torch.randn(7, 96), kept, block)
+
+
+def test_linear_with_empty_block_rows_and_columns_and_no_bias():
+    torch.manual_seed(1)
+    layer = nn.Linear(64, 48, bias=False)
+    grid = block_grid(layer.weight.shape, 16)
+    block_mask = torch.ones(grid.grid, dtype=torch.bool)
+    block_mask[1] = False  # an empty block row
+    block_mask[:, 2] = False  # an empty block column
+    sparse = block_sparse_from_dense(layer, 16, block_mask)
+    x = torch.randn(5, 3, 64)  # extra leading dimensions
+    expected = F.linear(x, layer.weight * grid.expand(block_mask))
+    torch.testing.assert_close(sparse(x), expected, **FP32)
+    assert torch.count_nonzero(sparse(x)[..., 16:32]) == 0
+
+
+CONVS = [  # the model's shapes: stem, 3x3 at dilation 1/2/4 with matching padding, 1x1 stride-2 shortcut, heads
+    dict(in_channels=3, out_channels=20, kernel_size=7, stride=2, padding=3),
+    dict(in_channels=24, out_channels=40, kernel_size=3, stride=1, padding=1),
+    dict(in_channels=24, out_channels=40, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=32, out_channels=32, kernel_size=3, padding=2, dilation=2),
+    dict(in_channels=32, out_channels=48, kernel_size=3, padding=4, dilation=4),
+    dict(in_channels=24, out_channels=40, kernel_size=1, stride=2),
+]
+
+
+@pytest.mark.parametrize("params", CONVS, ids=lambda p: "k{kernel_size}s{stride}d{dilation}".format(
+    **{"stride": 1, "dilation": 1, **p}))
+@pytest.mark.parametrize("kept", [0.0, 0.1, 0.5, 1.0])
+def test_conv_matches_dense_masked(params, kept):
+    torch.manual_seed(2)
+    layer = nn.Conv2d(**params)
+    check_against_dense(layer, torch.randn(2, params["in_channels"], 13, 11), kept, 16)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_conv_blocks_32_and_64(block):
+    torch.manual_seed(3)
+    layer = nn.Conv2d(40, 72, 3, padding=1, bias=False)
+    check_against_dense(layer, torch.randn(2, 40, 9, 9), 0.5, block)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(80, 72), nn.Conv2d(24, 40, 3, padding=2, dilation=2)],
+                         ids=["linear", "conv"])
+def test_bf16_matches_dense_masked(layer):
+    torch.manual_seed(4)
+    shape = (6, 80) if isinstance(layer, nn.Linear) else (2, 24, 9, 9)
+    check_against_dense(layer, torch.randn(shape), 0.5, 16, dtype=torch.bfloat16,
+                        tolerance={"rtol": 5e-2, "atol": 5e-2})
+
+
+def test_gradcheck_float64():
+    torch.manual_seed(5)
+    linear = nn.Linear(20, 18).double()
+    sparse = block_sparse_from_dense(linear, 16, torch.tensor([[True, False], [True, True]]))
+    x = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, blocks, bias: _call(sparse, x, blocks, bias),
+                                    (x, sparse.blocks, sparse.bias))
+    conv = nn.Conv2d(5, 17, 3, stride=2, padding=2, dilation=2).double()
+    sparse = block_sparse_from_dense(conv, 16, torch.tensor([[True, False, True], [False, True, True]]))
+    x = torch.randn(2, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, blocks, bias: _call(sparse, x, blocks, bias),
+                                    (x, sparse.blocks, sparse.bias))
+
+
+def _call(layer, x, blocks, bias):
+    saved = layer.blocks, layer.bias
+    layer.blocks, layer.bias = blocks, bias
+    try:
+        return layer(x)
+    finally:
+        layer.blocks, layer.bias = saved
+
+
+def test_probe_gets_the_dense_weight_gradient_only_when_set():
+    torch.manual_seed(6)
+    conv = nn.Conv2d(20, 24, 3, padding=1)
+    block_mask = random_block_mask(block_grid(conv.weight.shape, 16).grid, 0.5)
+    sparse = block_sparse_from_dense(conv, 16, block_mask)
+    x = torch.randn(2, 20, 6, 6)
+    sparse.probe = sparse.new_probe()
+    sparse(x).square().sum().backward()
+    reference = nn.Conv2d(20, 24, 3, padding=1)
+    with torch.no_grad():
+        reference.weight.copy_(sparse.dense_weight())
+        reference.bias.copy_(sparse.bias)
+    reference(x).square().sum().backward()
+    torch.testing.assert_close(sparse.probe.grad, reference.weight.grad, **FP32)
+    sparse.probe = None
+    sparse.blocks.grad = None
+    sparse(x).sum().backward()
+    assert sparse.blocks.grad is not None
+
+
+def test_layout_matches_a_python_reference_and_follows_a_mask_change():
+    block_mask = random_block_mask((5, 7), 0.4, seed=7)
+    layout = BlockLayout.from_mask(block_mask)
+    kept = [(r, c) for r in range(5) for c in range(7) if block_mask[r, c]]
+    assert list(zip(layout.slot_rows.tolist(), layout.slot_cols.tolist())) == kept
+    for r in range(5):
+        slots = layout.row_slots[layout.row_ptr[r]:layout.row_ptr[r + 1]]
+        assert [int(layout.slot_cols[s]) for s in slots] == [c for rr, c in kept if rr == r]
+    for c in range(7):
+        slots = layout.col_slots[layout.col_ptr[c]:layout.col_ptr[c + 1]]
+        assert [int(layout.slot_rows[s]) for s in slots] == [r for r, cc in kept if cc == c]
+    assert torch.equal(layout.mask(), block_mask)
+    new_mask = block_mask.clone()
+    first, last = kept[0], kept[-1]
+    new_mask[first], new_mask[last] = False, False
+    free = (~block_mask).nonzero()[:2]
+    new_mask[free[0][0], free[0][1]] = new_mask[free[1][0], free[1][1]] = True
+    moved, grown = layout.reassign(new_mask)
+    assert torch.equal(moved.mask(), new_mask)
+    assert grown.tolist() == [i in (0, len(kept) - 1) for i in range(len(kept))], "surviving blocks keep their slots"
+    with pytest.raises(ValueError, match="number of blocks"):
+        layout.reassign(torch.ones(5, 7, dtype=torch.bool))
+
+
+def test_geometry_orders_taps_outer_channels_inner_and_round_trips():
+    weight = torch.arange(2 * 3 * 2 * 2).reshape(2, 3, 2, 2).float()
+    grid = block_grid(weight.shape, 16)
+    gemm = grid.to_gemm(weight)
+    assert gemm.shape == (2, 12)
+    assert gemm[0, :3].tolist() == weight[0, :, 0, 0].tolist()  # tap (0, 0): all channels first
+    assert gemm[0, 3:6].tolist() == weight[0, :, 0, 1].tolist()
+    assert torch.equal(grid.from_gemm(gemm), weight)
+    block_mask = torch.tensor([[True]])
+    assert torch.equal(grid.reduce(grid.expand(block_mask)), block_mask)
+    mixed = torch.ones_like(weight, dtype=torch.bool)
+    mixed[0, 0, 0, 0] = False
+    assert grid.reduce(mixed) is None
+    assert int(block_grid((40, 24), 16).block_sizes().sum()) == 40 * 24
+
+
+def test_linear_layer_swap_keeps_repr_and_rejects_grouped_conv():
+    with pytest.raises(ValueError, match="groups=1"):
+        block_sparse_from_dense(nn.Conv2d(4, 4, 3, groups=2), 16, torch.ones(1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must be one of"):
+        block_grid((8, 8), 8)
+    sparse = BlockSparseLinear(40, 20, 16, torch.ones(2, 3, dtype=torch.bool))
+    assert "kept_blocks=6/6" in repr(sparse)
+    assert isinstance(block_sparse_from_dense(nn.Conv2d(3, 8, 3), 16, torch.ones(1, 1, dtype=torch.bool)),
+                      BlockSparseConv2d)

@@ -1,0 +1,26 @@
+"""Atomic writes: the target is replaced whole or left as it was, with no temporary file left."""
+
+import pytest
+
+from dsparse.io import atomic_path, write_bytes_atomic, write_text_atomic
+
+
+def test_writes_replace_the_target_whole(tmp_path):
+    target = tmp_path / "sub" / "file.txt"
+    write_text_atomic(target, "one")
+    write_text_atomic(target, "two")
+    assert target.read_text() == "two"
+    write_bytes_atomic(target, b"\x00\x01")
+    assert target.read_bytes() == b"\x00\x01"
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
