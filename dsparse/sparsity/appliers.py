@@ -46,6 +46,20 @@ class MaskApplier(abc.ABC):
         gradient is the dense one, pruned positions included (growth scores)."""
 
     @abc.abstractmethod
+    def start_capture(self) -> dict[str, torch.Tensor]:
+        """Begin a training step that feeds growth: returns, like ``dense_gradients``, the
+        tensors whose dense gradients ``autograd.grad`` may take on the step's graph. Call
+        before the step's forward."""
+
+    @abc.abstractmethod
+    def arm_capture(self) -> None:
+        """Record the dense gradients of the step's own (joint) backward, which comes next."""
+
+    @abc.abstractmethod
+    def finish_capture(self) -> dict[str, torch.Tensor]:
+        """End the capture: FQN -> the dense gradient the joint backward produced (this rank's)."""
+
+    @abc.abstractmethod
     def update(self, masks: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizer) -> None:
         """Enforce changed masks: ``reset`` positions (dropped and grown) restart at zero
         weight and zero optimizer state (``OptimizerState``), then ``masks`` take effect."""
@@ -65,16 +79,19 @@ class ElementApplier(MaskApplier):
         self._handles = []
         self._keep: dict[str, torch.Tensor] = {}
         self._enabled = True
+        self._record: dict[str, torch.Tensor] | None = None
         self._weights = prunable_parameters(model)
         for name, mask in masks.masks.items():
             weight = self._weights[name]
             keep = self._keep[name] = mask.to(device=weight.device, dtype=weight.dtype)
-            self._handles.append(weight.register_hook(lambda grad, keep=keep: self._mask(grad, keep)))
+            self._handles.append(weight.register_hook(lambda grad, name=name: self._mask(name, grad)))
 
-    def _mask(self, grad: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def _mask(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        if self._record is not None:  # the dense gradient, before masking (growth)
+            self._record[name] = grad.detach().clone()
         # keep was made in the weight's dtype at attach time; DeepSpeed may cast weights
         # (bf16) afterwards, and a hook must not change the gradient's dtype
-        return grad * keep.to(grad.dtype) if self._enabled else grad
+        return grad * self._keep[name].to(grad.dtype) if self._enabled else grad
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: self._weights[name].detach() for name in self.masks.masks}
@@ -87,6 +104,17 @@ class ElementApplier(MaskApplier):
             yield {name: self._weights[name] for name in self.masks.masks}
         finally:
             self._enabled = True
+
+    def start_capture(self) -> dict[str, torch.Tensor]:
+        self._enabled = False
+        return {name: self._weights[name] for name in self.masks.masks}
+
+    def arm_capture(self) -> None:
+        self._enabled, self._record = True, {}
+
+    def finish_capture(self) -> dict[str, torch.Tensor]:
+        record, self._record, self._enabled = self._record or {}, None, True
+        return record
 
     def update(self, masks: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizer) -> None:
         for name, positions in reset.items():
@@ -130,6 +158,8 @@ class BlockApplier(MaskApplier):
         masks.check_matches(model)
         modules = dict(model.named_modules())
         self._dense = prunable_parameters(model)
+        self._record: dict[str, torch.Tensor] | None = None
+        self._capture_handles: list = []
         self.layers: dict[str, BlockSparseLayer] = {}
         for fqn, mask in masks.masks.items():
             block_mask = units.unit_mask(fqn, mask)
@@ -160,6 +190,34 @@ class BlockApplier(MaskApplier):
         finally:
             for layer in self.layers.values():
                 layer.probe = None
+
+    def start_capture(self) -> dict[str, torch.Tensor]:
+        """Probes for the block-sparse layers (in the coming forward's graph) and the whole
+        weights of the others, each with a hook that records its gradient once armed."""
+        self._record, self._capture_handles, targets = None, [], {}
+        for name in self.masks.masks:
+            if name in self.layers:
+                targets[name] = self.layers[name].probe = self.layers[name].new_probe()
+            else:
+                targets[name] = self._dense[name]
+            hook = targets[name].register_hook(lambda grad, name=name: self._keep_grad(name, grad))
+            self._capture_handles.append(hook)
+        return targets
+
+    def _keep_grad(self, name: str, grad: torch.Tensor) -> None:
+        if self._record is not None:
+            self._record[name] = grad.detach().clone()
+
+    def arm_capture(self) -> None:
+        self._record = {}
+
+    def finish_capture(self) -> dict[str, torch.Tensor]:
+        for handle in self._capture_handles:
+            handle.remove()
+        for layer in self.layers.values():
+            layer.probe = None
+        record, self._record, self._capture_handles = self._record or {}, None, []
+        return record
 
     def update(self, masks: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizer) -> None:
         for name, mask in masks.items():

@@ -1,23 +1,22 @@
 """Block-sparse GEMM on CPU (and any device) with PyTorch ops, forward and backward.
 
 torch's BSR tensors have no backward on CPU, so this is dsparse's own autograd function.
-It works on a *column-block-major* operand: the input's GEMM view ``X [M, K]`` stored
-transposed and cut into block columns, ``xt [C, B, M]`` (``K`` zero-padded to ``C * B``).
-For every kept block ``(r, c)`` in slot ``j``:
+It works on *transposed, block-sliced* operands: the input's GEMM view ``X [M, K]`` is
+held as ``xt [C, B, M]`` (``K`` zero-padded to ``C * B``), so block column ``c`` of ``X``
+is the contiguous slab ``xt[c]``; the output is ``yt [R, B, M]`` in the same way. Then,
+with ``W_r`` the kept blocks of block row ``r`` side by side (``[B, n_r * B]``):
 
-    forward     yt[r]      += W_j     @ xt[c]        Y  = X W^T over kept blocks only
-    dX          dxt[c]     += W_j^T   @ dyt[r]       dX = dY W, through the same slots
-    dW          dW_j        = dyt[r]  @ xt[c]^T      dW on kept blocks only
+    forward     yt[r]   = W_r     @ xt[cols of row r]      Y  = X W^T on kept blocks only
+    dX          dxt[c]  = W^c^T   @ dyt[rows of col c]     dX = dY W, through the transposed index
+    dW          dW_r    = dyt[r]  @ xt[cols of row r]^T    dW on kept blocks only
 
-Each line is one batched matmul over the slots (``bmm`` of ``[S, B, B]`` by
-``[S, B, M]``) plus a gather of the operand's block rows and an ``index_add`` into the
-result; cost is proportional to the kept blocks, and the gathered copies are
-``S * B * M`` elements (the kept fraction times the number of block rows times ``X``).
+one dense matmul per non-empty block row (or column) over gathered contiguous slabs, so
+the work and the gathered bytes are proportional to the kept blocks.
 
 At mask-update steps growth needs the *dense* gradient of the weight, pruned blocks
-included. Passing a ``probe`` (a zero tensor of the padded GEMM shape that requires
-grad) makes the backward also return ``dyt^T xt``, the full ``[R*B, C*B]`` gradient,
-as the probe's gradient; without a probe nothing dense is computed.
+included. Passing a ``probe`` (a tensor of the padded GEMM shape that requires grad)
+makes the backward also return ``dyt xt^T``, the full ``[R*B, C*B]`` gradient, as the
+probe's gradient; without a probe nothing dense is computed.
 """
 
 from __future__ import annotations
@@ -30,46 +29,75 @@ from dsparse.sparsity.block_layout import BlockLayout
 __all__ = ["block_sparse_gemm"]
 
 
+def _row_weights(values: Tensor, slots: Tensor) -> Tensor:
+    """The blocks of ``slots`` side by side: ``[B, n * B]`` (output rows x reduction)."""
+    block = values.shape[1]
+    return values.index_select(0, slots).transpose(0, 1).reshape(block, -1)
+
+
+def _col_weights(values: Tensor, slots: Tensor) -> Tensor:
+    """The transposed blocks of ``slots`` side by side: ``[B, n * B]`` (input rows x outputs)."""
+    block = values.shape[1]
+    return values.index_select(0, slots).permute(2, 0, 1).reshape(block, -1)
+
+
+def _zero_except(slabs: Tensor, written: list[int]) -> None:
+    """Zero the slabs no block row (column) writes; the others are overwritten whole."""
+    if len(written) < slabs.shape[0]:
+        keep = torch.ones(slabs.shape[0], dtype=torch.bool)
+        keep[written] = False
+        slabs[keep.to(slabs.device)] = 0
+
+
 class _BlockSparseGemm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xt: Tensor, values: Tensor, slot_rows: Tensor, slot_cols: Tensor, num_rows: int,
-                probe: Tensor | None) -> Tensor:
-        ctx.save_for_backward(xt, values, slot_rows, slot_cols)
-        ctx.num_rows, ctx.has_probe = num_rows, probe is not None
-        _, block, length = xt.shape
-        yt = xt.new_zeros(num_rows, block, length)
-        if values.shape[0]:
-            yt.index_add_(0, slot_rows, torch.bmm(values, xt[slot_cols]))
+    def forward(ctx, xt: Tensor, values: Tensor, layout: BlockLayout, probe: Tensor | None) -> Tensor:
+        num_cols, block, length = xt.shape
+        num_rows = layout.grid[0]
+        ctx.layout, ctx.has_probe = layout, probe is not None
+        ctx.save_for_backward(xt, values)
+        yt = xt.new_empty(num_rows, block, length)
+        _zero_except(yt, [row for row, _, _ in layout.rows()])
+        for row, slots, cols in layout.rows():
+            torch.mm(_row_weights(values, slots), xt.index_select(0, cols).reshape(-1, length), out=yt[row])
         return yt
 
     @staticmethod
     def backward(ctx, dyt: Tensor):
-        xt, values, slot_rows, slot_cols = ctx.saved_tensors
+        xt, values = ctx.saved_tensors
+        layout = ctx.layout
+        num_cols, block, length = xt.shape
+        num_rows = layout.grid[0]
         dyt = dyt.contiguous()
         dxt = dvalues = dprobe = None
-        rows_of_dy = dyt[slot_rows] if values.shape[0] else None
+        dense_grad = None
+        if ctx.has_probe and ctx.needs_input_grad[3]:
+            dense_grad = dprobe = dyt.reshape(num_rows * block, length) @ xt.reshape(num_cols * block, length).t()
         if ctx.needs_input_grad[0]:
-            dxt = torch.zeros_like(xt)
-            if values.shape[0]:
-                dxt.index_add_(0, slot_cols, torch.bmm(values.transpose(1, 2), rows_of_dy))
+            dxt = torch.empty_like(xt)
+            _zero_except(dxt, [col for col, _, _ in layout.cols()])
+            for col, slots, rows in layout.cols():
+                torch.mm(_col_weights(values, slots), dyt.index_select(0, rows).reshape(-1, length), out=dxt[col])
         if ctx.needs_input_grad[1]:
-            dvalues = torch.zeros_like(values)
-            if values.shape[0]:
-                dvalues = torch.bmm(rows_of_dy, xt[slot_cols].transpose(1, 2))
-        if ctx.has_probe and ctx.needs_input_grad[5]:
-            num_cols, block, length = xt.shape
-            dprobe = dyt.reshape(ctx.num_rows * block, length) @ xt.reshape(num_cols * block, length).t()
-        return dxt, dvalues, None, None, None, dprobe
+            if dense_grad is not None:  # growth asked for it anyway: read the kept blocks from it
+                tiles = dense_grad.reshape(num_rows, block, num_cols, block).permute(0, 2, 1, 3)
+                dvalues = tiles[layout.slot_rows, layout.slot_cols]
+            else:
+                dvalues = torch.zeros_like(values)
+                for row, slots, cols in layout.rows():
+                    grad = dyt[row] @ xt.index_select(0, cols).reshape(-1, length).t()  # [B, n * B]
+                    dvalues[slots] = grad.reshape(block, -1, block).transpose(0, 1)
+        return dxt, dvalues, None, dprobe
 
 
 def block_sparse_gemm(xt: Tensor, values: Tensor, layout: BlockLayout, probe: Tensor | None = None) -> Tensor:
-    """``yt [R, B, M]`` of ``Y = X W^T`` for a block-sparse ``W`` and a column-block-major ``xt [C, B, M]``.
+    """``yt [R, B, M]`` of ``Y = X W^T`` for a block-sparse ``W`` and ``xt [C, B, M]``.
 
     Args:
         xt: the input's GEMM view, transposed and cut into ``B``-row slabs, ``[C, B, M]``.
         values: the kept blocks, ``[S, B, B]``, slot ``j`` at ``layout.slot_rows/cols[j]``.
         layout: the slots' positions.
-        probe: optional zero ``[R * B, C * B]`` tensor requiring grad, whose gradient becomes
+        probe: optional ``[R * B, C * B]`` tensor requiring grad, whose gradient becomes
             the dense weight gradient (growth scores).
     """
-    return _BlockSparseGemm.apply(xt, values, layout.slot_rows, layout.slot_cols, layout.grid[0], probe)
+    return _BlockSparseGemm.apply(xt, values, layout, probe)

@@ -6,7 +6,7 @@ classes stay plain ``nn.Module``s. A layer keeps its kept blocks in the paramete
 gradient and stays zero) and their positions in the int64 buffers ``slot_rows`` and
 ``slot_cols``, so checkpoints carry the layout with the weights.
 
-``Conv2d`` is lowered to the block-sparse GEMM by an explicit im2col in the GEMM view's
+Below ``DENSE_ABOVE`` kept fraction, ``Conv2d`` is lowered to the block-sparse GEMM by an explicit im2col in the GEMM view's
 order (taps outer, input channels inner; see ``dsparse.sparsity.blocks``): one strided
 slice of the padded input per tap, copied into a ``[K, N * Ho * Wo]`` buffer. Its
 memory cost is ``kh * kw`` times the layer's input (plus the zero padding of ``K`` to a
@@ -23,7 +23,13 @@ from dsparse.sparsity.block_gemm import block_sparse_gemm
 from dsparse.sparsity.block_layout import BlockLayout
 from dsparse.sparsity.blocks import BlockGrid, block_grid
 
-__all__ = ["BlockSparseConv2d", "BlockSparseLayer", "BlockSparseLinear", "block_sparse_from_dense"]
+__all__ = ["DENSE_ABOVE", "BlockSparseConv2d", "BlockSparseLayer", "BlockSparseLinear", "block_sparse_from_dense"]
+
+DENSE_ABOVE = 0.3
+"""Kept-block fraction above which a layer runs the dense op (``F.linear``/``F.conv2d``,
+oneDNN on CPU) on a scratch weight assembled from its kept blocks: on CPU the gathers of
+the block path cost more than they save there (``benchmarks/bench_block_sparse.py``
+measures both). The layer still stores only the kept blocks."""
 
 
 class BlockSparseLayer(nn.Module):
@@ -95,6 +101,21 @@ class BlockSparseLayer(nn.Module):
         """A zero tensor of the weight's shape whose gradient will be the dense weight gradient."""
         return self.blocks.new_zeros(self.weight_shape, requires_grad=True)
 
+    def uses_dense_scratch(self) -> bool:
+        """Whether this layer keeps so many blocks that a dense op is faster (see ``DENSE_ABOVE``)."""
+        return self.layout().density > DENSE_ABOVE
+
+    def scratch_weight(self) -> Tensor:
+        """A dense weight assembled from the kept blocks, differentiable (its gradient reaches
+        ``blocks`` at the kept blocks only) and, with a probe, also carrying the probe."""
+        num_rows, num_cols = self.geometry.grid
+        block = self.block
+        tiles = self.blocks.new_zeros(num_rows, num_cols, block, block)
+        tiles = tiles.index_put((self.slot_rows, self.slot_cols), self.blocks)
+        padded = tiles.permute(0, 2, 1, 3).reshape(num_rows * block, num_cols * block)
+        weight = self.geometry.from_gemm(padded[: self.geometry.rows, : self.geometry.cols])
+        return weight if self.probe is None else weight + self.probe
+
     def _gemm(self, xt: Tensor) -> Tensor:
         probe = None if self.probe is None else self.geometry.padded(self.geometry.to_gemm(self.probe))
         return block_sparse_gemm(xt, self.blocks, self.layout(), probe)
@@ -109,10 +130,13 @@ class BlockSparseLinear(BlockSparseLayer):
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.uses_dense_scratch():
+            return F.linear(x, self.scratch_weight(), self.bias)
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         num_cols = self.geometry.grid[1]
-        xt = F.pad(rows, (0, num_cols * self.block - self.in_features)).t().reshape(num_cols, self.block, -1)
+        padded = F.pad(rows, (0, num_cols * self.block - self.in_features))
+        xt = padded.t().contiguous().reshape(num_cols, self.block, -1)  # block column c is the slab xt[c]
         yt = self._gemm(xt)
         out = yt.reshape(-1, rows.shape[0])[: self.out_features].t()
         if self.bias is not None:
@@ -141,21 +165,13 @@ class BlockSparseConv2d(BlockSparseLayer):
 
     def im2col(self, x: Tensor) -> Tensor:
         """``xt [C, B, N * Ho * Wo]``: the taps-outer im2col of ``x``, K padded to whole blocks."""
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        batch, channels = x.shape[:2]
-        out_h, out_w = self.output_size(*x.shape[2:])
-        padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
         num_cols = self.geometry.grid[1]
-        xt = x.new_zeros(num_cols * self.block, batch, out_h, out_w)
-        for ky in range(kh):
-            for kx in range(kw):
-                tap = ky * kw + kx
-                window = padded[:, :, ky * dh: ky * dh + sh * (out_h - 1) + 1: sh,
-                                kx * dw: kx * dw + sw * (out_w - 1) + 1: sw]
-                xt[tap * channels: (tap + 1) * channels] = window.transpose(0, 1)
-        return xt.reshape(num_cols, self.block, batch * out_h * out_w)
+        return _Im2Col.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                             num_cols * self.block).reshape(num_cols, self.block, -1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.uses_dense_scratch():
+            return F.conv2d(x, self.scratch_weight(), self.bias, self.stride, self.padding, self.dilation)
         batch = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
         yt = self._gemm(self.im2col(x))
@@ -168,6 +184,46 @@ class BlockSparseConv2d(BlockSparseLayer):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, block={self.block}, "
                 f"kept_blocks={self.blocks.shape[0]}/{self.geometry.grid[0] * self.geometry.grid[1]}")
+
+
+class _Im2Col(torch.autograd.Function):
+    """Taps-outer im2col ``[K_padded, N * Ho * Wo]`` and its adjoint (col2im), one strided
+    copy per tap each way (autograd through slice assignment would copy the whole buffer
+    once per tap in the backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, kernel, stride, padding, dilation, rows: int) -> Tensor:
+        windows = _windows(x.shape, kernel, stride, padding, dilation)
+        ctx.shape, ctx.windows, ctx.padding = x.shape, windows, padding
+        batch, channels = x.shape[:2]
+        (ph, pw), (out_h, out_w) = padding, windows[0][2]
+        padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+        columns = x.new_empty(rows, batch, out_h, out_w)
+        columns[len(windows) * channels:].zero_()
+        for tap, (rows_slice, cols_slice, _) in enumerate(windows):
+            columns[tap * channels:(tap + 1) * channels].copy_(padded[:, :, rows_slice, cols_slice].transpose(0, 1))
+        return columns.reshape(rows, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        batch, channels, height, width = ctx.shape
+        (ph, pw), windows = ctx.padding, ctx.windows
+        out_h, out_w = windows[0][2]
+        grad = grad.reshape(-1, batch, out_h, out_w)
+        padded = grad.new_zeros(batch, channels, height + 2 * ph, width + 2 * pw)
+        for tap, (rows_slice, cols_slice, _) in enumerate(windows):
+            padded[:, :, rows_slice, cols_slice].add_(grad[tap * channels:(tap + 1) * channels].transpose(0, 1))
+        return padded[:, :, ph:ph + height, pw:pw + width], None, None, None, None, None
+
+
+def _windows(shape, kernel, stride, padding, dilation) -> list[tuple[slice, slice, tuple[int, int]]]:
+    """Per tap (taps outer, row-major), the strided window of the padded input it reads."""
+    height, width = shape[2:]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return [(slice(ky * dh, ky * dh + sh * (out_h - 1) + 1, sh), slice(kx * dw, kx * dw + sw * (out_w - 1) + 1, sw),
+             (out_h, out_w)) for ky in range(kh) for kx in range(kw)]
 
 
 def block_sparse_from_dense(layer: nn.Module, block: int, block_mask: Tensor) -> BlockSparseLayer:

@@ -15,7 +15,7 @@ no Python loop over blocks and no per-block host synchronisation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -39,10 +39,30 @@ class BlockLayout:
     """Transposed pointers ``[C + 1]``: the kept blocks of column ``c`` are ``col_slots[col_ptr[c]:col_ptr[c + 1]]``."""
     col_slots: Tensor
     """Slots in column-major block order (by column, then row)."""
+    _rows: list | None = field(default=None, repr=False, compare=False)
+    _cols: list | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_slots(self) -> int:
         return self.slot_rows.numel()
+
+    @property
+    def density(self) -> float:
+        """Kept fraction of the grid's blocks."""
+        return self.num_slots / (self.grid[0] * self.grid[1])
+
+    def rows(self) -> list[tuple[int, Tensor, Tensor]]:
+        """Per non-empty block row: (row, its slots by column, their columns), for kernels
+        that loop over block rows (one host read of the pointers per layout, cached)."""
+        if self._rows is None:
+            self._rows = _groups(self.row_ptr, self.row_slots, self.slot_cols)
+        return self._rows
+
+    def cols(self) -> list[tuple[int, Tensor, Tensor]]:
+        """Per non-empty block column: (column, its slots by row, their rows)."""
+        if self._cols is None:
+            self._cols = _groups(self.col_ptr, self.col_slots, self.slot_rows)
+        return self._cols
 
     @classmethod
     def from_slots(cls, slot_rows: Tensor, slot_cols: Tensor, grid: tuple[int, int]) -> BlockLayout:
@@ -93,6 +113,17 @@ class BlockLayout:
         new_flat = old_flat.clone()
         new_flat[freed] = grown
         return BlockLayout.from_slots(new_flat // num_cols, new_flat % num_cols, self.grid), ~stays
+
+
+def _groups(pointers: Tensor, slots: Tensor, other: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+    counts = (pointers[1:] - pointers[:-1]).tolist()
+    groups, start = [], 0
+    for index, count in enumerate(counts):
+        if count:
+            group = slots[start:start + count]
+            groups.append((index, group, other[group]))
+        start += count
+    return groups
 
 
 def _pointers(index: Tensor, length: int) -> Tensor:

@@ -176,9 +176,7 @@ def grow_by_votes(inactive: Tensor, task_scores: Mapping[str, Tensor], num_grow:
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("task_scores hold NaN/inf at eligible positions, so nominations cannot be ranked; "
                          "the gradients diverged (lower the learning rate or check the loss)")
-    nominated = torch.zeros_like(scores, dtype=torch.bool)
-    for row, task_row in enumerate(scores):
-        nominated[row, _top_k(task_row, num_grow)] = True
+    nominated = _top_k_rows(scores, num_grow)
     votes = nominated.sum(dim=0)
     best = torch.where(nominated, scores, torch.full_like(scores, -math.inf)).amax(dim=0)
     union = votes.nonzero().squeeze(1)  # ascending, i.e. by flat index
@@ -299,6 +297,16 @@ def _top_k(values: Tensor, k: int) -> Tensor:
     above = (values > kth).nonzero().squeeze(1)
     tied = (values == kth).nonzero().squeeze(1)[: k - above.numel()]
     return torch.cat([above, tied])
+
+
+def _top_k_rows(values: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` largest of every row, ties broken by the smaller index:
+    ``_top_k`` for all rows at once (one ``topk`` and a running count of the ties)."""
+    kth = torch.topk(values, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above = values > kth
+    tied = values == kth
+    needed = k - above.sum(dim=1, keepdim=True)
+    return above | (tied & (tied.cumsum(dim=1) <= needed))
 
 
 def _update_generator(seed: int, update_index: int) -> torch.Generator:

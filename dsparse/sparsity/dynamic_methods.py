@@ -23,7 +23,14 @@ from dsparse.sparsity.dynamic import DynamicSchedule, update_layer_masks
 from dsparse.sparsity.erk import erk_counts, random_masks
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.method import MaskInputs, Method, first_conv, register_method, verify_masks_agree
-from dsparse.sparsity.saliency import JOINT, ScoreSet, all_reduce_scores, compute_saliency, normalize_scores
+from dsparse.sparsity.saliency import (
+    JOINT,
+    ScoreSet,
+    all_reduce_scores,
+    compute_saliency,
+    normalize_scores,
+    task_gradients,
+)
 
 
 class DynamicMethod(Method):
@@ -68,12 +75,39 @@ class DynamicMethod(Method):
         return DynamicSchedule(interval=settings.interval, end=settings.end, alpha0=settings.alpha0,
                                total_steps=inputs.total_steps)
 
+    def begin_step(self, step: int, batch: dict, state) -> None:
+        """On an update step, take what the step's own joint gradient cannot give (before
+        the step changes the weights), then record that joint gradient during the step."""
+        if self.schedule(state.inputs).is_update_step(step):
+            targets = state.applier.start_capture()
+            state.capture = {"per_task": self.task_gradients(batch, targets, state)}
+            state.applier.arm_capture()
+
+    def task_gradients(self, batch: dict, targets, state) -> dict[str, dict[str, torch.Tensor]]:
+        """Gradients the joint one does not determine (none, unless votes need them)."""
+        return {}
+
+    def captured_scores(self, joint: dict[str, torch.Tensor], per_task, state) -> ScoreSet:
+        """Growth scores from the step's joint gradient: ``|dL/dw|`` of the joint loss."""
+        return {JOINT: {name: grad.double().abs() for name, grad in joint.items()}}
+
     def growth_scores(self, state, batches: list[dict]) -> ScoreSet:
-        """Growth scores over this rank's ``batches``, summed over ranks and normalised."""
+        """Growth scores, summed over ranks and normalised: from the training step's own
+        forward and backward when the step was captured, else from a forward and backward
+        on this rank's ``batches`` (the Sparsifier used outside a training loop)."""
+        if state.capture is not None:
+            per_task = state.capture["per_task"]
+            joint = state.applier.finish_capture()
+            state.capture = None
+            if set(joint) != set(state.masks.masks):
+                raise RuntimeError("the training step did not backpropagate through every masked weight between "
+                                   "Sparsifier.before_backward and Sparsifier.step")
+            return normalize_scores(all_reduce_scores(self.captured_scores(joint, per_task, state)))
+        joint = self.grow == "gradient"  # RigL: the training loss, weighted as the trainer weighs it
         with state.applier.dense_gradients() as targets:
             scores = compute_saliency(state.model, state.inputs.tasks, batches, criterion="grad",
-                                      num_batches=len(batches), joint=self.grow == "gradient", weights=targets,
-                                      users=state.users)
+                                      num_batches=len(batches), joint=joint, weights=targets, users=state.users,
+                                      task_weights=dict(state.inputs.task_weights) if joint else None)
         return normalize_scores(all_reduce_scores(scores))
 
     def growth_users(self, state) -> dict[str, frozenset[str]]:
@@ -121,6 +155,15 @@ class DynamicMethod(Method):
         return {"num_updates": state.masks.meta.get("num_updates", 0), "layer_density": layer_densities(state.masks)}
 
 
+def derived_task(inputs: MaskInputs) -> str:
+    """The task whose gradient on shared weights is derived from the joint one: the one with
+    the largest loss weight (the last such in task order), which keeps the float32 rounding
+    of the joint gradient smallest relative to that task's own gradient."""
+    tasks = list(inputs.tasks)
+    weights = [float(inputs.task_weights.get(t, 1.0)) for t in tasks]
+    return max(reversed(tasks), key=lambda t: weights[tasks.index(t)])
+
+
 def layer_densities(masks: MaskSet) -> dict[str, float]:
     return {name: float(mask.float().mean()) for name, mask in masks.masks.items()}
 
@@ -133,6 +176,37 @@ class DiSparseDynamic(DynamicMethod):
 
     def growth_users(self, state) -> dict[str, frozenset[str]]:
         return state.users
+
+    def task_gradients(self, batch: dict, targets, state) -> dict[str, dict[str, torch.Tensor]]:
+        """Every task but the last, on the shared weights it uses: one forward of the plain
+        model (DeepSpeed's engine must see only its own backward) and one backward per task.
+        Heads and the last task follow from the step's joint gradient."""
+        derived = derived_task(state.inputs)
+        wanted = {task: {n: targets[n] for n in targets if task in state.users[n] and len(state.users[n]) > 1}
+                  for task in state.inputs.tasks if task != derived}
+        return task_gradients(state.model, state.inputs.tasks, batch, {t: w for t, w in wanted.items() if w})
+
+    def captured_scores(self, joint: dict[str, torch.Tensor], per_task, state) -> ScoreSet:
+        """``|dL_t/dw|`` per task: a weight with one user takes the joint gradient over that
+        task's loss weight; on shared weights one task's (``derived_task``) is the joint
+        gradient minus the others' (in float64), the others' were computed directly."""
+        tasks = list(state.inputs.tasks)
+        weight = {t: float(state.inputs.task_weights.get(t, 1.0)) for t in tasks}
+        last = derived_task(state.inputs)
+        scores: ScoreSet = {t: {} for t in tasks}
+        for name, grad in joint.items():
+            users = [t for t in tasks if t in state.users[name]]
+            remainder = grad.double()
+            for task in users:
+                if len(users) == 1:
+                    scores[task][name] = (remainder / weight[task]).abs()
+                elif task != last:
+                    own = per_task[task][name]
+                    scores[task][name] = own.abs()
+                    remainder = remainder - weight[task] * own
+            if len(users) > 1 and last in users:
+                scores[last][name] = (remainder / weight[last]).abs()
+        return {t: scores[t] for t in tasks if scores[t]}
 
 
 @register_method("rigl")
@@ -147,6 +221,9 @@ class SET(DynamicMethod):
     """Regrow at random."""
 
     grow = "random"
+
+    def begin_step(self, step: int, batch: dict, state) -> None:
+        """Random growth needs no gradient."""
 
     def growth_scores(self, state, batches: list[dict]) -> ScoreSet:
         return {}

@@ -60,6 +60,9 @@ class Method(abc.ABC):
     def initial_masks(self, model: torch.nn.Module, inputs: MaskInputs) -> MaskSet:
         """The masks training starts from; may load or rewind ``model``'s weights."""
 
+    def begin_step(self, step: int, batch: dict, state) -> None:
+        """Called before the forward of the training step that ends at ``step``, with its batch."""
+
     def update(self, step: int, batches: list[dict], state) -> dict | None:
         """Change the masks after ``step`` finished optimizer steps, if this method and its
         schedule say so; returns statistics to log, or None. Static methods never change them.

@@ -127,6 +127,38 @@ def compute_saliency(
     }
 
 
+def task_gradients(model: nn.Module, tasks: dict[str, Task], batch: dict,
+                   targets: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    """Per-task gradients of one batch: one train-mode forward (buffers and flags restored,
+    as for scoring), then one ``autograd.grad`` per task of ``targets`` on the retained graph.
+
+    Args:
+        model: the multitask model (plain, not a DeepSpeed engine).
+        tasks: every task of the model's outputs that a target needs.
+        batch: ``rgb`` plus each target task's label.
+        targets: task -> FQN -> tensor to differentiate (weights or probes).
+
+    Returns:
+        task -> FQN -> float64 gradient of ``L_task`` (zeros where the loss does not reach).
+    """
+    net = unwrap_model(model)
+    device = next(net.parameters()).device
+    gradients: dict[str, dict[str, Tensor]] = {}
+    if not targets:
+        return gradients
+    with _scoring_mode(model, net):
+        images = _target(batch, "rgb").to(device, next(net.parameters()).dtype)
+        outputs = net(images)
+        jobs = list(targets)
+        for index, task in enumerate(jobs):
+            loss = tasks[task].loss(outputs[task].float(), _target(batch, task).to(device))
+            names = list(targets[task])
+            grads = torch.autograd.grad(loss, [targets[task][n] for n in names], retain_graph=index < len(jobs) - 1,
+                                        allow_unused=True, materialize_grads=True)
+            gradients[task] = {n: g.detach().double() for n, g in zip(names, grads)}
+    return gradients
+
+
 def normalize_scores(scores: ScoreSet) -> ScoreSet:
     """Divide each task's scores by their sum over all the weights that task uses.
 

@@ -53,6 +53,10 @@ class Sparsifier:
     def bind(self, optimizer) -> None:
         """Remember where the optimizer keeps state (``engine.optimizer`` or a torch optimizer)."""
 
+    def begin_step(self, step: int, batch: dict) -> None:
+        """Call before the forward of the training step that ``step`` counts (1-based), with
+        its batch: a mask update at the end of the step reuses the step's own gradients."""
+
     def step(self, step: int, batch: dict | list[dict]) -> dict | None:
         """Call after every optimizer step with the finished step count and its batch;
         returns statistics to log when the masks changed."""
@@ -89,6 +93,8 @@ class MaskState:
     users: dict[str, frozenset[str]]
     """Weight FQN -> tasks using it, read from the model before any layer was swapped."""
     units: MaskUnits
+    capture: dict | None = None
+    """A method's record of the current training step (growth from the step's own gradients)."""
 
 
 class MaskedSparsifier(Sparsifier):
@@ -130,6 +136,10 @@ class MaskedSparsifier(Sparsifier):
 
     def bind(self, optimizer) -> None:
         self.state.optimizer = bind_optimizer(optimizer)
+
+    def begin_step(self, step: int, batch: dict) -> None:
+        if self.method is not None:
+            self.method.begin_step(step, batch, self.state)
 
     def step(self, step: int, batch: dict | list[dict]) -> dict | None:
         if self.method is None:

@@ -231,11 +231,12 @@ class Trainer:
         cfg, engine, metrics = self.config.train, self.engine, None
         for step in range(start, end):
             batch = next(batches)
+            done = step + 1
+            self.sparsifier.begin_step(done, batch)
             losses = _task_losses(engine, self.tasks, self.config, batch, self.device, self.input_dtype)
             mean_losses = _check_finite(losses, step, self.world_size)
             engine.backward(sum(self.config.weight_of(name) * loss for name, loss in losses.items()))
             engine.step()
-            done = step + 1
             if (update := self.sparsifier.step(done, batch)) is not None and is_main():
                 self.tracker.log_metrics(update, done)
             if done % cfg.log_interval == 0 or done == end:

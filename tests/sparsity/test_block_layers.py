@@ -210,3 +210,15 @@ def test_linear_layer_swap_keeps_repr_and_rejects_grouped_conv():
     assert "kept_blocks=6/6" in repr(sparse)
     assert isinstance(block_sparse_from_dense(nn.Conv2d(3, 8, 3), 16, torch.ones(1, 1, dtype=torch.bool)),
                       BlockSparseConv2d)
+
+
+@pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-scratch", "gathered"])
+@pytest.mark.parametrize("kept", [0.1, 0.5])
+def test_both_compute_paths_match_dense_masked(monkeypatch, dense_above, kept):
+    """The dense-scratch path (high kept fractions) and the gathered path give the same results."""
+    from dsparse.sparsity import block_layers
+
+    monkeypatch.setattr(block_layers, "DENSE_ABOVE", dense_above)
+    torch.manual_seed(8)
+    check_against_dense(nn.Linear(96, 80), torch.randn(5, 96), kept, 16)
+    check_against_dense(nn.Conv2d(24, 40, 3, padding=2, dilation=2), torch.randn(2, 24, 7, 7), kept, 16)

@@ -237,3 +237,49 @@ def test_mismatched_granularity_is_refused(tmp_path):
         config_from_dict({"sparsity": {"method": "disparse", "granularity": "block", "block": 24}})
     with pytest.raises(ValueError, match="sparsity.granularity must be element or block"):
         config_from_dict({"sparsity": {"method": "disparse", "granularity": "row"}})
+
+
+@pytest.mark.parametrize("method, granularity, zero_stage", [
+    ("disparse_dynamic", "element", None), ("disparse_dynamic", "block", None), ("rigl", "element", None),
+    ("rigl", "block", None), ("disparse_dynamic", "element", 0), ("disparse_dynamic", "block", 2)])
+def test_growth_from_the_training_step_equals_growth_from_its_own_pass(method, granularity, zero_stage):
+    """Scores taken from the step's joint backward (plus a backward per task but one) equal
+    those of a separate forward and a backward per task at the same weights, up to float32
+    rounding of the joint gradient (1e-4 of each layer's largest score)."""
+    tasks = build_tasks(TASKS, num_classes=10)
+    weights = {"seg": 1.0, "normal": 3.0, "depth": 2.0, "keypoint": 7.0, "edge": 0.5}
+    settings = SparsityConfig(method=method, target=0.8, interval=1, end=1.0, granularity=granularity, block=16)
+    sparsifier = build_sparsifier(settings, MaskInputs(tasks, settings, task_weights=weights, total_steps=10))
+    model = sparsifier.prepare(tiny_model(tasks))
+    batch = make_batches(1)[0]
+    if zero_stage is None:
+        engine, optimizer = None, torch.optim.Adam(model.parameters())
+    else:
+        engine = _engine(model, zero_stage)
+        optimizer = engine.optimizer
+    sparsifier.bind(optimizer)
+    state = sparsifier.state
+    reference = state.method_scores = sparsifier.method.growth_scores(state, [batch])  # own forward, no capture
+    sparsifier.begin_step(1, batch)
+    outputs = (engine or model)(batch["rgb"])
+    loss = sum(weights[n] * task.loss(outputs[n], batch[n]) for n, task in tasks.items())
+    engine.backward(loss) if engine is not None else loss.backward()
+    captured = sparsifier.method.growth_scores(state, [batch])
+    assert set(captured) == set(reference)
+    for task, per_layer in reference.items():
+        assert set(captured[task]) == set(per_layer)
+        for name, score in per_layer.items():
+            error = float((captured[task][name] - score).abs().max())
+            assert error <= 1e-4 * float(score.abs().max()), f"{task} {name}: {error}"
+
+
+def _engine(model, zero_stage):
+    import deepspeed
+
+    from dsparse.distributed import init_distributed
+
+    init_distributed()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.Adam(model.parameters()), config={
+        "train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False})
+    return engine
