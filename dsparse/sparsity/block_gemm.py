@@ -44,9 +44,9 @@ def _col_weights(values: Tensor, slots: Tensor) -> Tensor:
 def _zero_except(slabs: Tensor, written: list[int]) -> None:
     """Zero the slabs no block row (column) writes; the others are overwritten whole."""
     if len(written) < slabs.shape[0]:
-        keep = torch.ones(slabs.shape[0], dtype=torch.bool)
-        keep[written] = False
-        slabs[keep.to(slabs.device)] = 0
+        unwritten = torch.ones(slabs.shape[0], dtype=torch.bool)
+        unwritten[written] = False
+        slabs.index_fill_(0, unwritten.nonzero().squeeze(1).to(slabs.device), 0)
 
 
 class _BlockSparseGemm(torch.autograd.Function):

@@ -151,13 +151,14 @@ class Trainer:
         self.rank, self.world_size, self.device = init_distributed()
         self.run_dir = Path(config.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
-        _prepare_run_dir(self.run_dir, resume, config)
-        torch.manual_seed(config.seed)
+        # everything a bad config or mask file can break is checked before the run directory is touched
         self.manifest = load_manifest(config.data.path)
         self.tasks = build_run_tasks(config, self.manifest)
+        self.sparsifier = run_sparsifier(config, self.tasks, self.manifest, self.rank, self.world_size, self.run_dir)
+        _prepare_run_dir(self.run_dir, resume, config)
+        torch.manual_seed(config.seed)
         checkpoint = latest_checkpoint(self.checkpoint_dir) if resume else None
         model = build_run_model(config, self.tasks).to(self.device)
-        self.sparsifier = run_sparsifier(config, self.tasks, self.manifest, self.rank, self.world_size, self.run_dir)
         if checkpoint is not None:
             self.sparsifier.load_state_dict(read_sparsifier_state(checkpoint))
         model = self.sparsifier.prepare(model)
