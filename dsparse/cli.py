@@ -2,7 +2,7 @@
 
     dsparse demo                                   # synth data, train, eval, table
     dsparse data synth --out data/synthetic        # procedural multitask scenes as shards
-    dsparse prune CONFIG.yaml --method disparse --sparsity 0.9 [--criterion snip] [--from RUN] --out masks.pt
+    dsparse prune CONFIG.yaml --method disparse --sparsity 0.9 [--criterion snip] [--from RUN] [--granularity block]
     dsparse train CONFIG.yaml [--set k=v ...] [--masks masks.pt] [--resume] [--stop-after N]
     dsparse eval RUN_OR_CHECKPOINT_OR_EXPORT [--baseline RUN] [--out metrics.json]
     dsparse export RUN --out model.pt              # kept blocks/weights + layout + config
@@ -58,7 +58,8 @@ def _cmd_prune(args) -> None:
 
     overrides = list(args.set) + [f"sparsity.method={args.method}", f"sparsity.target={args.sparsity}"]
     for key, value in (("criterion", args.criterion), ("from_checkpoint", args.from_checkpoint),
-                       ("num_batches", args.num_batches), ("scope", args.scope)):
+                       ("num_batches", args.num_batches), ("scope", args.scope),
+                       ("granularity", args.granularity), ("block", args.block)):
         if value is not None:
             overrides.append(f"sparsity.{key}={value}")
     if args.keep_first_dense:
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--num-batches", type=int, default=None)
     prune.add_argument("--scope", default=None, help="global (default) | layerwise")
     prune.add_argument("--keep-first-dense", action="store_true")
+    prune.add_argument("--granularity", default=None, help="element (default) | block")
+    prune.add_argument("--block", type=int, default=None, help="block side for --granularity block: 16 | 32 | 64")
     prune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prune.add_argument("--out", default="masks.pt")
     prune.set_defaults(func=_cmd_prune)
