@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--num-batches", type=int, default=50, help="saliency batches of static DiSparse")
     parser.add_argument("--runs", default=None, help="run directory (default runs/granularity/<time>); an existing "
                                                      "one continues where it stopped")
     parser.add_argument("--out", default=str(RESULTS_DIR))
@@ -75,7 +76,8 @@ def main() -> None:
         dense = run("dense", [], args, root, seed)
         results["dense", "-"].append({"summary": dense, "delta_t": 0.0})
         for method, granularity in variants:
-            overrides = [f"sparsity.method={method}", f"sparsity.target={args.sparsity}", *GRANULARITIES[granularity]]
+            overrides = [f"sparsity.method={method}", f"sparsity.target={args.sparsity}",
+                         f"sparsity.num_batches={args.num_batches}", *GRANULARITIES[granularity]]
             summary = run(f"{method}-{granularity}", overrides, args, root, seed)
             results[method, granularity].append(
                 {"summary": summary, "delta_t": delta_t(summary["final_metrics"], dense["final_metrics"], tasks)})

@@ -25,11 +25,13 @@ from dsparse.sparsity.blocks import BlockGrid, block_grid
 
 __all__ = ["DENSE_ABOVE", "BlockSparseConv2d", "BlockSparseLayer", "BlockSparseLinear", "block_sparse_from_dense"]
 
-DENSE_ABOVE = 0.3
+DENSE_ABOVE = {"linear": 0.2, "conv": 0.07}
 """Kept-block fraction above which a layer runs the dense op (``F.linear``/``F.conv2d``,
-oneDNN on CPU) on a scratch weight assembled from its kept blocks: on CPU the gathers of
-the block path cost more than they save there (``benchmarks/bench_block_sparse.py``
-measures both). The layer still stores only the kept blocks."""
+oneDNN on CPU) on a scratch weight assembled from its kept blocks, because on CPU the
+block path's gathers (and, for convolutions, its im2col) cost more than they save there:
+measured crossovers on 2 cores with 32x32 blocks (``benchmarks/bench_block_sparse.py``,
+README) are between 75% and 90% sparsity for Linear and above 90% for the ResNet convs.
+The layer still stores only the kept blocks."""
 
 
 class BlockSparseLayer(nn.Module):
@@ -101,9 +103,11 @@ class BlockSparseLayer(nn.Module):
         """A zero tensor of the weight's shape whose gradient will be the dense weight gradient."""
         return self.blocks.new_zeros(self.weight_shape, requires_grad=True)
 
+    kind = "linear"
+
     def uses_dense_scratch(self) -> bool:
         """Whether this layer keeps so many blocks that a dense op is faster (see ``DENSE_ABOVE``)."""
-        return self.layout().density > DENSE_ABOVE
+        return self.layout().density > DENSE_ABOVE[self.kind]
 
     def scratch_weight(self) -> Tensor:
         """A dense weight assembled from the kept blocks, differentiable (its gradient reaches
@@ -150,6 +154,8 @@ class BlockSparseLinear(BlockSparseLayer):
 
 class BlockSparseConv2d(BlockSparseLayer):
     """A ``Conv2d`` (groups 1) with a block-sparse weight, lowered to the block GEMM."""
+
+    kind = "conv"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, block: int, block_mask: Tensor,
                  bias: Tensor | None = None, *, stride=1, padding=0, dilation=1, device=None, dtype=None):

@@ -118,7 +118,11 @@ def test_bf16_matches_dense_masked(layer):
                         tolerance={"rtol": 5e-2, "atol": 5e-2})
 
 
-def test_gradcheck_float64():
+@pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-scratch", "gathered"])
+def test_gradcheck_float64(monkeypatch, dense_above):
+    from dsparse.sparsity import block_layers
+
+    monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
     torch.manual_seed(5)
     linear = nn.Linear(20, 18).double()
     sparse = block_sparse_from_dense(linear, 16, torch.tensor([[True, False], [True, True]]))
@@ -141,7 +145,11 @@ def _call(layer, x, blocks, bias):
         layer.blocks, layer.bias = saved
 
 
-def test_probe_gets_the_dense_weight_gradient_only_when_set():
+@pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-scratch", "gathered"])
+def test_probe_gets_the_dense_weight_gradient_only_when_set(monkeypatch, dense_above):
+    from dsparse.sparsity import block_layers
+
+    monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
     torch.manual_seed(6)
     conv = nn.Conv2d(20, 24, 3, padding=1)
     block_mask = random_block_mask(block_grid(conv.weight.shape, 16).grid, 0.5)
@@ -218,7 +226,7 @@ def test_both_compute_paths_match_dense_masked(monkeypatch, dense_above, kept):
     """The dense-scratch path (high kept fractions) and the gathered path give the same results."""
     from dsparse.sparsity import block_layers
 
-    monkeypatch.setattr(block_layers, "DENSE_ABOVE", dense_above)
+    monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
     torch.manual_seed(8)
     check_against_dense(nn.Linear(96, 80), torch.randn(5, 96), kept, 16)
     check_against_dense(nn.Conv2d(24, 40, 3, padding=2, dilation=2), torch.randn(2, 24, 7, 7), kept, 16)
