@@ -24,3 +24,12 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("disk full")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_published_files_get_the_default_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    write_text_atomic(tmp_path / "shared.json", "{}")
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -228,7 +228,7 @@ class BlockApplier(MaskApplier):
                                      "block updates only move blocks within block-sparse layers")
                 continue
             layout, grown_slots = layer.layout().reassign(self.units.unit_mask(name, mask))
-            reset_blocks = self.units.pool(name, reset[name].to(torch.int64)) > 0
+            reset_blocks = (self.units.pool(name, reset[name].to(torch.int64)) > 0).to(layout.slot_rows.device)
             restart = grown_slots | reset_blocks[layout.slot_rows, layout.slot_cols]
             if restart.any():
                 optimizer.zero_(layer.blocks, restart[:, None, None].expand_as(layer.blocks))

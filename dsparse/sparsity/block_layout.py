@@ -100,7 +100,7 @@ class BlockLayout:
         if tuple(block_mask.shape) != self.grid:
             raise ValueError(f"block mask of grid {tuple(block_mask.shape)} for a layout of grid {self.grid}")
         num_cols = self.grid[1]
-        flat = block_mask.reshape(-1)
+        flat = block_mask.to(self.slot_rows.device).reshape(-1)
         old_flat = self.slot_rows * num_cols + self.slot_cols
         stays = flat[old_flat]
         was_kept = torch.zeros_like(flat)

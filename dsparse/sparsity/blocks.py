@@ -83,11 +83,11 @@ class BlockGrid:
         padded = self.padded(self.to_gemm(values))
         return padded.reshape(num_rows, self.block, num_cols, self.block).sum(dim=(1, 3))
 
-    def block_sizes(self) -> Tensor:
+    def block_sizes(self, device=None) -> Tensor:
         """Number of real (unpadded) elements of every block, ``[R, C]`` int64."""
         num_rows, num_cols = self.grid
-        row_sizes = torch.full((num_rows,), self.block, dtype=torch.int64)
-        col_sizes = torch.full((num_cols,), self.block, dtype=torch.int64)
+        row_sizes = torch.full((num_rows,), self.block, dtype=torch.int64, device=device)
+        col_sizes = torch.full((num_cols,), self.block, dtype=torch.int64, device=device)
         row_sizes[-1] = self.rows - (num_rows - 1) * self.block
         col_sizes[-1] = self.cols - (num_cols - 1) * self.block
         return row_sizes[:, None] * col_sizes[None, :]
@@ -104,7 +104,7 @@ class BlockGrid:
         """The ``[R, C]`` block mask of an element mask, or None if some block is mixed."""
         kept = self.block_sums(element_mask.to(torch.int64))
         block_mask = kept > 0
-        if not torch.equal(kept, block_mask.to(torch.int64) * self.block_sizes()):
+        if not torch.equal(kept, block_mask.to(torch.int64) * self.block_sizes(kept.device)):
             return None
         return block_mask
 

@@ -101,7 +101,7 @@ class DynamicMethod(Method):
             state.capture = None
             if set(joint) != set(state.masks.masks):
                 raise RuntimeError("the training step did not backpropagate through every masked weight between "
-                                   "Sparsifier.before_backward and Sparsifier.step")
+                                   "Sparsifier.begin_step and Sparsifier.step")
             return normalize_scores(all_reduce_scores(self.captured_scores(joint, per_task, state)))
         joint = self.grow == "gradient"  # RigL: the training loss, weighted as the trainer weighs it
         with state.applier.dense_gradients() as targets:
@@ -131,7 +131,7 @@ class DynamicMethod(Method):
         weights = state.applier.weights()
         old = {name: units.unit_mask(name, masks.masks[name]) for name in sparse}
         new, stats = update_layer_masks(
-            {name: units.pool(name, weights[name].abs()) for name in sparse}, old,
+            {name: units.pool(name, weights[name].abs().float()) for name in sparse}, old,
             {task: {n: units.pool(n, s) for n, s in per.items() if n in old} for task, per in scores.items()},
             {name: users[name] for name in sparse}, schedule.drop_fraction(step),
             grow=self.grow, seed=state.inputs.seed, update_index=step)
@@ -139,7 +139,9 @@ class DynamicMethod(Method):
         # restart from zero weight and zero optimizer state
         reset = {name: units.expand(name, (old[name] & ~new[name]) | stats.grown_masks[name]) for name in sparse}
         state.applier.update({name: units.expand(name, new[name]) for name in sparse}, reset, state.optimizer)
-        masks.meta["num_updates"] = masks.meta.get("num_updates", 0) + 1
+        num_kept, num_total = masks.num_kept, masks.num_total  # blocks of unequal size move
+        masks.meta.update(num_updates=masks.meta.get("num_updates", 0) + 1, num_kept=num_kept,
+                          keep_ratio=num_kept / num_total, sparsity_achieved=1.0 - num_kept / num_total)
         verify_masks_agree(masks)
         return self._report(stats, masks)
 
@@ -155,10 +157,13 @@ class DynamicMethod(Method):
         return {"num_updates": state.masks.meta.get("num_updates", 0), "layer_density": layer_densities(state.masks)}
 
 
-def derived_task(inputs: MaskInputs) -> str:
+def derived_task(inputs: MaskInputs, targets: dict[str, torch.Tensor]) -> str | None:
     """The task whose gradient on shared weights is derived from the joint one: the one with
     the largest loss weight (the last such in task order), which keeps the float32 rounding
-    of the joint gradient smallest relative to that task's own gradient."""
+    of the joint gradient smallest relative to that task's own gradient. None (every task
+    computed directly) when the weights are in bf16/fp16, whose rounding would swamp it."""
+    if any(t.dtype not in (torch.float32, torch.float64) for t in targets.values()):
+        return None
     tasks = list(inputs.tasks)
     weights = [float(inputs.task_weights.get(t, 1.0)) for t in tasks]
     return max(reversed(tasks), key=lambda t: weights[tasks.index(t)])
@@ -181,7 +186,7 @@ class DiSparseDynamic(DynamicMethod):
         """Every task but the last, on the shared weights it uses: one forward of the plain
         model (DeepSpeed's engine must see only its own backward) and one backward per task.
         Heads and the last task follow from the step's joint gradient."""
-        derived = derived_task(state.inputs)
+        derived = derived_task(state.inputs, targets)
         wanted = {task: {n: targets[n] for n in targets if task in state.users[n] and len(state.users[n]) > 1}
                   for task in state.inputs.tasks if task != derived}
         return task_gradients(state.model, state.inputs.tasks, batch, {t: w for t, w in wanted.items() if w})
@@ -192,7 +197,8 @@ class DiSparseDynamic(DynamicMethod):
         gradient minus the others' (in float64), the others' were computed directly."""
         tasks = list(state.inputs.tasks)
         weight = {t: float(state.inputs.task_weights.get(t, 1.0)) for t in tasks}
-        last = derived_task(state.inputs)
+        last = next((t for t in tasks if t not in per_task and any(
+            t in state.users[n] and len(state.users[n]) > 1 for n in joint)), None)
         scores: ScoreSet = {t: {} for t in tasks}
         for name, grad in joint.items():
             users = [t for t in tasks if t in state.users[name]]

@@ -88,7 +88,7 @@ def _zero_fragments(mapping, keep: torch.Tensor) -> None:
     keys = mapping.get_optim_state_keys() if mapping.optim_fragment else []
     for key in (None, *keys):  # None = the fp32 master weights
         fragment = mapping.get_hp_fragment(key)
-        fragment.mul_(local_keep.to(fragment.dtype))
+        fragment.mul_(local_keep.to(fragment.device, fragment.dtype))  # offload keeps it on the CPU
 
 
 def _torch_optimizer(optimizer):

@@ -46,6 +46,9 @@ STATE_VERSION = 1
 class Sparsifier:
     """A dense run: nothing is masked. Subclasses keep the same calls."""
 
+    def check(self, model: torch.nn.Module) -> None:
+        """Refuse what ``prepare`` would refuse about ``model`` without changing or writing anything."""
+
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Make, load or initialise masks and apply them; call before DeepSpeed wraps ``model``."""
         return model
@@ -118,6 +121,10 @@ class MaskedSparsifier(Sparsifier):
     @property
     def masks(self) -> MaskSet:
         return self.state.masks if self.state is not None else self._given
+
+    def check(self, model: torch.nn.Module) -> None:
+        if self._given is not None:
+            self._given.check_matches(model)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         masks = self._given if self._given is not None else self.method.initial_masks(model, self.inputs)
@@ -218,9 +225,17 @@ def swap_sparse_layers(model: torch.nn.Module, state: dict) -> torch.nn.Module:
 
 
 def read_sparsifier_state(checkpoint_dir: Path) -> dict:
-    """The Sparsifier state saved in a checkpoint directory ({} for a dense run's)."""
-    path = Path(checkpoint_dir) / STATE_FILE
+    """The Sparsifier state saved in a checkpoint directory ({} for a dense run's).
+
+    Checkpoints written before the Sparsifier kept their masks in ``masks.pt`` beside the
+    checkpoint (dynamic runs) or in the run directory (static runs); those are read too.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    path = checkpoint_dir / STATE_FILE
     if not path.is_file():
+        for legacy in (checkpoint_dir / MASKS_FILE, checkpoint_dir.parent.parent / MASKS_FILE):
+            if legacy.is_file():
+                return {"format": STATE_FORMAT, "version": STATE_VERSION, "masks": MaskSet.load(legacy).state_dict()}
         return {}
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

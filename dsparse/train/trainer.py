@@ -155,10 +155,12 @@ class Trainer:
         self.manifest = load_manifest(config.data.path)
         self.tasks = build_run_tasks(config, self.manifest)
         self.sparsifier = run_sparsifier(config, self.tasks, self.manifest, self.rank, self.world_size, self.run_dir)
-        _prepare_run_dir(self.run_dir, resume, config)
+        deepspeed_config(config, self.device)
         torch.manual_seed(config.seed)
-        checkpoint = latest_checkpoint(self.checkpoint_dir) if resume else None
         model = build_run_model(config, self.tasks).to(self.device)
+        self.sparsifier.check(model)
+        _prepare_run_dir(self.run_dir, resume, config)
+        checkpoint = latest_checkpoint(self.checkpoint_dir) if resume else None
         if checkpoint is not None:
             self.sparsifier.load_state_dict(read_sparsifier_state(checkpoint))
         model = self.sparsifier.prepare(model)

@@ -151,6 +151,8 @@ def test_dynamic_block_update_moves_blocks_and_restarts_them_at_zero():
         optimizer.zero_grad()
         report = sparsifier.step(step, batch)
         assert report["sparsity/grown"] > 0
+    masks = sparsifier.masks
+    assert masks.meta["num_kept"] == masks.num_kept and masks.meta["sparsity_achieved"] == masks.sparsity
     moved = 0
     for fqn, layer in layers.items():
         after = layer.block_mask()
@@ -208,6 +210,7 @@ def _rank_worker(rank, world_size, init_file, batches, out):
         if rank == 0:
             masks.save(out)
     finally:
+        dist.barrier()  # no rank tears gloo down while the other still has work in flight
         dist.destroy_process_group()
 
 
@@ -283,3 +286,27 @@ def _engine(model, zero_stage):
         "train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False})
     return engine
+
+
+def test_bf16_weights_take_every_task_gradient_directly():
+    from dsparse.sparsity.dynamic_methods import derived_task
+
+    tasks = build_tasks(TASKS, num_classes=10)
+    settings = SparsityConfig(method="disparse_dynamic", target=0.8)
+    inputs = MaskInputs(tasks, settings, task_weights={"normal": 3.0})
+    assert derived_task(inputs, {"w": torch.zeros(2)}) == "normal"
+    assert derived_task(inputs, {"w": torch.zeros(2, dtype=torch.bfloat16)}) is None
+
+
+def test_checkpoints_from_before_the_sparsifier_still_resume(tmp_path):
+    from dsparse.sparsity.sparsifier import read_sparsifier_state
+
+    masks = MaskSet({"w": torch.tensor([True, False])}, {"method": "rigl"})
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000004"
+    checkpoint.mkdir(parents=True)
+    assert read_sparsifier_state(checkpoint) == {}
+    masks.save(tmp_path / "run" / "masks.pt")  # a static run kept its masks in the run directory
+    assert MaskSet.from_state_dict(read_sparsifier_state(checkpoint)["masks"]).digest() == masks.digest()
+    masks.masks["w"] = torch.tensor([False, True])
+    masks.save(checkpoint / "masks.pt")  # a dynamic run kept them beside each checkpoint
+    assert MaskSet.from_state_dict(read_sparsifier_state(checkpoint)["masks"]).digest() == masks.digest()

@@ -106,3 +106,22 @@ def test_mismatched_mask_file_is_one_line_and_writes_nothing(tiny_dataset, tmp_p
     assert code == 2 and len(err) == 1
     assert "hold block masks (block 32) but the config asks for element masks" in err[0]
     assert not run_dir.exists(), "nothing may be written for a refused run"
+
+
+def test_mask_file_of_another_model_is_refused_before_anything_is_written(tiny_dataset, tmp_path, capsys):
+    from dsparse.sparsity import prune
+    from dsparse.models import build_model
+    from dsparse.tasks import build_tasks
+
+    tasks = build_tasks(["seg", "depth"], num_classes=10)
+    model = build_model("resnet18", {n: t.num_channels for n, t in tasks.items()}, base_width=8,
+                        head_dilations=(1, 2))
+    prune(model, tasks, None, method="random", sparsity=0.5).save(tmp_path / "narrow.pt")
+    run_dir = tmp_path / "run"
+    code = main(["train", "synthetic_tiny", "--masks", str(tmp_path / "narrow.pt"), "--set",
+                 f"data.path={tiny_dataset}", "--set", "tasks=[seg,depth]", "--set", f"output_dir={run_dir}",
+                 "--set", "model.base_width=16", "--set", "model.head_dilations=[1,2]", "--set",
+                 "tracking.enabled=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "masks do not match the model" in err[0]
+    assert not run_dir.exists()

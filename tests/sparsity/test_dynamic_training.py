@@ -133,6 +133,7 @@ def _rank_worker(rank, world_size, init_file, batches_per_update, out):
         if rank == 0:
             masks.save(out)
     finally:
+        dist.barrier()  # no rank tears gloo down while the other still has work in flight
         dist.destroy_process_group()
 
 
