@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +36,9 @@ from dsparse.sparsity.block_layout import BlockLayout
 from dsparse.sparsity.blocks import block_grid
 from peak_memory import peak_rss_mib, reset_peak_rss
 from results_io import RESULTS_DIR, machine_tag, publish, result_path, today
+from timing import median_time
 
 SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
-
-
-def median_time(function, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def random_block_mask(grid: tuple[int, int], sparsity: float, seed: int = 0) -> torch.Tensor:

@@ -18,8 +18,6 @@ Writes ``benchmarks/results/dynamic-update-<method>-<host>-<date>.md``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from dsparse.config import config_from_dict
@@ -37,6 +35,7 @@ from bench_model import (
 )
 from peak_memory import peak_rss_mib, reset_peak_rss
 from results_io import RESULTS_DIR, machine_tag, publish, today
+from timing import median_time
 
 
 def measure(args, tasks, granularity: str) -> dict[str, float]:
@@ -60,24 +59,16 @@ def measure(args, tasks, granularity: str) -> dict[str, float]:
         train_step(engine, tasks, batch)
         sparsifier.step(step, batch)
 
-    def timed(function, repeats):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
     for _ in range(3):  # warm-up every path
         training_step(False)
         training_step(True)
     reset_peak_rss()
-    plain = timed(lambda: training_step(False), args.repeats)
+    plain = median_time(lambda: training_step(False), args.repeats, warmup=0)
     plain_peak = peak_rss_mib()
     reset_peak_rss()
-    updating = timed(lambda: training_step(True), args.repeats)
+    updating = median_time(lambda: training_step(True), args.repeats, warmup=0)
     update_peak = peak_rss_mib()
-    standalone = timed(lambda: sparsifier.step(2 * next(counter), batch), args.repeats)
+    standalone = median_time(lambda: sparsifier.step(2 * next(counter), batch), args.repeats, warmup=0)
     return {"plain": plain, "updating": updating, "standalone": standalone, "plain_peak": plain_peak,
             "update_peak": update_peak}
 
