@@ -26,6 +26,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from compare_methods import run_overrides  # noqa: E402
 from results_io import RESULTS_DIR, machine_tag, result_path, today  # noqa: E402
 
 from dsparse.config import load_config  # noqa: E402
@@ -43,11 +44,7 @@ def run(name: str, overrides: list[str], args, root: Path, seed: int) -> dict:
     out = root / f"seed{seed}" / name
     if (out / "summary.json").is_file():  # a finished run of an interrupted comparison
         return json.loads((out / "summary.json").read_text())
-    base = [f"data.path={args.data}", f"output_dir={out}", f"seed={seed}", "tracking.experiment=dsparse-granularity",
-            f"tracking.run_name={name}-s{seed}"]
-    if args.iterations:
-        base += [f"train.iterations={args.iterations}", f"train.eval_interval={args.iterations}",
-                 f"train.checkpoint_interval={args.iterations}"]
+    base = run_overrides(args.data, out, seed, "dsparse-granularity", f"{name}-s{seed}", args.iterations)
     logging.info("training %s, seed %d", name, seed)
     return train(load_config(args.config, base + overrides))
 

@@ -33,16 +33,24 @@ from dsparse.train.trainer import train  # noqa: E402
 METHODS = ["dense", "disparse", "snip", "random"]
 
 
+def run_overrides(data: str, out: Path, seed: int, experiment: str, run_name: str, iterations: int | None) -> list[str]:
+    """The ``--set`` overrides every compared run shares: data, run directory, seed,
+    MLflow experiment and run name, and (optionally) a shorter schedule."""
+    overrides = [f"data.path={data}", f"output_dir={out}", f"seed={seed}", f"tracking.experiment={experiment}",
+                 f"tracking.run_name={run_name}"]
+    if iterations:
+        overrides += [f"train.iterations={iterations}", f"train.eval_interval={iterations}",
+                      f"train.checkpoint_interval={iterations}"]
+    return overrides
+
+
 def run_method(method: str, args, root: Path) -> dict:
     if method == "dense" and args.reuse_dense:
         summary = json.loads((Path(args.reuse_dense) / "summary.json").read_text())
         logging.info("reusing the dense baseline of %s", args.reuse_dense)
         return summary
-    overrides = [f"data.path={args.data}", f"output_dir={root / method}", f"seed={args.seed}",
-                 "tracking.experiment=dsparse-methods", f"tracking.run_name={method}-{args.sparsity}"]
-    if args.iterations:
-        overrides += [f"train.iterations={args.iterations}", f"train.eval_interval={args.iterations}",
-                      f"train.checkpoint_interval={args.iterations}"]
+    overrides = run_overrides(args.data, root / method, args.seed, "dsparse-methods", f"{method}-{args.sparsity}",
+                              args.iterations)
     if method != "dense":
         overrides += [f"sparsity.method={method}", f"sparsity.target={args.sparsity}",
                       f"sparsity.num_batches={args.num_batches}"]

@@ -15,7 +15,7 @@ from dsparse.data.shards import load_manifest
 from dsparse.tasks import delta_t
 from dsparse.distributed import device_and_backend
 from dsparse.export import is_export_file, load_sparse
-from dsparse.sparsity.sparsifier import read_sparsifier_state, swap_sparse_layers
+from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
 from dsparse.train.components import build_run_model, build_run_tasks
 from dsparse.train.evaluate import evaluate
@@ -72,7 +72,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
     tasks = build_run_tasks(config, manifest)
     if model is None:
         model = build_run_model(config, tasks)
-        swap_sparse_layers(model, read_sparsifier_state(path))  # block runs store only kept blocks
+        swap_sparse_layers(model, checkpoint_masks(read_sparsifier_state(path)))  # block runs store only kept blocks
         model.load_state_dict(load_model_weights(path))
     device, _ = device_and_backend()
     spec = stream_spec(config.data, manifest, split, config.tasks, seed=config.seed, rank=0, world_size=1,

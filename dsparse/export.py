@@ -21,14 +21,12 @@ import numpy as np
 import torch
 
 from dsparse.config import config_from_dict
-from dsparse.io import atomic_path
+from dsparse.io import atomic_path, load_tensor_file
 from dsparse.models import build_model, prunable_parameters
-from dsparse.sparsity.appliers import BlockApplier
 from dsparse.sparsity.block_layers import BlockSparseLayer, BlockSparseConv2d, BlockSparseLinear
 from dsparse.sparsity.block_layout import BlockLayout
-from dsparse.sparsity.blocks import block_grid, mask_units
-from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.sparsifier import read_sparsifier_state
+from dsparse.sparsity.blocks import block_grid
+from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
 
 __all__ = ["ExportReport", "export_run", "is_export_file", "load_sparse"]
@@ -67,11 +65,11 @@ def export_run(run: str | Path, out: str | Path) -> ExportReport:
     if not state:
         raise ValueError(f"{run} is a dense run (no sparsity state in {checkpoint}), so there is nothing to export "
                          "sparsely; its checkpoint already holds the dense model")
-    masks = MaskSet.from_state_dict(state["masks"], f"the masks of {checkpoint}")
+    masks = checkpoint_masks(state)
     tasks = build_run_tasks(config, load_manifest(config.data.path))
     model = build_run_model(config, tasks)
     dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    layers = _sparse_layers(model, masks)
+    layers = swap_sparse_layers(model, masks)
     model.load_state_dict(load_model_weights(checkpoint))
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
                "task_channels": {name: task.num_channels for name, task in tasks.items()},
@@ -96,14 +94,6 @@ def export_run(run: str | Path, out: str | Path) -> ExportReport:
     with atomic_path(out) as temporary:
         torch.save(payload, temporary)
     return ExportReport(out, out.stat().st_size, dense_bytes, masks.sparsity, masks.meta.get("granularity", "element"))
-
-
-def _sparse_layers(model: torch.nn.Module, masks: MaskSet) -> dict[str, BlockSparseLayer]:
-    """Swap the model's masked layers for block-sparse ones if the masks are block masks."""
-    if masks.meta.get("granularity", "element") != "block":
-        return {}
-    shapes = {fqn: tuple(w.shape) for fqn, w in prunable_parameters(model).items()}
-    return BlockApplier(model, masks, mask_units("block", masks.meta["block"], shapes)).layers
 
 
 def is_export_file(path: str | Path) -> bool:
@@ -132,10 +122,7 @@ def load_sparse(path: str | Path, model: torch.nn.Module | None = None):
             parameters do not match the file (naming them).
     """
     path = Path(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path} cannot be read as a dsparse export ({type(error).__name__}: {error})") from error
+    payload = load_tensor_file(path, "export", "write it again with `dsparse export RUN --out FILE`")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a sparse model exported by `dsparse export`")
     if payload.get("version") != VERSION:

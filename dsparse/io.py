@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "load_tensor_file", "write_bytes_atomic", "write_text_atomic"]
 
 
 def _file_mode() -> int:
@@ -44,6 +44,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def load_tensor_file(path: str | Path, what: str, fix: str):
+    """``torch.load(weights_only=True)`` of a file dsparse wrote (no pickled classes), on CPU.
+
+    Raises:
+        ValueError: in one line, naming ``what`` and ``path``, the first line of the
+            reason, and ``fix`` (torch's own messages run over many lines).
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(f"{what} {path} cannot be read ({type(error).__name__}: {reason}); {fix}") from error
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

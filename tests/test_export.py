@@ -45,9 +45,8 @@ def runs(tiny_dataset, tmp_path_factory):
 
 def masked_dense_model(run_dir, config):
     """The trained model as dense weights with zeros (the reference of the export)."""
-    from dsparse.export import _sparse_layers  # the swap the run used, then the dense weights of it
     from dsparse.sparsity.masks import MaskSet
-    from dsparse.sparsity.sparsifier import read_sparsifier_state
+    from dsparse.sparsity.sparsifier import read_sparsifier_state, swap_sparse_layers
     from dsparse.train.checkpoint import load_model_weights
 
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
@@ -55,7 +54,7 @@ def masked_dense_model(run_dir, config):
     dense = build_run_model(config, tasks)
     sparse = build_run_model(config, tasks)
     masks = MaskSet.from_state_dict(read_sparsifier_state(checkpoint)["masks"])
-    layers = _sparse_layers(sparse, masks)
+    layers = swap_sparse_layers(sparse, masks)  # the swap the run used, then the dense weights of it
     sparse.load_state_dict(load_model_weights(checkpoint))
     state = dict(sparse.state_dict())
     weights = prunable_parameters(dense)

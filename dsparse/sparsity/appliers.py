@@ -40,10 +40,16 @@ class MaskApplier(abc.ABC):
     def weights(self) -> dict[str, torch.Tensor]:
         """FQN -> the weight's current values (detached; zeros where pruned)."""
 
-    @abc.abstractmethod
-    def dense_gradients(self) -> contextlib.AbstractContextManager[dict[str, torch.Tensor]]:
+    @contextlib.contextmanager
+    def dense_gradients(self):
         """A context yielding FQN -> a tensor of the weight's shape to differentiate; its
-        gradient is the dense one, pruned positions included (growth scores)."""
+        gradient is the dense one, pruned positions included (growth scores). The same
+        targets as a capture, without recording a training backward."""
+        targets = self.start_capture()
+        try:
+            yield targets
+        finally:
+            self.finish_capture()
 
     @abc.abstractmethod
     def start_capture(self) -> dict[str, torch.Tensor]:
@@ -95,15 +101,6 @@ class ElementApplier(MaskApplier):
 
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: self._weights[name].detach() for name in self.masks.masks}
-
-    @contextlib.contextmanager
-    def dense_gradients(self):
-        """Let unmasked gradients through (growth scores need the dense gradient)."""
-        self._enabled = False
-        try:
-            yield {name: self._weights[name] for name in self.masks.masks}
-        finally:
-            self._enabled = True
 
     def start_capture(self) -> dict[str, torch.Tensor]:
         self._enabled = False
@@ -175,21 +172,6 @@ class BlockApplier(MaskApplier):
     def weights(self) -> dict[str, torch.Tensor]:
         return {name: self.layers[name].dense_weight() if name in self.layers else self._dense[name].detach()
                 for name in self.masks.masks}
-
-    @contextlib.contextmanager
-    def dense_gradients(self):
-        """Give every block-sparse layer a probe that receives its dense weight gradient."""
-        targets = {}
-        for name in self.masks.masks:
-            if name in self.layers:
-                targets[name] = self.layers[name].probe = self.layers[name].new_probe()
-            else:
-                targets[name] = self._dense[name]
-        try:
-            yield targets
-        finally:
-            for layer in self.layers.values():
-                layer.probe = None
 
     def start_capture(self) -> dict[str, torch.Tensor]:
         """Probes for the block-sparse layers (in the coming forward's graph) and the whole

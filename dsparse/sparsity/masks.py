@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dsparse.io import atomic_path
+from dsparse.io import atomic_path, load_tensor_file
 from dsparse.models import prunable_parameters, unwrap_model
 from dsparse.sparsity.vote import VoteResult
 
@@ -149,11 +149,7 @@ class MaskSet:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"mask file {path} does not exist; write one with `dsparse prune ... --out {path}`")
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise ValueError(f"mask file {path} cannot be read ({type(error).__name__}: {error}); it is corrupt "
-                             "or truncated: recreate it with `dsparse prune`") from error
+        payload = load_tensor_file(path, "mask file", "it is corrupt or truncated: recreate it with `dsparse prune`")
         return cls.from_state_dict(payload, f"mask file {path}")
 
     def digest(self) -> str:

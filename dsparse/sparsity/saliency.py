@@ -102,7 +102,7 @@ def compute_saliency(
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
     net = unwrap_model(model)
-    groups = _score_groups(net if users is None else users, tasks, joint)
+    groups = _score_groups(task_weight_users(net) if users is None else users, tasks, joint)
     lambdas = _joint_weights(tasks, task_weights, joint)
     weights = prunable_parameters(net) if weights is None else weights
     if device is None:
@@ -210,11 +210,10 @@ def all_reduce_scores(scores: ScoreSet) -> ScoreSet:
 # ---------------------------------------------------------------- internals
 
 
-def _score_groups(net_or_users, tasks: dict[str, Task], joint: bool) -> dict[str, list[str]]:
-    """Score group (task or JOINT) -> FQNs it is scored on, in prunable order."""
+def _score_groups(users: dict[str, frozenset[str]], tasks: dict[str, Task], joint: bool) -> dict[str, list[str]]:
+    """Score group (task or JOINT) -> FQNs it is scored on, in ``users`` order."""
     if not tasks:
         raise ValueError("tasks is empty; give at least one task to score")
-    users = task_weight_users(net_or_users) if isinstance(net_or_users, nn.Module) else net_or_users
     model_tasks = set().union(*users.values()) if users else set()
     unknown = [t for t in tasks if t not in model_tasks]
     if unknown:

@@ -24,16 +24,17 @@ import torch
 
 from dsparse.config import SparsityConfig
 from dsparse.distributed import barrier, is_main
-from dsparse.io import atomic_path
+from dsparse.io import atomic_path, load_tensor_file
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
 from dsparse.sparsity.appliers import BlockApplier, ElementApplier, MaskApplier, count_pruned_nonzeros
+from dsparse.sparsity.block_layers import BlockSparseLayer
 from dsparse.sparsity.blocks import BlockUnits, MaskUnits, mask_units
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.method import MaskInputs, Method, get_method
 from dsparse.sparsity.optim_state import OptimizerState, bind_optimizer
 
 __all__ = ["MASKS_FILE", "STATE_FILE", "MaskState", "MaskedSparsifier", "Sparsifier", "build_sparsifier",
-           "check_granularity", "read_sparsifier_state", "swap_sparse_layers"]
+           "check_granularity", "checkpoint_masks", "read_sparsifier_state", "swap_sparse_layers"]
 
 MASKS_FILE = "masks.pt"
 """The masks a run starts from, in its run directory (static runs: the masks of the run)."""
@@ -212,16 +213,22 @@ def check_granularity(masks: MaskSet, settings: SparsityConfig, where: str) -> N
                          f"new masks with the config's settings")
 
 
-def swap_sparse_layers(model: torch.nn.Module, state: dict) -> torch.nn.Module:
+def swap_sparse_layers(model: torch.nn.Module, masks: MaskSet | None) -> dict[str, BlockSparseLayer]:
     """Give ``model`` the layer structure a checkpoint's weights were saved from: block-sparse
-    layers where the saved Sparsifier ``state`` holds block masks; unchanged otherwise."""
-    if not state:
-        return model
-    masks = MaskSet.from_state_dict(state["masks"], "the checkpoint's sparsity state")
-    if masks.meta.get("granularity", "element") == "block":
-        shapes = {n: tuple(w.shape) for n, w in prunable_parameters(unwrap_model(model)).items()}
-        BlockApplier(model, masks, mask_units("block", masks.meta["block"], shapes))
-    return model
+    layers, in place, where ``masks`` (a checkpoint's) are block masks.
+
+    Returns:
+        FQN -> the block-sparse layer now in its place ({} for element masks or None).
+    """
+    if masks is None or masks.meta.get("granularity", "element") != "block":
+        return {}
+    shapes = {n: tuple(w.shape) for n, w in prunable_parameters(unwrap_model(model)).items()}
+    return BlockApplier(model, masks, mask_units("block", masks.meta["block"], shapes)).layers
+
+
+def checkpoint_masks(state: dict) -> MaskSet | None:
+    """The masks of a saved Sparsifier state (``read_sparsifier_state``), None for a dense run's."""
+    return MaskSet.from_state_dict(state["masks"], "the checkpoint's sparsity state") if state else None
 
 
 def read_sparsifier_state(checkpoint_dir: Path) -> dict:
@@ -237,11 +244,7 @@ def read_sparsifier_state(checkpoint_dir: Path) -> dict:
             if legacy.is_file():
                 return {"format": STATE_FORMAT, "version": STATE_VERSION, "masks": MaskSet.load(legacy).state_dict()}
         return {}
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error}); the checkpoint is damaged, "
-                         "resume from an earlier one") from error
+    return load_tensor_file(path, "sparsity state", "the checkpoint is damaged: resume from an earlier one")
 
 
 def build_sparsifier(settings: SparsityConfig, inputs: MaskInputs, *, run_dir: Path | None = None) -> Sparsifier:
