@@ -125,3 +125,24 @@ def test_mask_file_of_another_model_is_refused_before_anything_is_written(tiny_d
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "masks do not match the model" in err[0]
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("first, then, message", [
+    ({}, ["--set", "sparsity.method=random", "--set", "sparsity.target=0.5"], "the checkpoint has no sparsity state"),
+    ({"method": "random", "target": 0.5}, ["--set", "sparsity.method=null"], "the checkpoint holds sparsity masks"),
+])
+def test_resume_with_other_sparsity_settings_is_one_line(tiny_dataset, tmp_path, capsys, first, then, message):
+    run = sparse_config(tiny_dataset, tmp_path / "run", iterations=4)
+    run["sparsity"] = first
+    train(config_from_dict(run), stop_after=2)
+    (tmp_path / "run.yaml").write_text(__import__("yaml").safe_dump(run))
+    code = main(["train", str(tmp_path / "run.yaml"), "--resume", *then])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0] and "resume with the" in err[0]
+
+
+def test_a_damaged_sparsity_state_names_the_file_and_the_fix(tmp_path):
+    (tmp_path / "sparsity.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match=r"sparsity.pt cannot be read .* resume from an earlier one") as error:
+        read_sparsifier_state(tmp_path)
+    assert "\n" not in str(error.value), "one line: torch's multi-line message is cut to its first line"
