@@ -1,21 +1,24 @@
 """Block-sparse GEMM on CPU (and any device) with PyTorch ops, forward and backward.
 
 torch's BSR tensors have no backward on CPU, so this is dsparse's own autograd function.
-It works on *transposed, block-sliced* operands: the input's GEMM view ``X [M, K]`` is
-held as ``xt [C, B, M]`` (``K`` zero-padded to ``C * B``), so block column ``c`` of ``X``
-is the contiguous slab ``xt[c]``; the output is ``yt [R, B, M]`` in the same way. Then,
-with ``W_r`` the kept blocks of block row ``r`` side by side (``[B, n_r * B]``):
+It computes ``Y = X W^T`` for the input's GEMM view ``X [M, C * B]`` (``K`` zero-padded to
+whole blocks) and a block-sparse ``W [R * B, C * B]``. With ``X_c`` the ``c``-th block of
+``B`` columns of ``X`` (a strided view, no copy) and ``W_rc`` the kept block ``(r, c)``:
 
-    forward     yt[r]   = W_r     @ xt[cols of row r]      Y  = X W^T on kept blocks only
-    dX          dxt[c]  = W^c^T   @ dyt[rows of col c]     dX = dY W, through the transposed index
-    dW          dW_r    = dyt[r]  @ xt[cols of row r]^T    dW on kept blocks only
+    forward     Y_r    = sum_c X_c  @ W_rc^T      over the kept blocks of block row r
+    dX          dX_c   = sum_r dY_r @ W_rc        over the kept blocks of block column c
+    dW          dW_rc  = dY_r^T @ X_c             for the kept blocks only
 
-one dense matmul per non-empty block row (or column) over gathered contiguous slabs, so
-the work and the gathered bytes are proportional to the kept blocks.
+one small matmul per kept block, accumulated in place into its output slab. BLAS reads
+and writes the slabs through their strides, so no operand is gathered or transposed:
+``X`` may be row-major (a Linear's input) or column-major (a convolution's im2col,
+``[K, M]`` transposed), and ``Y`` is allocated in the orientation the caller asks for.
+Per-row gathers into one wider matmul, and transposing row-major operands into
+contiguous slabs, both measured slower on CPU (``benchmarks/bench_block_sparse.py``).
 
 At mask-update steps growth needs the *dense* gradient of the weight, pruned blocks
 included. Passing a ``probe`` (a tensor of the padded GEMM shape that requires grad)
-makes the backward also return ``dyt xt^T``, the full ``[R*B, C*B]`` gradient, as the
+makes the backward also return ``dY^T X``, the full ``[R * B, C * B]`` gradient, as the
 probe's gradient; without a probe nothing dense is computed.
 """
 
@@ -29,65 +32,86 @@ from dsparse.sparsity.block_layout import BlockLayout
 __all__ = ["block_sparse_gemm"]
 
 
-def _row_weights(values: Tensor, slots: Tensor) -> Tensor:
-    """The blocks of ``slots`` side by side: ``[B, n * B]`` (output rows x reduction)."""
-    block = values.shape[1]
-    return values.index_select(0, slots).transpose(0, 1).reshape(block, -1)
+def _slab(matrix: Tensor, index: int, block: int) -> Tensor:
+    return matrix[:, index * block:(index + 1) * block]
 
 
-def _col_weights(values: Tensor, slots: Tensor) -> Tensor:
-    """The transposed blocks of ``slots`` side by side: ``[B, n * B]`` (input rows x outputs)."""
-    block = values.shape[1]
-    return values.index_select(0, slots).permute(2, 0, 1).reshape(block, -1)
+def _accumulate(out: Tensor, operands: list[Tensor], weights: list[Tensor]) -> None:
+    """``out = sum_j operands[j] @ weights[j]``, in place."""
+    torch.mm(operands[0], weights[0], out=out)
+    for operand, weight in zip(operands[1:], weights[1:]):
+        out.addmm_(operand, weight)
+
+
+def _empty(rows: int, cols: int, like: Tensor, column_major: bool) -> Tensor:
+    return like.new_empty(cols, rows).t() if column_major else like.new_empty(rows, cols)
+
+
+def _is_column_major(matrix: Tensor) -> bool:
+    return matrix.stride(0) == 1 and matrix.shape[1] > 1
 
 
 class _BlockSparseGemm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xt: Tensor, values: Tensor, layout: BlockLayout, probe: Tensor | None) -> Tensor:
-        num_cols, block, length = xt.shape
+    def forward(ctx, x: Tensor, values: Tensor, layout: BlockLayout, probe: Tensor | None,
+                column_major_out: bool) -> Tensor:
+        block = values.shape[1]
         num_rows = layout.grid[0]
         ctx.layout, ctx.has_probe = layout, probe is not None
-        ctx.save_for_backward(xt, values)
-        yt = xt.new_zeros(num_rows, block, length)  # a memset: cheaper than zeroing only empty rows
+        ctx.save_for_backward(x, values)
+        y = _empty(x.shape[0], num_rows * block, x, column_major_out)
+        for row in layout.empty_rows():
+            _slab(y, row, block).zero_()
         for row, slots, cols in layout.rows():
-            torch.mm(_row_weights(values, slots), xt.index_select(0, cols).reshape(-1, length), out=yt[row])
-        return yt
+            _accumulate(_slab(y, row, block), [_slab(x, col, block) for col in cols],
+                        [values[slot].t() for slot in slots])
+        return y
 
     @staticmethod
-    def backward(ctx, dyt: Tensor):
-        xt, values = ctx.saved_tensors
+    def backward(ctx, dy: Tensor):
+        x, values = ctx.saved_tensors
         layout = ctx.layout
-        num_cols, block, length = xt.shape
-        num_rows = layout.grid[0]
-        dyt = dyt.contiguous()
-        dxt = dvalues = dprobe = None
+        block = values.shape[1]
+        num_rows, num_cols = layout.grid
+        if not (dy.stride(0) == 1 or dy.stride(1) == 1):
+            dy = dy.contiguous()
+        dx = dvalues = dprobe = None
         dense_grad = None
         if ctx.has_probe and ctx.needs_input_grad[3]:
-            dense_grad = dprobe = dyt.reshape(num_rows * block, length) @ xt.reshape(num_cols * block, length).t()
+            dense_grad = dprobe = dy.t() @ x
         if ctx.needs_input_grad[0]:
-            dxt = torch.zeros_like(xt)
+            dx = _empty(x.shape[0], x.shape[1], x, _is_column_major(x))
+            filled = {col for col, _, _ in layout.cols()}
+            for col in range(num_cols):
+                if col not in filled:  # block columns no kept block reads get zero gradient
+                    _slab(dx, col, block).zero_()
             for col, slots, rows in layout.cols():
-                torch.mm(_col_weights(values, slots), dyt.index_select(0, rows).reshape(-1, length), out=dxt[col])
+                _accumulate(_slab(dx, col, block), [_slab(dy, row, block) for row in rows],
+                            [values[slot] for slot in slots])
         if ctx.needs_input_grad[1]:
             if dense_grad is not None:  # growth asked for it anyway: read the kept blocks from it
                 tiles = dense_grad.reshape(num_rows, block, num_cols, block).permute(0, 2, 1, 3)
                 dvalues = tiles[layout.slot_rows, layout.slot_cols]
             else:
-                dvalues = torch.zeros_like(values)
+                dvalues = torch.empty_like(values)  # every slot lies in one of the rows
                 for row, slots, cols in layout.rows():
-                    grad = dyt[row] @ xt.index_select(0, cols).reshape(-1, length).t()  # [B, n * B]
-                    dvalues[slots] = grad.reshape(block, -1, block).transpose(0, 1)
-        return dxt, dvalues, None, dprobe
+                    grad_rows = _slab(dy, row, block).t()
+                    for slot, col in zip(slots, cols):
+                        torch.mm(grad_rows, _slab(x, col, block), out=dvalues[slot])
+        return dx, dvalues, None, dprobe, None
 
 
-def block_sparse_gemm(xt: Tensor, values: Tensor, layout: BlockLayout, probe: Tensor | None = None) -> Tensor:
-    """``yt [R, B, M]`` of ``Y = X W^T`` for a block-sparse ``W`` and ``xt [C, B, M]``.
+def block_sparse_gemm(x: Tensor, values: Tensor, layout: BlockLayout, probe: Tensor | None = None,
+                      column_major_out: bool = False) -> Tensor:
+    """``Y [M, R * B] = X W^T`` for a block-sparse ``W``.
 
     Args:
-        xt: the input's GEMM view, transposed and cut into ``B``-row slabs, ``[C, B, M]``.
+        x: the input's GEMM view ``[M, C * B]``, row- or column-major (one unit stride).
         values: the kept blocks, ``[S, B, B]``, slot ``j`` at ``layout.slot_rows/cols[j]``.
         layout: the slots' positions.
         probe: optional ``[R * B, C * B]`` tensor requiring grad, whose gradient becomes
             the dense weight gradient (growth scores).
+        column_major_out: return ``Y`` as the transpose of a contiguous ``[R * B, M]``
+            (what a convolution's channels-first output wants) instead of row-major.
     """
-    return _BlockSparseGemm.apply(xt, values, layout, probe)
+    return _BlockSparseGemm.apply(x, values, layout, probe, column_major_out)

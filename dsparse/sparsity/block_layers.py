@@ -6,14 +6,18 @@ classes stay plain ``nn.Module``s. A layer keeps its kept blocks in the paramete
 gradient and stays zero) and their positions in the int64 buffers ``slot_rows`` and
 ``slot_cols``, so checkpoints carry the layout with the weights.
 
-Below ``DENSE_ABOVE`` kept fraction, ``Conv2d`` is lowered to the block-sparse GEMM by an explicit im2col in the GEMM view's
-order (taps outer, input channels inner; see ``dsparse.sparsity.blocks``): one strided
-slice of the padded input per tap, copied into a ``[K, N * Ho * Wo]`` buffer. Its
-memory cost is ``kh * kw`` times the layer's input (plus the zero padding of ``K`` to a
-multiple of ``B``), kept for the backward pass like PyTorch's own unfold path.
+Below ``DENSE_ABOVE`` kept fraction, ``Conv2d`` is lowered to the block-sparse GEMM by an
+explicit im2col in the GEMM view's order (taps outer, input channels inner; see
+``dsparse.sparsity.blocks``) that copies only the block columns some kept block reads:
+one strided slice of the padded input per run of one tap's channels, into a
+``[U * B, N * Ho * Wo]`` buffer, ``U`` the used block columns. Its memory cost is ``U * B / in_channels`` times the layer's input, at most
+``kh * kw`` times (PyTorch's own unfold path), kept for the backward pass. At mask-update
+steps, when the dense weight gradient is asked for, every column is copied.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +29,13 @@ from dsparse.sparsity.blocks import BlockGrid, block_grid
 
 __all__ = ["DENSE_ABOVE", "BlockSparseConv2d", "BlockSparseLayer", "BlockSparseLinear", "block_sparse_from_dense"]
 
-DENSE_ABOVE = {"linear": 0.2, "conv": 0.07}
+DENSE_ABOVE = {"linear": 0.3, "conv": 0.2}
 """Kept-block fraction above which a layer runs the dense op (``F.linear``/``F.conv2d``,
-oneDNN on CPU) on a scratch weight assembled from its kept blocks, because on CPU the
-block path's gathers (and, for convolutions, its im2col) cost more than they save there:
-measured crossovers on 2 cores with 32x32 blocks (``benchmarks/bench_block_sparse.py``,
-README) are between 75% and 90% sparsity for Linear and above 90% for the ResNet convs.
-The layer still stores only the kept blocks."""
+oneDNN on CPU) on a scratch weight assembled from its kept blocks, because there the
+per-block matmuls (and, for convolutions, the im2col) cost more than the skipped blocks
+save: measured crossovers on 2 cores with 32x32 blocks are between 65% and 75% sparsity
+for the 1024x1024 Linear and around 75% for the ResNet-34 3x3 convs (1x1 convs cross
+lower). The layer still stores only the kept blocks."""
 
 
 class BlockSparseLayer(nn.Module):
@@ -120,9 +124,15 @@ class BlockSparseLayer(nn.Module):
         weight = self.geometry.from_gemm(padded[: self.geometry.rows, : self.geometry.cols])
         return weight if self.probe is None else weight + self.probe
 
-    def _gemm(self, xt: Tensor) -> Tensor:
-        probe = None if self.probe is None else self.geometry.padded(self.geometry.to_gemm(self.probe))
-        return block_sparse_gemm(xt, self.blocks, self.layout(), probe)
+    def _gemm(self, x: Tensor, column_major_out: bool, used_only: bool = False) -> Tensor:
+        """``Y = X W^T`` on the kept blocks; with ``used_only``, ``x`` holds only the block
+        columns some kept block reads (the layout's compact form), unless a probe is set."""
+        layout = self.layout()
+        if self.probe is not None:
+            probe = self.geometry.padded(self.geometry.to_gemm(self.probe))
+            return block_sparse_gemm(x, self.blocks, layout, probe, column_major_out)
+        walk = layout.compact()[1] if used_only else layout
+        return block_sparse_gemm(x, self.blocks, walk, None, column_major_out)
 
 
 class BlockSparseLinear(BlockSparseLayer):
@@ -138,11 +148,9 @@ class BlockSparseLinear(BlockSparseLayer):
             return F.linear(x, self.scratch_weight(), self.bias)
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        num_cols = self.geometry.grid[1]
-        padded = F.pad(rows, (0, num_cols * self.block - self.in_features))
-        xt = padded.t().contiguous().reshape(num_cols, self.block, -1)  # block column c is the slab xt[c]
-        yt = self._gemm(xt)
-        out = yt.reshape(-1, rows.shape[0])[: self.out_features].t()
+        padding = self.geometry.grid[1] * self.block - self.in_features
+        out = self._gemm(F.pad(rows, (0, padding)) if padding else rows, column_major_out=False)
+        out = out[:, :self.out_features]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*lead, self.out_features)
@@ -164,24 +172,34 @@ class BlockSparseConv2d(BlockSparseLayer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = (kh, kw), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self._plan: tuple[Tensor | None, _ColumnPlan] | None = None
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
         return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
-    def im2col(self, x: Tensor) -> Tensor:
-        """``xt [C, B, N * Ho * Wo]``: the taps-outer im2col of ``x``, K padded to whole blocks."""
-        num_cols = self.geometry.grid[1]
-        return _Im2Col.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,
-                             num_cols * self.block).reshape(num_cols, self.block, -1)
+    def im2col(self, x: Tensor, used: Tensor | None = None) -> Tensor:
+        """``[U * B, N * Ho * Wo]``: the taps-outer im2col of ``x`` for the block columns
+        ``used`` (all by default), each zero-padded to ``B`` rows past the end of ``K``."""
+        return _Im2Col.apply(x, self._column_plan(used), self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def _column_plan(self, used: Tensor | None) -> _ColumnPlan:
+        """Which channels of which tap the im2col of ``used`` copies, cached per layout
+        (``used`` is the layout's cached tensor, so a new one marks a mask change)."""
+        if self._plan is None or self._plan[0] is not used:
+            blocks = list(range(self.geometry.grid[1])) if used is None else used.tolist()
+            kh, kw = self.kernel_size
+            self._plan = (used, _ColumnPlan.of(blocks, self.block, self.in_channels, kh * kw))
+        return self._plan[1]
 
     def forward(self, x: Tensor) -> Tensor:
         if self.uses_dense_scratch():
             return F.conv2d(x, self.scratch_weight(), self.bias, self.stride, self.padding, self.dilation)
         batch = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
-        yt = self._gemm(self.im2col(x))
-        out = yt.reshape(-1, batch, out_h, out_w)[: self.out_channels].transpose(0, 1)
+        used = self.layout().compact()[0] if self.probe is None else None  # a probe needs every column
+        y = self._gemm(self.im2col(x, used).t(), column_major_out=True, used_only=used is not None)
+        out = y.t().reshape(-1, batch, out_h, out_w)[: self.out_channels].transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
@@ -192,33 +210,70 @@ class BlockSparseConv2d(BlockSparseLayer):
                 f"kept_blocks={self.blocks.shape[0]}/{self.geometry.grid[0] * self.geometry.grid[1]}")
 
 
+@dataclass(frozen=True)
+class _ColumnPlan:
+    """The rows of a (partial) taps-outer im2col as runs: each run is a range of one tap's
+    input channels that lands in consecutive rows."""
+
+    runs: tuple[tuple[int, int, int, int], ...]
+    """(tap, first channel, end channel, first row)."""
+    zero_rows: tuple[tuple[int, int], ...]
+    """Row ranges past the end of ``K`` (edge-block padding), zero."""
+    rows: int
+
+    @classmethod
+    def of(cls, blocks: list[int], block: int, channels: int, taps: int) -> _ColumnPlan:
+        """The plan for block columns ``blocks`` (ascending) of a ``[*, taps * channels]`` view."""
+        total = taps * channels
+        runs, zero_rows = [], []
+        for position, column in enumerate(blocks):
+            start, stop = column * block, min((column + 1) * block, total)
+            index = start
+            while index < stop:
+                tap, channel = divmod(index, channels)
+                run = min(stop, (tap + 1) * channels) - index
+                row = position * block + index - start
+                last = runs[-1] if runs else None
+                if last and last[0] == tap and last[2] == channel and last[3] + last[2] - last[1] == row:
+                    runs[-1] = (tap, last[1], channel + run, last[3])  # extends the previous run
+                else:
+                    runs.append((tap, channel, channel + run, row))
+                index += run
+            if stop - start < block:
+                zero_rows.append((position * block + stop - start, (position + 1) * block))
+        return cls(tuple(runs), tuple(zero_rows), len(blocks) * block)
+
+
 class _Im2Col(torch.autograd.Function):
-    """Taps-outer im2col ``[K_padded, N * Ho * Wo]`` and its adjoint (col2im), one strided
-    copy per tap each way (autograd through slice assignment would copy the whole buffer
-    once per tap in the backward)."""
+    """Partial taps-outer im2col ``[plan.rows, N * Ho * Wo]`` and its adjoint (col2im), one
+    strided copy per run each way (autograd through slice assignment would copy the
+    whole buffer once per run in the backward)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, kernel, stride, padding, dilation, rows: int) -> Tensor:
+    def forward(ctx, x: Tensor, plan: _ColumnPlan, kernel, stride, padding, dilation) -> Tensor:
         windows = _windows(x.shape, kernel, stride, padding, dilation)
-        ctx.shape, ctx.windows, ctx.padding = x.shape, windows, padding
-        batch, channels = x.shape[:2]
+        ctx.shape, ctx.windows, ctx.padding, ctx.plan = x.shape, windows, padding, plan
+        batch = x.shape[0]
         (ph, pw), (out_h, out_w) = padding, windows[0][2]
         padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-        columns = x.new_empty(rows, batch, out_h, out_w)
-        columns[len(windows) * channels:].zero_()
-        for tap, (rows_slice, cols_slice, _) in enumerate(windows):
-            columns[tap * channels:(tap + 1) * channels].copy_(padded[:, :, rows_slice, cols_slice].transpose(0, 1))
-        return columns.reshape(rows, -1)
+        columns = x.new_empty(plan.rows, batch, out_h, out_w)
+        for start, stop in plan.zero_rows:
+            columns[start:stop].zero_()
+        for tap, first, end, row in plan.runs:
+            rows_slice, cols_slice, _ = windows[tap]
+            columns[row:row + end - first].copy_(padded[:, first:end, rows_slice, cols_slice].transpose(0, 1))
+        return columns.reshape(plan.rows, batch * out_h * out_w)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         batch, channels, height, width = ctx.shape
-        (ph, pw), windows = ctx.padding, ctx.windows
+        (ph, pw), windows, plan = ctx.padding, ctx.windows, ctx.plan
         out_h, out_w = windows[0][2]
         grad = grad.reshape(-1, batch, out_h, out_w)
         padded = grad.new_zeros(batch, channels, height + 2 * ph, width + 2 * pw)
-        for tap, (rows_slice, cols_slice, _) in enumerate(windows):
-            padded[:, :, rows_slice, cols_slice].add_(grad[tap * channels:(tap + 1) * channels].transpose(0, 1))
+        for tap, first, end, row in plan.runs:
+            rows_slice, cols_slice, _ = windows[tap]
+            padded[:, first:end, rows_slice, cols_slice].add_(grad[row:row + end - first].transpose(0, 1))
         return padded[:, :, ph:ph + height, pw:pw + width], None, None, None, None, None
 
 

@@ -41,6 +41,7 @@ class BlockLayout:
     """Slots in column-major block order (by column, then row)."""
     _rows: list | None = field(default=None, repr=False, compare=False)
     _cols: list | None = field(default=None, repr=False, compare=False)
+    _compact: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_slots(self) -> int:
@@ -51,18 +52,36 @@ class BlockLayout:
         """Kept fraction of the grid's blocks."""
         return self.num_slots / (self.grid[0] * self.grid[1])
 
-    def rows(self) -> list[tuple[int, Tensor, Tensor]]:
-        """Per non-empty block row: (row, its slots by column, their columns), for kernels
-        that loop over block rows (one host read of the pointers per layout, cached)."""
+    def rows(self) -> list[tuple[int, list[int], list[int]]]:
+        """Per non-empty block row: (row, its slots by column, their columns) as host ints,
+        for kernels that loop over blocks from the host (one read of the indexes per
+        layout, cached)."""
         if self._rows is None:
             self._rows = _groups(self.row_ptr, self.row_slots, self.slot_cols)
         return self._rows
 
-    def cols(self) -> list[tuple[int, Tensor, Tensor]]:
-        """Per non-empty block column: (column, its slots by row, their rows)."""
+    def cols(self) -> list[tuple[int, list[int], list[int]]]:
+        """Per non-empty block column: (column, its slots by row, their rows) as host ints."""
         if self._cols is None:
             self._cols = _groups(self.col_ptr, self.col_slots, self.slot_rows)
         return self._cols
+
+    def empty_rows(self) -> list[int]:
+        """Block rows with no kept block (their output is zero)."""
+        filled = {row for row, _, _ in self.rows()}
+        return [row for row in range(self.grid[0]) if row not in filled]
+
+    def compact(self) -> tuple[Tensor, BlockLayout]:
+        """(the block columns that hold a kept block, ascending; the same slots laid out
+        over just those columns). A kernel that only reads the input's used columns (a
+        conv's im2col restricted to them) walks the compact layout; cached."""
+        if self._compact is None:
+            used = (self.col_ptr[1:] > self.col_ptr[:-1]).nonzero().squeeze(1)
+            position = torch.full((self.grid[1],), -1, dtype=torch.int64, device=used.device)
+            position[used] = torch.arange(used.numel(), device=used.device)
+            self._compact = used, BlockLayout.from_slots(self.slot_rows, position[self.slot_cols],
+                                                         (self.grid[0], used.numel()))
+        return self._compact
 
     @classmethod
     def from_slots(cls, slot_rows: Tensor, slot_cols: Tensor, grid: tuple[int, int]) -> BlockLayout:
@@ -115,13 +134,13 @@ class BlockLayout:
         return BlockLayout.from_slots(new_flat // num_cols, new_flat % num_cols, self.grid), ~stays
 
 
-def _groups(pointers: Tensor, slots: Tensor, other: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+def _groups(pointers: Tensor, slots: Tensor, other: Tensor) -> list[tuple[int, list[int], list[int]]]:
     counts = (pointers[1:] - pointers[:-1]).tolist()
+    slot_list, other_list = slots.tolist(), other[slots].tolist()
     groups, start = [], 0
     for index, count in enumerate(counts):
         if count:
-            group = slots[start:start + count]
-            groups.append((index, group, other[group]))
+            groups.append((index, slot_list[start:start + count], other_list[start:start + count]))
         start += count
     return groups
 

@@ -93,17 +93,27 @@ CONVS = [  # the model's shapes: stem, 3x3 at dilation 1/2/4 with matching paddi
 ]
 
 
+@pytest.fixture(params=["dense-scratch", "gathered"])
+def compute_path(request, monkeypatch):
+    """Run a test through the dense-scratch path (every kept fraction) or the gathered one."""
+    from dsparse.sparsity import block_layers
+
+    dense_above = 0.0 if request.param == "dense-scratch" else 1.0
+    monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
+    return request.param
+
+
 @pytest.mark.parametrize("params", CONVS, ids=lambda p: "k{kernel_size}s{stride}d{dilation}".format(
     **{"stride": 1, "dilation": 1, **p}))
 @pytest.mark.parametrize("kept", [0.0, 0.1, 0.5, 1.0])
-def test_conv_matches_dense_masked(params, kept):
+def test_conv_matches_dense_masked(params, kept, compute_path):
     torch.manual_seed(2)
     layer = nn.Conv2d(**params)
     check_against_dense(layer, torch.randn(2, params["in_channels"], 13, 11), kept, 16)
 
 
 @pytest.mark.parametrize("block", [32, 64])
-def test_conv_blocks_32_and_64(block):
+def test_conv_blocks_32_and_64(block, compute_path):
     torch.manual_seed(3)
     layer = nn.Conv2d(40, 72, 3, padding=1, bias=False)
     check_against_dense(layer, torch.randn(2, 40, 9, 9), 0.5, block)
@@ -130,10 +140,12 @@ def test_gradcheck_float64(monkeypatch, dense_above):
     assert torch.autograd.gradcheck(lambda x, blocks, bias: _call(sparse, x, blocks, bias),
                                     (x, sparse.blocks, sparse.bias))
     conv = nn.Conv2d(5, 17, 3, stride=2, padding=2, dilation=2).double()
-    sparse = block_sparse_from_dense(conv, 16, torch.tensor([[True, False, True], [False, True, True]]))
     x = torch.randn(2, 5, 7, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, blocks, bias: _call(sparse, x, blocks, bias),
-                                    (x, sparse.blocks, sparse.bias))
+    # every block column used; then column 1 unused (the gathered path's im2col skips it)
+    for block_mask in ([[True, False, True], [False, True, True]], [[True, False, False], [False, False, True]]):
+        sparse = block_sparse_from_dense(conv, 16, torch.tensor(block_mask))
+        assert torch.autograd.gradcheck(lambda x, blocks, bias: _call(sparse, x, blocks, bias),
+                                        (x, sparse.blocks, sparse.bias))
 
 
 def _call(layer, x, blocks, bias):
@@ -230,3 +242,22 @@ def test_both_compute_paths_match_dense_masked(monkeypatch, dense_above, kept):
     torch.manual_seed(8)
     check_against_dense(nn.Linear(96, 80), torch.randn(5, 96), kept, 16)
     check_against_dense(nn.Conv2d(24, 40, 3, padding=2, dilation=2), torch.randn(2, 24, 7, 7), kept, 16)
+
+
+def test_partial_im2col_holds_exactly_the_used_block_columns():
+    """The gathered conv path copies only block columns some kept block reads (runs of one
+    tap's channels, also where a block column covers parts of two taps), with the edge
+    block's rows past ``K`` zero."""
+    torch.manual_seed(9)
+    conv = nn.Conv2d(24, 8, 3, padding=2, dilation=2)  # K = 216: 14 block columns of 16, the last 8 wide
+    block_mask = torch.zeros(1, 14, dtype=torch.bool)
+    block_mask[0, [0, 2, 3, 13]] = True  # tap 0 channels 0-15, tap 1 channels 8-23 and tap 2 0-7, tap 8 16-23
+    sparse = block_sparse_from_dense(conv, 16, block_mask)
+    x = torch.randn(2, 24, 7, 6)
+    full = sparse.im2col(x).reshape(14 * 16, -1)
+    used, _ = sparse.layout().compact()
+    assert used.tolist() == [0, 2, 3, 13]
+    partial = sparse.im2col(x, used).reshape(4 * 16, -1)
+    expected = full.reshape(14, 16, -1)[used].reshape(4 * 16, -1)
+    torch.testing.assert_close(partial, expected, rtol=0, atol=0)
+    assert torch.count_nonzero(partial[-8:]) == 0
