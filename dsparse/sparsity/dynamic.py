@@ -166,25 +166,28 @@ def grow_by_votes(inactive: Tensor, task_scores: Mapping[str, Tensor], num_grow:
         raise ValueError("task_scores is empty; give the scores of at least one task using the layer")
     for task, score in task_scores.items():
         _check_same_shape(f"task_scores[{task!r}]", score, inactive)
-    eligible = inactive.reshape(-1).nonzero().squeeze(1)
-    if not 0 <= num_grow <= eligible.numel():
-        raise ValueError(f"num_grow must be in [0, {eligible.numel()}] (the eligible positions), got {num_grow}")
+    eligible = inactive.reshape(-1)
+    num_eligible = int(torch.count_nonzero(eligible))
+    if not 0 <= num_grow <= num_eligible:
+        raise ValueError(f"num_grow must be in [0, {num_eligible}] (the eligible positions), got {num_grow}")
     grown = torch.zeros_like(inactive)
     if num_grow == 0:
         return grown, {task: 0 for task in task_scores}
-    scores = torch.stack([s.detach().reshape(-1).to(inactive.device)[eligible].float() for s in task_scores.values()])
-    if not bool(torch.isfinite(scores).all()):
+    scores = torch.stack([s.detach().reshape(-1).to(inactive.device).float() for s in task_scores.values()])
+    # ineligible positions rank below every eligible one (scores are >= 0), without a gather
+    scores.masked_fill_(~eligible, -math.inf)
+    if not bool(torch.isfinite(scores.amax(dim=1)).all()):  # amax propagates NaN
         raise ValueError("task_scores hold NaN/inf at eligible positions, so nominations cannot be ranked; "
                          "the gradients diverged (lower the learning rate or check the loss)")
     nominated = _top_k_rows(scores, num_grow)
     votes = nominated.sum(dim=0)
-    best = torch.where(nominated, scores, torch.full_like(scores, -math.inf)).amax(dim=0)
     union = votes.nonzero().squeeze(1)  # ascending, i.e. by flat index
+    best = torch.where(nominated[:, union], scores[:, union], -math.inf).amax(dim=0)
     # Lexicographic rank by successive stable sorts, least significant key first.
-    union = union[torch.sort(best[union], descending=True, stable=True).indices]
-    union = union[torch.sort(votes[union], descending=True, stable=True).indices]
+    order = torch.sort(best, descending=True, stable=True).indices
+    union = union[order][torch.sort(votes[union[order]], descending=True, stable=True).indices]
     chosen = union[:num_grow]
-    grown.view(-1)[eligible[chosen]] = True
+    grown.view(-1)[chosen] = True
     per_task = nominated[:, chosen].sum(dim=1).tolist()
     return grown, dict(zip(task_scores, per_task))
 
@@ -303,6 +306,9 @@ def _top_k_rows(values: Tensor, k: int) -> Tensor:
     """Bool mask of the ``k`` largest of every row, ties broken by the smaller index:
     ``_top_k`` for all rows at once (one ``topk`` and a running count of the ties)."""
     kth = torch.topk(values, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    at_least = values >= kth
+    if bool((at_least.sum(dim=1) == k).all()):  # no surplus ties at the threshold: the usual case
+        return at_least
     above = values > kth
     tied = values == kth
     needed = k - above.sum(dim=1, keepdim=True)
