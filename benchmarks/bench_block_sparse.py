@@ -13,7 +13,7 @@ gathers, batched matmuls over kept blocks, im2col for convolutions).
 
 Usage::
 
-    python benchmarks/bench_block_sparse.py [--threads 2 --block 32 --repeats 5]
+    python benchmarks/bench_block_sparse.py [--threads 2 --block 32 --repeats 15]
 
 Writes ``benchmarks/results/block-sparse-<host>-<date>.{md,csv}``.
 """
@@ -36,7 +36,7 @@ from dsparse.sparsity.block_layout import BlockLayout
 from dsparse.sparsity.blocks import block_grid
 from peak_memory import peak_rss_mib, reset_peak_rss
 from results_io import RESULTS_DIR, machine_tag, publish, result_path, today
-from timing import median_time
+from timing import interleaved_median_times, median_time
 
 SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
 
@@ -69,7 +69,8 @@ def layer_times(layer: nn.Module, x: torch.Tensor, sparsity: float, block: int, 
         out = sparse(x)
         out.backward(torch.ones_like(out))
 
-    return median_time(dense_step, repeats), median_time(sparse_step, repeats)
+    dense, sparse = interleaved_median_times([dense_step, sparse_step], repeats)
+    return dense, sparse
 
 
 def trunk_conv_shapes(batch: int, size: int) -> list[tuple[nn.Conv2d, tuple[int, ...]]]:
@@ -121,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--block", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--skip-steps", action="store_true", help="only the layer benchmark")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
@@ -152,7 +153,8 @@ def main() -> None:
         cells = [r for r in rows if r["layer"] == name]
         lines.append(f"| {name} | " + " | ".join(f"{r['speedup']:.2f}x" for r in cells) + " |")
     lines += ["", "Speed-up = dense masked time / block-sparse time (both forward + backward, median of "
-              f"{args.repeats}).", f"Layout rebuild for a 512x4608 weight at 90% ({int(mask.sum())} blocks): "
+              f"{args.repeats}, the two sides called in turn).",
+              f"Layout rebuild for a 512x4608 weight at 90% ({int(mask.sum())} blocks): "
               f"{1e6 * rebuild:.0f} us."]
     if not args.skip_steps:
         lines += ["", "| training step | dense (ms) | 90% block (ms) | speed-up | dense peak RSS (MiB) | "
