@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from dsparse.kernels import KERNELS
+
 
 @dataclass
 class DataConfig:
@@ -182,6 +184,9 @@ class SparsityConfig:
     layers are swapped for block-sparse ones that store and compute only the kept blocks)."""
     block: int = 32
     """Block side for ``granularity: block``: 16, 32 or 64."""
+    kernel: str = "auto"
+    """What block-sparse layers run: auto (the Triton kernels on CUDA, the PyTorch path
+    elsewhere) | triton (always the kernels; an error where they cannot run) | torch."""
 
     def __post_init__(self):
         if not 0.0 < self.target < 1.0:
@@ -200,6 +205,8 @@ class SparsityConfig:
             raise ValueError(f"sparsity.granularity must be element or block, got {self.granularity!r}")
         if self.block not in (16, 32, 64):
             raise ValueError(f"sparsity.block must be 16, 32 or 64, got {self.block!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"sparsity.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
         if self.method in ("disparse_dynamic", "rigl", "set") and (self.masks or self.from_checkpoint):
             raise ValueError(f"sparsity.method {self.method} starts from random ERK masks; it cannot take "
                              "sparsity.masks or sparsity.from_checkpoint (use a static method for those)")

@@ -10,7 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+if not torch.cuda.is_available():  # Triton kernels run in Triton's CPU interpreter (set before Triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dsparse.data.shards import write_synthetic_dataset
 

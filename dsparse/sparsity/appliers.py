@@ -149,7 +149,7 @@ class BlockApplier(MaskApplier):
     dynamic updates never change such layers (dense and ERK-capped layers).
     """
 
-    def __init__(self, model: torch.nn.Module, masks: MaskSet, units: BlockUnits):
+    def __init__(self, model: torch.nn.Module, masks: MaskSet, units: BlockUnits, kernel: str = "auto"):
         self.masks, self.units = masks, units
         model = unwrap_model(model)
         masks.check_matches(model)
@@ -163,7 +163,7 @@ class BlockApplier(MaskApplier):
             if bool(block_mask.all()):
                 continue
             path = fqn.rsplit(".", 1)[0]
-            layer = block_sparse_from_dense(modules[path], units.block, block_mask)
+            layer = block_sparse_from_dense(modules[path], units.block, block_mask, kernel)
             parent, _, attribute = path.rpartition(".")
             setattr(modules[parent] if parent else model, attribute, layer)
             self.layers[fqn] = layer

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dsparse.kernels import resolve_kernel
 from dsparse.sparsity.block_gemm import block_sparse_gemm
 from dsparse.sparsity.block_layout import BlockLayout
 from dsparse.sparsity.blocks import BlockGrid, block_grid
@@ -41,9 +42,11 @@ lower). The layer still stores only the kept blocks."""
 class BlockSparseLayer(nn.Module):
     """What block-sparse Linear and Conv2d share: blocks, layout, dense conversion, probe."""
 
-    def __init__(self, weight_shape, block: int, block_mask: Tensor, bias: Tensor | None, *, device=None,
-                 dtype=None):
+    def __init__(self, weight_shape, block: int, block_mask: Tensor, bias: Tensor | None, *, kernel: str = "auto",
+                 device=None, dtype=None):
         super().__init__()
+        self.kernel = kernel
+        """``sparsity.kernel``: auto | triton | torch, resolved on the input's device at each call."""
         self.geometry: BlockGrid = block_grid(weight_shape, block)
         layout = BlockLayout.from_mask(block_mask.to(device))
         self.blocks = nn.Parameter(torch.zeros(layout.num_slots, block, block, device=device, dtype=dtype))
@@ -65,6 +68,8 @@ class BlockSparseLayer(nn.Module):
     def layout(self) -> BlockLayout:
         """The slots' layout, rebuilt only when the slot buffers changed (a mask update or
         a checkpoint load bumps their version counters)."""
+        if torch.compiler.is_compiling():  # traced: tensor ops in the graph, O(blocks) per call
+            return BlockLayout.from_slots(self.slot_rows, self.slot_cols, self.geometry.grid)
         key = (self.slot_rows.data_ptr(), self.slot_rows._version, self.slot_cols.data_ptr(), self.slot_cols._version)
         if self._layout_key != key:
             self._layout = BlockLayout.from_slots(self.slot_rows, self.slot_cols, self.geometry.grid)
@@ -124,6 +129,22 @@ class BlockSparseLayer(nn.Module):
         weight = self.geometry.from_gemm(padded[: self.geometry.rows, : self.geometry.cols])
         return weight if self.probe is None else weight + self.probe
 
+    def runs_triton(self, x: Tensor) -> bool:
+        """Whether this call runs the Triton kernels (``dsparse.kernels``) or the PyTorch path."""
+        return resolve_kernel(self.kernel, x.device) == "triton"
+
+    def _triton_gemm(self, x: Tensor, layout: BlockLayout, out_features: int) -> Tensor:
+        """``Y [M, out_features] = X W^T + b`` by the Triton kernels (bias fused), row-major;
+        with a probe set, plus ``X probe^T``, whose gradient is the dense weight gradient."""
+        from dsparse.kernels.ops import block_sparse_mm
+
+        y = block_sparse_mm(x, self.blocks, self.bias, layout.row_ptr, layout.row_slots, layout.slot_cols,
+                            layout.col_ptr, layout.col_slots, layout.slot_rows, out_features)
+        if self.probe is not None:
+            probe = self.geometry.padded(self.geometry.to_gemm(self.probe))
+            y = y + x @ probe[:out_features, :x.shape[1]].t()
+        return y
+
     def _gemm(self, x: Tensor, column_major_out: bool, used_only: bool = False) -> Tensor:
         """``Y = X W^T`` on the kept blocks; with ``used_only``, ``x`` holds only the block
         columns some kept block reads (the layout's compact form), unless a probe is set."""
@@ -139,15 +160,18 @@ class BlockSparseLinear(BlockSparseLayer):
     """``y = x W^T + b`` with a block-sparse ``W [out, in]``."""
 
     def __init__(self, in_features: int, out_features: int, block: int, block_mask: Tensor,
-                 bias: Tensor | None = None, *, device=None, dtype=None):
-        super().__init__((out_features, in_features), block, block_mask, bias, device=device, dtype=dtype)
+                 bias: Tensor | None = None, *, kernel: str = "auto", device=None, dtype=None):
+        super().__init__((out_features, in_features), block, block_mask, bias, kernel=kernel, device=device,
+                         dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.uses_dense_scratch():
-            return F.linear(x, self.scratch_weight(), self.bias)
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
+        if self.runs_triton(x):
+            return self._triton_gemm(rows, self.layout(), self.out_features).reshape(*lead, self.out_features)
+        if self.uses_dense_scratch():
+            return F.linear(x, self.scratch_weight(), self.bias)
         padding = self.geometry.grid[1] * self.block - self.in_features
         out = self._gemm(F.pad(rows, (0, padding)) if padding else rows, column_major_out=False)
         out = out[:, :self.out_features]
@@ -166,9 +190,11 @@ class BlockSparseConv2d(BlockSparseLayer):
     kind = "conv"
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, block: int, block_mask: Tensor,
-                 bias: Tensor | None = None, *, stride=1, padding=0, dilation=1, device=None, dtype=None):
+                 bias: Tensor | None = None, *, stride=1, padding=0, dilation=1, kernel: str = "auto", device=None,
+                 dtype=None):
         kh, kw = _pair(kernel_size)
-        super().__init__((out_channels, in_channels, kh, kw), block, block_mask, bias, device=device, dtype=dtype)
+        super().__init__((out_channels, in_channels, kh, kw), block, block_mask, bias, kernel=kernel, device=device,
+                         dtype=dtype)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = (kh, kw), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
@@ -193,12 +219,18 @@ class BlockSparseConv2d(BlockSparseLayer):
         return self._plan[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.uses_dense_scratch():
+        triton = self.runs_triton(x)
+        if not triton and self.uses_dense_scratch():
             return F.conv2d(x, self.scratch_weight(), self.bias, self.stride, self.padding, self.dilation)
         batch = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
-        used = self.layout().compact()[0] if self.probe is None else None  # a probe needs every column
-        y = self._gemm(self.im2col(x, used).t(), column_major_out=True, used_only=used is not None)
+        layout = self.layout()
+        used, compact = layout.compact() if self.probe is None else (None, layout)  # a probe needs every column
+        columns = self.im2col(x, used).t()
+        if triton:  # [N * Ho * Wo, out] row-major: the output in channels-last memory, no copy
+            y = self._triton_gemm(columns, compact, self.out_channels)
+            return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+        y = self._gemm(columns, column_major_out=True, used_only=used is not None)
         out = y.t().reshape(-1, batch, out_h, out_w)[: self.out_channels].transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
@@ -287,14 +319,15 @@ def _windows(shape, kernel, stride, padding, dilation) -> list[tuple[slice, slic
              (out_h, out_w)) for ky in range(kh) for kx in range(kw)]
 
 
-def block_sparse_from_dense(layer: nn.Module, block: int, block_mask: Tensor) -> BlockSparseLayer:
-    """The block-sparse twin of a ``Linear`` or ``Conv2d`` holding its kept blocks.
+def block_sparse_from_dense(layer: nn.Module, block: int, block_mask: Tensor, kernel: str = "auto") -> BlockSparseLayer:
+    """The block-sparse twin of a ``Linear`` or ``Conv2d`` holding its kept blocks, running
+    ``kernel`` (``sparsity.kernel``).
 
     Raises:
         ValueError: a grouped or non-zero-padded convolution, or another layer type.
     """
     weight = layer.weight
-    kwargs = {"device": weight.device, "dtype": weight.dtype}
+    kwargs = {"kernel": kernel, "device": weight.device, "dtype": weight.dtype}
     if isinstance(layer, nn.Linear):
         sparse = BlockSparseLinear(layer.in_features, layer.out_features, block, block_mask, layer.bias, **kwargs)
     elif isinstance(layer, nn.Conv2d):

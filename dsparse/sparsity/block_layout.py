@@ -146,5 +146,6 @@ def _groups(pointers: Tensor, slots: Tensor, other: Tensor) -> list[tuple[int, l
 
 
 def _pointers(index: Tensor, length: int) -> Tensor:
-    counts = torch.bincount(index, minlength=length)
+    # a scatter of fixed length: no host synchronisation (bincount reads the maximum) and traceable
+    counts = torch.zeros(length, dtype=torch.int64, device=index.device).scatter_add_(0, index, torch.ones_like(index))
     return torch.cat([torch.zeros(1, dtype=torch.int64, device=index.device), counts.cumsum(0)])

@@ -25,6 +25,7 @@ import torch
 from dsparse.config import SparsityConfig
 from dsparse.distributed import barrier, is_main
 from dsparse.io import atomic_path, load_tensor_file
+from dsparse.kernels import resolve_kernel
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
 from dsparse.sparsity.appliers import BlockApplier, ElementApplier, MaskApplier, count_pruned_nonzeros
 from dsparse.sparsity.block_layers import BlockSparseLayer
@@ -126,6 +127,9 @@ class MaskedSparsifier(Sparsifier):
     def check(self, model: torch.nn.Module) -> None:
         if self._given is not None:
             self._given.check_matches(model)
+        settings = self.inputs.settings
+        if settings.granularity == "block":
+            resolve_kernel(settings.kernel, next(unwrap_model(model).parameters()).device)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         masks = self._given if self._given is not None else self.method.initial_masks(model, self.inputs)
@@ -134,7 +138,8 @@ class MaskedSparsifier(Sparsifier):
         weights = prunable_parameters(unwrap_model(model))
         users = parameter_users(model)
         units = mask_units(settings.granularity, settings.block, {n: tuple(w.shape) for n, w in weights.items()})
-        applier = BlockApplier(model, masks, units) if isinstance(units, BlockUnits) else ElementApplier(model, masks)
+        applier = (BlockApplier(model, masks, units, settings.kernel) if isinstance(units, BlockUnits)
+                   else ElementApplier(model, masks))
         self.state = MaskState(model, masks, applier, None, self.inputs, {n: users[n] for n in weights}, units)
         if not self._resumed and self.run_dir is not None:
             if is_main():
@@ -213,9 +218,11 @@ def check_granularity(masks: MaskSet, settings: SparsityConfig, where: str) -> N
                          f"new masks with the config's settings")
 
 
-def swap_sparse_layers(model: torch.nn.Module, masks: MaskSet | None) -> dict[str, BlockSparseLayer]:
+def swap_sparse_layers(model: torch.nn.Module, masks: MaskSet | None,
+                       kernel: str = "auto") -> dict[str, BlockSparseLayer]:
     """Give ``model`` the layer structure a checkpoint's weights were saved from: block-sparse
-    layers, in place, where ``masks`` (a checkpoint's) are block masks.
+    layers (running ``kernel``, see ``sparsity.kernel``), in place, where ``masks`` (a
+    checkpoint's) are block masks.
 
     Returns:
         FQN -> the block-sparse layer now in its place ({} for element masks or None).
@@ -223,7 +230,7 @@ def swap_sparse_layers(model: torch.nn.Module, masks: MaskSet | None) -> dict[st
     if masks is None or masks.meta.get("granularity", "element") != "block":
         return {}
     shapes = {n: tuple(w.shape) for n, w in prunable_parameters(unwrap_model(model)).items()}
-    return BlockApplier(model, masks, mask_units("block", masks.meta["block"], shapes)).layers
+    return BlockApplier(model, masks, mask_units("block", masks.meta["block"], shapes), kernel).layers
 
 
 def checkpoint_masks(state: dict) -> MaskSet | None:

@@ -26,11 +26,11 @@ def random_block_mask(grid, kept: float, seed: int = 0) -> torch.Tensor:
 
 
 def check_against_dense(layer: nn.Module, x: torch.Tensor, kept: float, block: int, seed: int = 0, dtype=torch.float32,
-                        tolerance=FP32):
+                        tolerance=FP32, kernel: str = "auto"):
     grid = block_grid(layer.weight.shape, block)
     block_mask = random_block_mask(grid.grid, kept, seed)
     element_mask = grid.expand(block_mask)
-    sparse = block_sparse_from_dense(layer, block, block_mask).to(dtype)
+    sparse = block_sparse_from_dense(layer, block, block_mask, kernel).to(dtype)
     reference = layer.to(dtype)
     x_dense = x.to(dtype).clone().requires_grad_()
     x_sparse = x.to(dtype).clone().requires_grad_()
@@ -63,10 +63,10 @@ def check_against_dense(layer: nn.Module, x: torch.Tensor, kept: float, block: i
 
 @pytest.mark.parametrize("block", [16, 32, 64])
 @pytest.mark.parametrize("kept", [0.0, 0.1, 0.5, 1.0])
-def test_linear_matches_dense_masked(block, kept):
+def test_linear_matches_dense_masked(block, kept, compute_path):
     torch.manual_seed(0)
     layer = nn.Linear(96, 80)  # 96 and 80 are not multiples of 64 (and 80 not of 32): partial edge blocks
-    check_against_dense(layer, torch.randn(7, 96), kept, block)
+    check_against_dense(layer, torch.randn(7, 96), kept, block, kernel=compute_path)
 
 
 def test_linear_with_empty_block_rows_and_columns_and_no_bias():
@@ -93,14 +93,19 @@ CONVS = [  # the model's shapes: stem, 3x3 at dilation 1/2/4 with matching paddi
 ]
 
 
-@pytest.fixture(params=["dense-scratch", "gathered"])
+@pytest.fixture(params=["dense-scratch", "gathered", "triton"])
 def compute_path(request, monkeypatch):
-    """Run a test through the dense-scratch path (every kept fraction) or the gathered one."""
+    """Run a test through the PyTorch path's dense-scratch branch (every kept fraction) or
+    its per-block branch, or through the Triton kernels (CPU: Triton's interpreter); the
+    value is the ``sparsity.kernel`` to build layers with."""
     from dsparse.sparsity import block_layers
 
+    if request.param == "triton":
+        pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
+        return "triton"
     dense_above = 0.0 if request.param == "dense-scratch" else 1.0
     monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
-    return request.param
+    return "torch"
 
 
 @pytest.mark.parametrize("params", CONVS, ids=lambda p: "k{kernel_size}s{stride}d{dilation}".format(
@@ -109,23 +114,24 @@ def compute_path(request, monkeypatch):
 def test_conv_matches_dense_masked(params, kept, compute_path):
     torch.manual_seed(2)
     layer = nn.Conv2d(**params)
-    check_against_dense(layer, torch.randn(2, params["in_channels"], 13, 11), kept, 16)
+    check_against_dense(layer, torch.randn(2, params["in_channels"], 13, 11), kept, 16, kernel=compute_path)
 
 
 @pytest.mark.parametrize("block", [32, 64])
 def test_conv_blocks_32_and_64(block, compute_path):
     torch.manual_seed(3)
     layer = nn.Conv2d(40, 72, 3, padding=1, bias=False)
-    check_against_dense(layer, torch.randn(2, 40, 9, 9), 0.5, block)
+    check_against_dense(layer, torch.randn(2, 40, 9, 9), 0.5, block, kernel=compute_path)
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(80, 72), nn.Conv2d(24, 40, 3, padding=2, dilation=2)],
+@pytest.mark.parametrize("make_layer", [lambda: nn.Linear(80, 72), lambda: nn.Conv2d(24, 40, 3, padding=2, dilation=2)],
                          ids=["linear", "conv"])
-def test_bf16_matches_dense_masked(layer):
+def test_bf16_matches_dense_masked(make_layer, compute_path):
     torch.manual_seed(4)
+    layer = make_layer()  # a fresh layer per case: the check converts it and accumulates its gradients
     shape = (6, 80) if isinstance(layer, nn.Linear) else (2, 24, 9, 9)
     check_against_dense(layer, torch.randn(shape), 0.5, 16, dtype=torch.bfloat16,
-                        tolerance={"rtol": 5e-2, "atol": 5e-2})
+                        tolerance={"rtol": 5e-2, "atol": 5e-2}, kernel=compute_path)
 
 
 @pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-scratch", "gathered"])
@@ -157,15 +163,11 @@ def _call(layer, x, blocks, bias):
         layer.blocks, layer.bias = saved
 
 
-@pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-scratch", "gathered"])
-def test_probe_gets_the_dense_weight_gradient_only_when_set(monkeypatch, dense_above):
-    from dsparse.sparsity import block_layers
-
-    monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
+def test_probe_gets_the_dense_weight_gradient_only_when_set(compute_path):
     torch.manual_seed(6)
     conv = nn.Conv2d(20, 24, 3, padding=1)
     block_mask = random_block_mask(block_grid(conv.weight.shape, 16).grid, 0.5)
-    sparse = block_sparse_from_dense(conv, 16, block_mask)
+    sparse = block_sparse_from_dense(conv, 16, block_mask, compute_path)
     x = torch.randn(2, 20, 6, 6)
     sparse.probe = sparse.new_probe()
     sparse(x).square().sum().backward()

@@ -146,3 +146,19 @@ def test_a_damaged_sparsity_state_names_the_file_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"sparsity.pt cannot be read .* resume from an earlier one") as error:
         read_sparsifier_state(tmp_path)
     assert "\n" not in str(error.value), "one line: torch's multi-line message is cut to its first line"
+
+
+def test_triton_kernel_where_it_cannot_run_is_one_line_and_writes_nothing(tiny_dataset, tmp_path, capsys,
+                                                                          monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("Triton can run on this machine's GPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    run_dir = tmp_path / "run"
+    code = main(["train", "synthetic_tiny", "--set", f"data.path={tiny_dataset}", "--set", "tasks=[seg,depth]",
+                 "--set", f"output_dir={run_dir}", "--set", "model.base_width=16", "--set", "model.head_dilations=[1,2]",
+                 "--set", "tracking.enabled=false", "--set", "sparsity.method=random", "--set", "sparsity.target=0.5",
+                 "--set", "sparsity.granularity=block", "--set", "sparsity.kernel=triton"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "sparsity.kernel=triton cannot run here" in err[0] and "sparsity.kernel=auto" in err[0]
+    assert not run_dir.exists(), "nothing may be written for a refused run"
