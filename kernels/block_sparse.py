@@ -43,52 +43,35 @@ __all__ = ["block_sparse_forward", "block_sparse_input_grad", "block_sparse_weig
 
 
 @triton.jit
-def _forward_kernel(x_ptr, values_ptr, bias_ptr, y_ptr, row_ptr, row_slots, slot_cols, M, N, K,
-                    stride_xm, stride_xk, stride_ym, stride_yn,
-                    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-                    DOT_FP32: tl.constexpr):
-    row = tl.program_id(1)
+def _walk_kernel(a_ptr, values_ptr, bias_ptr, out_ptr, pointers, slots, partners, M, A_COLS, OUT_COLS,
+                 stride_am, stride_ak, stride_om, stride_on,
+                 HAS_BIAS: tl.constexpr, TRANSPOSE_W: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                 PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """``out[m, line] = sum over the slots of block line ``line`` of a[m, partner] @ W_slot^T``
+    (``TRANSPOSE_W``: the forward, walking block rows, partners are block columns) or
+    ``@ W_slot`` (``dX``, walking block columns through the transposed index, partners are
+    block rows)."""
+    line = tl.program_id(1)
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_b = tl.arange(0, BLOCK)
     in_m = offs_m < M
     acc = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
-    for index in range(tl.load(row_ptr + row), tl.load(row_ptr + row + 1)):
-        slot = tl.load(row_slots + index)
-        offs_k = tl.load(slot_cols + slot) * BLOCK + offs_b
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=in_m[:, None] & (offs_k[None, :] < K), other=0.0)
+    for index in range(tl.load(pointers + line), tl.load(pointers + line + 1)):
+        slot = tl.load(slots + index)
+        offs_a = tl.load(partners + slot) * BLOCK + offs_b
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_a[None, :] * stride_ak,
+                    mask=in_m[:, None] & (offs_a[None, :] < A_COLS), other=0.0)
         w = tl.load(values_ptr + slot * BLOCK * BLOCK + offs_b[:, None] * BLOCK + offs_b[None, :])
+        if TRANSPOSE_W:
+            w = tl.trans(w)
         if DOT_FP32:
-            x, w = x.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    offs_n = row * BLOCK + offs_b
+            a, w = a.to(tl.float32), w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    offs_out = line * BLOCK + offs_b
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=in_m[:, None] & (offs_n[None, :] < N))
-
-
-@triton.jit
-def _input_grad_kernel(dy_ptr, values_ptr, dx_ptr, col_ptr, col_slots, slot_rows, M, N, K,
-                       stride_dym, stride_dyn, stride_dxm, stride_dxk,
-                       BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
-    col = tl.program_id(1)
-    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_b = tl.arange(0, BLOCK)
-    in_m = offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
-    for index in range(tl.load(col_ptr + col), tl.load(col_ptr + col + 1)):
-        slot = tl.load(col_slots + index)
-        offs_n = tl.load(slot_rows + slot) * BLOCK + offs_b
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                     mask=in_m[:, None] & (offs_n[None, :] < N), other=0.0)
-        w = tl.load(values_ptr + slot * BLOCK * BLOCK + offs_b[:, None] * BLOCK + offs_b[None, :])
-        if DOT_FP32:
-            dy, w = dy.to(tl.float32), w.to(tl.float32)
-        acc = tl.dot(dy, w, acc, input_precision=PRECISION)
-    offs_k = col * BLOCK + offs_b
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
-             mask=in_m[:, None] & (offs_k[None, :] < K))
+        acc += tl.load(bias_ptr + offs_out, mask=offs_out < OUT_COLS, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_out[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=in_m[:, None] & (offs_out[None, :] < OUT_COLS))
 
 
 @triton.jit
@@ -125,8 +108,7 @@ def _tuned(kernel, key: list[str]):
     return triton.autotune(configs=configs, key=key, cache_results=True)(kernel)
 
 
-_FORWARD_TUNED = _tuned(_forward_kernel, ["M", "N", "K", "BLOCK", "HAS_BIAS"])
-_INPUT_GRAD_TUNED = _tuned(_input_grad_kernel, ["M", "N", "K", "BLOCK"])
+_WALK_TUNED = _tuned(_walk_kernel, ["M", "A_COLS", "OUT_COLS", "BLOCK", "HAS_BIAS", "TRANSPOSE_W"])
 _WEIGHT_GRAD_TUNED = _tuned(_weight_grad_kernel, ["M", "N", "K", "BLOCK"])
 _INTERPRETED = {"BLOCK_M": 32}
 SPLIT_ROWS = 128
@@ -158,10 +140,10 @@ def block_sparse_forward(x: Tensor, values: Tensor, bias: Tensor | None, row_ptr
     num_block_rows = row_ptr.numel() - 1
     if rows == 0:
         return y
-    _launch(_FORWARD_TUNED, _forward_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_block_rows),
+    _launch(_WALK_TUNED, _walk_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_block_rows),
             x, values, bias if bias is not None else values, y, row_ptr, row_slots, slot_cols,
-            rows, out_features, in_features, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, BLOCK=block, **_precision(x.dtype))
+            rows, in_features, out_features, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, TRANSPOSE_W=True, BLOCK=block, **_precision(x.dtype))
     return y
 
 
@@ -174,9 +156,10 @@ def block_sparse_input_grad(dy: Tensor, values: Tensor, col_ptr: Tensor, col_slo
     num_block_cols = col_ptr.numel() - 1
     if rows == 0:
         return dx
-    _launch(_INPUT_GRAD_TUNED, _input_grad_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_block_cols),
-            dy, values, dx, col_ptr, col_slots, slot_rows, rows, out_features, in_features,
-            dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), BLOCK=block, **_precision(dy.dtype))
+    _launch(_WALK_TUNED, _walk_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), num_block_cols),
+            dy, values, values, dx, col_ptr, col_slots, slot_rows, rows, out_features, in_features,
+            dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+            HAS_BIAS=False, TRANSPOSE_W=False, BLOCK=block, **_precision(dy.dtype))
     return dx
 
 
