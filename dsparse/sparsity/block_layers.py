@@ -133,17 +133,11 @@ class BlockSparseLayer(nn.Module):
         """Whether this call runs the Triton kernels (``dsparse.kernels``) or the PyTorch path."""
         return resolve_kernel(self.kernel, x.device) == "triton"
 
-    def _triton_gemm(self, x: Tensor, layout: BlockLayout, out_features: int) -> Tensor:
-        """``Y [M, out_features] = X W^T + b`` by the Triton kernels (bias fused), row-major;
-        with a probe set, plus ``X probe^T``, whose gradient is the dense weight gradient."""
-        from dsparse.kernels.ops import block_sparse_mm
+    def _triton_linear(self, x: Tensor, layout: BlockLayout, out_features: int) -> Tensor:
+        """``Y [M, out_features] = X W^T + b`` by the Triton kernels (bias fused), row-major."""
+        from dsparse.kernels.ops import block_sparse_linear
 
-        y = block_sparse_mm(x, self.blocks, self.bias, layout.row_ptr, layout.row_slots, layout.slot_cols,
-                            layout.col_ptr, layout.col_slots, layout.slot_rows, out_features)
-        if self.probe is not None:
-            probe = self.geometry.padded(self.geometry.to_gemm(self.probe))
-            y = y + x @ probe[:out_features, :x.shape[1]].t()
-        return y
+        return block_sparse_linear(x, self.blocks, self.bias, *_walks(layout), out_features)
 
     def _gemm(self, x: Tensor, column_major_out: bool, used_only: bool = False) -> Tensor:
         """``Y = X W^T`` on the kept blocks; with ``used_only``, ``x`` holds only the block
@@ -169,7 +163,8 @@ class BlockSparseLinear(BlockSparseLayer):
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
         if self.runs_triton(x):
-            return self._triton_gemm(rows, self.layout(), self.out_features).reshape(*lead, self.out_features)
+            out = self._triton_linear(rows, self.layout(), self.out_features).reshape(*lead, self.out_features)
+            return out if self.probe is None else out + F.linear(x, self.probe)  # the probe's gradient: dense dW
         if self.uses_dense_scratch():
             return F.linear(x, self.scratch_weight(), self.bias)
         padding = self.geometry.grid[1] * self.block - self.in_features
@@ -219,22 +214,39 @@ class BlockSparseConv2d(BlockSparseLayer):
         return self._plan[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        triton = self.runs_triton(x)
-        if not triton and self.uses_dense_scratch():
+        if self.runs_triton(x):
+            out = self._triton_forward(x)
+            if self.probe is not None:  # the probe's gradient: the dense weight gradient
+                out = out + F.conv2d(x, self.probe, None, self.stride, self.padding, self.dilation)
+            return out
+        if self.uses_dense_scratch():
             return F.conv2d(x, self.scratch_weight(), self.bias, self.stride, self.padding, self.dilation)
         batch = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
         layout = self.layout()
         used, compact = layout.compact() if self.probe is None else (None, layout)  # a probe needs every column
-        columns = self.im2col(x, used).t()
-        if triton:  # [N * Ho * Wo, out] row-major: the output in channels-last memory, no copy
-            y = self._triton_gemm(columns, compact, self.out_channels)
-            return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
-        y = self._gemm(columns, column_major_out=True, used_only=used is not None)
+        y = self._gemm(self.im2col(x, used).t(), column_major_out=True, used_only=used is not None)
         out = y.t().reshape(-1, batch, out_h, out_w)[: self.out_channels].transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
+
+    def _triton_forward(self, x: Tensor) -> Tensor:
+        """The Triton kernels' output, channels-last in memory (no copy). Implicit GEMM when
+        every block column lies within one tap; otherwise (the 3-channel stem) the kernels
+        multiply an im2col of the used block columns as a Linear."""
+        from dsparse.kernels.ops import block_sparse_conv
+
+        batch = x.shape[0]
+        out_h, out_w = self.output_size(*x.shape[2:])
+        layout = self.layout()
+        if self.in_channels % self.block == 0 or self.kernel_size == (1, 1):
+            y = block_sparse_conv(x, self.blocks, self.bias, *_walks(layout), list(self.kernel_size),
+                                  list(self.stride), list(self.padding), list(self.dilation), self.out_channels)
+        else:
+            used, compact = layout.compact()
+            y = self._triton_linear(self.im2col(x, used).t(), compact, self.out_channels)
+        return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -341,6 +353,11 @@ def block_sparse_from_dense(layer: nn.Module, block: int, block_mask: Tensor, ke
     sparse.load_dense(weight)
     sparse.train(layer.training)
     return sparse
+
+
+def _walks(layout: BlockLayout) -> tuple[Tensor, ...]:
+    """A layout's index tensors in the order the Triton ops take them (rows, then columns)."""
+    return layout.row_ptr, layout.row_slots, layout.slot_cols, layout.col_ptr, layout.col_slots, layout.slot_rows
 
 
 def _pair(value) -> tuple[int, int]:

@@ -47,8 +47,8 @@ def run_op(x, values, bias, layout, out_features, dy):
     x = x.detach().clone().requires_grad_()
     values = values.detach().clone().requires_grad_()
     bias = None if bias is None else bias.detach().clone().requires_grad_()
-    y = ops.block_sparse_mm(x, values, bias, layout.row_ptr, layout.row_slots, layout.slot_cols, layout.col_ptr,
-                            layout.col_slots, layout.slot_rows, out_features)
+    y = ops.block_sparse_linear(x, values, bias, layout.row_ptr, layout.row_slots, layout.slot_cols,
+                                layout.col_ptr, layout.col_slots, layout.slot_rows, out_features)
     y.backward(dy)
     return y, x.grad, values.grad, None if bias is None else bias.grad
 
@@ -118,8 +118,8 @@ def test_gradcheck_float32():
     inputs = (x.requires_grad_(), values.requires_grad_(), bias.requires_grad_())
 
     def function(x, values, bias):
-        return ops.block_sparse_mm(x, values, bias, layout.row_ptr, layout.row_slots, layout.slot_cols,
-                                   layout.col_ptr, layout.col_slots, layout.slot_rows, 20)
+        return ops.block_sparse_linear(x, values, bias, layout.row_ptr, layout.row_slots, layout.slot_cols,
+                                       layout.col_ptr, layout.col_slots, layout.slot_rows, 20)
 
     assert torch.autograd.gradcheck(function, inputs, eps=1e-2, atol=1e-2, rtol=1e-2, fast_mode=True)
 
@@ -127,8 +127,8 @@ def test_gradcheck_float32():
 def test_float64_is_refused_with_the_fix():
     layout, values, dense, x, dy, bias = random_problem(3, 20, 18, 16, 0.5, torch.float64)
     with pytest.raises(ValueError, match="sparsity.kernel=torch"):
-        ops.block_sparse_mm(x, values, bias, layout.row_ptr, layout.row_slots, layout.slot_cols, layout.col_ptr,
-                            layout.col_slots, layout.slot_rows, 20)
+        ops.block_sparse_linear(x, values, bias, layout.row_ptr, layout.row_slots, layout.slot_cols,
+                                layout.col_ptr, layout.col_slots, layout.slot_rows, 20)
 
 
 def test_layout_change_reuses_the_kernels():
@@ -151,7 +151,8 @@ def test_resolve_kernel_auto_and_clear_error(monkeypatch):
         resolve_kernel("cuda", "cpu")
 
 
-def test_layers_trace_under_torch_compile():
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_layers_trace_under_torch_compile(kind):
     """The ops' fake implementations let ``torch.compile`` trace a block-sparse layer in one
     graph (fullgraph), and the compiled forward and backward equal eager ones."""
     from torch import nn
@@ -159,9 +160,12 @@ def test_layers_trace_under_torch_compile():
     from dsparse.sparsity.block_layers import block_sparse_from_dense
 
     torch.manual_seed(11)
-    layer = block_sparse_from_dense(nn.Linear(40, 24), 16, torch.tensor([[True, False, True], [False, True, False]]),
-                                    "triton").to(DEVICE)
-    x = torch.randn(5, 40, device=DEVICE)
+    block_mask = torch.tensor([[True, False, True], [False, True, False]])
+    if kind == "linear":
+        dense, x = nn.Linear(40, 24), torch.randn(5, 40, device=DEVICE)
+    else:  # 16 channels x 3 taps (1x3 kernel) = 3 block columns of 16
+        dense, x = nn.Conv2d(16, 24, (1, 3), padding=(0, 1)), torch.randn(2, 16, 5, 4, device=DEVICE)
+    layer = block_sparse_from_dense(dense, 16, block_mask, "triton").to(DEVICE)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
     results = []
     for module in (layer, compiled):

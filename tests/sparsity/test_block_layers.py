@@ -263,3 +263,33 @@ def test_partial_im2col_holds_exactly_the_used_block_columns():
     expected = full.reshape(14, 16, -1)[used].reshape(4 * 16, -1)
     torch.testing.assert_close(partial, expected, rtol=0, atol=0)
     assert torch.count_nonzero(partial[-8:]) == 0
+
+
+TAP_ALIGNED_CONVS = [  # in_channels a multiple of the block (16), or 1x1: the Triton kernels' implicit GEMM
+    dict(in_channels=32, out_channels=40, kernel_size=3, stride=1, padding=1),
+    dict(in_channels=32, out_channels=40, kernel_size=3, stride=2, padding=1),
+    dict(in_channels=16, out_channels=24, kernel_size=3, padding=2, dilation=2),
+    dict(in_channels=32, out_channels=20, kernel_size=3, padding=4, dilation=4),
+    dict(in_channels=24, out_channels=40, kernel_size=1, stride=2),
+]
+
+
+@pytest.mark.parametrize("params", TAP_ALIGNED_CONVS, ids=lambda p: "c{in_channels}k{kernel_size}s{stride}d{dilation}"
+                         .format(**{"stride": 1, "dilation": 1, **p}))
+@pytest.mark.parametrize("kept", [0.0, 0.1, 0.5, 1.0])
+def test_triton_implicit_gemm_conv_matches_dense_masked(params, kept):
+    """Forward, dX (implicit dgrad: every input position gathers its taps' output gradients)
+    and dW of the implicit-GEMM kernels, including stride 2 (input positions no tap reaches)."""
+    pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
+    torch.manual_seed(12)
+    layer = nn.Conv2d(**params)
+    check_against_dense(layer, torch.randn(2, params["in_channels"], 9, 7), kept, 16, kernel="triton")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
+def test_triton_conv_half_precision(dtype, tolerance):
+    pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
+    torch.manual_seed(13)
+    layer = nn.Conv2d(32, 40, 3, stride=2, padding=1)
+    check_against_dense(layer, torch.randn(2, 32, 9, 9), 0.5, 32, dtype=dtype,
+                        tolerance={"rtol": tolerance, "atol": tolerance}, kernel="triton")
