@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_model import TASKS, bench_tasks, fake_batch
+from bench_model import bench_tasks, fake_batch, trunk_conv_shapes
 from dsparse.config import SparsityConfig
 from dsparse.models import build_model
 from dsparse.sparsity import MaskInputs, build_sparsifier
@@ -71,26 +71,6 @@ def layer_times(layer: nn.Module, x: torch.Tensor, sparsity: float, block: int, 
 
     dense, sparse = interleaved_median_times([dense_step, sparse_step], repeats)
     return dense, sparse
-
-
-def trunk_conv_shapes(batch: int, size: int) -> list[tuple[nn.Conv2d, tuple[int, ...]]]:
-    """Every distinct (conv parameters, input shape) of the ResNet-34 trunk at ``size``."""
-    model = build_model("resnet34", {"seg": 10}, base_width=64)
-    seen, shapes = set(), []
-
-    def record(module, inputs, _):
-        key = (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-               module.dilation, tuple(inputs[0].shape[1:]))
-        if key not in seen:
-            seen.add(key)
-            shapes.append((module, (batch, *inputs[0].shape[1:])))
-
-    handles = [m.register_forward_hook(record) for m in model.trunk.modules() if isinstance(m, nn.Conv2d)]
-    with torch.no_grad():
-        model.trunk(torch.zeros(1, 3, size, size))
-    for handle in handles:
-        handle.remove()
-    return shapes
 
 
 def step_time_and_memory(arch: str, width: int, batch: int, size: int, sparsity: float | None, block: int,

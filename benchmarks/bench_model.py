@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+from torch import nn
+
 from dsparse.models import build_model
 from dsparse.tasks import build_tasks
 
@@ -47,3 +49,23 @@ def train_step(engine, tasks: dict, batch: dict) -> None:
     outputs = engine(batch["rgb"])
     engine.backward(sum(task.loss(outputs[name], batch[name]) for name, task in tasks.items()))
     engine.step()
+
+
+def trunk_conv_shapes(batch: int, size: int) -> list[tuple[nn.Conv2d, tuple[int, ...]]]:
+    """Every distinct (conv parameters, input shape) of the ResNet-34 trunk at ``size``."""
+    model = build_model("resnet34", {"seg": 10}, base_width=64)
+    seen, shapes = set(), []
+
+    def record(module, inputs, _):
+        key = (module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+               module.dilation, tuple(inputs[0].shape[1:]))
+        if key not in seen:
+            seen.add(key)
+            shapes.append((module, (batch, *inputs[0].shape[1:])))
+
+    handles = [m.register_forward_hook(record) for m in model.trunk.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.trunk(torch.zeros(1, 3, size, size))
+    for handle in handles:
+        handle.remove()
+    return shapes

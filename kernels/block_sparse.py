@@ -98,7 +98,18 @@ def _input_tile(x_ptr, n, oh, ow, in_m, col, C_IN, H, W, KW, SH, SW, PH, PW, DH,
                    mask=inside[:, None] & (channels[None, :] < C_IN), other=0.0)
 
 
-@triton.jit
+_SHAPE_ARGS = ["M", "P", "C_OUT", "C_IN", "H", "W", "HO", "WO", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW",
+               "num_slots", "rows_per_split"]
+"""Scalar arguments Triton must not specialise on (each value would compile anew); strides
+stay specialised, so unit strides get vectorised loads."""
+
+
+def _jit(function):
+    names = set(function.__code__.co_varnames[:function.__code__.co_argcount])
+    return triton.jit(function, do_not_specialize=[name for name in _SHAPE_ARGS if name in names])
+
+
+@_jit
 def _forward_kernel(x_ptr, values_ptr, bias_ptr, y_ptr, row_ptr, row_slots, slot_cols, M, C_OUT,
                     C_IN, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, sym, syn,
                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
@@ -124,7 +135,7 @@ def _forward_kernel(x_ptr, values_ptr, bias_ptr, y_ptr, row_ptr, row_slots, slot
              mask=in_m[:, None] & (offs_n[None, :] < C_OUT))
 
 
-@triton.jit
+@_jit
 def _input_grad_kernel(dy_ptr, values_ptr, dx_ptr, col_ptr, col_slots, slot_rows, P, C_OUT,
                        C_IN, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, sdym, sdyn, sxn, sxc, sxh, sxw,
                        BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -155,7 +166,7 @@ def _input_grad_kernel(dy_ptr, values_ptr, dx_ptr, col_ptr, col_slots, slot_rows
              acc.to(dx_ptr.dtype.element_ty), mask=in_p[:, None] & (channels[None, :] < C_IN))
 
 
-@triton.jit
+@_jit
 def _weight_grad_kernel(dy_ptr, x_ptr, partial_ptr, slot_rows, slot_cols, M, C_OUT, num_slots, rows_per_split,
                         C_IN, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, sdym, sdyn, sxn, sxc, sxh, sxw,
                         BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
@@ -185,9 +196,8 @@ def _weight_grad_kernel(dy_ptr, x_ptr, partial_ptr, slot_rows, slot_cols, M, C_O
 def _tuned(kernel, key: list[str]):
     """The kernel autotuned over tile sizes (CUDA), keyed by shape."""
     configs = [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
-               for block_m in (32, 64, 128) for warps in (4, 8) for stages in (2, 3, 4)
-               if not (block_m == 32 and warps == 8)]
-    return triton.autotune(configs=configs, key=key, cache_results=True)(kernel)
+               for block_m, warps, stages in ((32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3))]
+    return triton.autotune(configs=configs, key=key, cache_results=True, warmup=5, rep=20)(kernel)
 
 
 _SHAPE_KEY = ["C_OUT", "C_IN", "H", "W", "KH", "KW", "SH", "DH", "BLOCK"]

@@ -27,9 +27,11 @@ def random_block_mask(grid, kept: float, seed: int = 0) -> torch.Tensor:
 
 def check_against_dense(layer: nn.Module, x: torch.Tensor, kept: float, block: int, seed: int = 0, dtype=torch.float32,
                         tolerance=FP32, kernel: str = "auto"):
+    if kernel == "triton" and torch.cuda.is_available():  # benchmarks/gpu_check.sh: the kernels on the GPU
+        layer, x = layer.cuda(), x.cuda()
     grid = block_grid(layer.weight.shape, block)
     block_mask = random_block_mask(grid.grid, kept, seed)
-    element_mask = grid.expand(block_mask)
+    element_mask = grid.expand(block_mask).to(x.device)
     sparse = block_sparse_from_dense(layer, block, block_mask, kernel).to(dtype)
     reference = layer.to(dtype)
     x_dense = x.to(dtype).clone().requires_grad_()
@@ -52,7 +54,7 @@ def check_against_dense(layer: nn.Module, x: torch.Tensor, kept: float, block: i
     torch.testing.assert_close(kept_grad.float(), dense_grad.float(), **tolerance)
     # the zero padding of edge blocks gets exactly zero gradient, so it stays zero
     saved = sparse.blocks.detach().clone()
-    sparse.load_dense(torch.ones(sparse.weight_shape, dtype=dtype))
+    sparse.load_dense(torch.ones(sparse.weight_shape, dtype=dtype, device=x.device))
     padding = sparse.blocks.detach() == 0
     sparse.blocks.data.copy_(saved)
     assert torch.count_nonzero(sparse.blocks.grad[padding]) == 0
@@ -165,13 +167,14 @@ def _call(layer, x, blocks, bias):
 
 def test_probe_gets_the_dense_weight_gradient_only_when_set(compute_path):
     torch.manual_seed(6)
-    conv = nn.Conv2d(20, 24, 3, padding=1)
+    device = "cuda" if compute_path == "triton" and torch.cuda.is_available() else "cpu"
+    conv = nn.Conv2d(20, 24, 3, padding=1).to(device)
     block_mask = random_block_mask(block_grid(conv.weight.shape, 16).grid, 0.5)
     sparse = block_sparse_from_dense(conv, 16, block_mask, compute_path)
-    x = torch.randn(2, 20, 6, 6)
+    x = torch.randn(2, 20, 6, 6, device=device)
     sparse.probe = sparse.new_probe()
     sparse(x).square().sum().backward()
-    reference = nn.Conv2d(20, 24, 3, padding=1)
+    reference = nn.Conv2d(20, 24, 3, padding=1).to(device)
     with torch.no_grad():
         reference.weight.copy_(sparse.dense_weight())
         reference.bias.copy_(sparse.bias)
