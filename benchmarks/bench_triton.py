@@ -132,8 +132,6 @@ def cases(smoke: bool) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
                 ("Conv 32->32 k3 s1 d1 @8x8", nn.Conv2d(32, 32, 3, padding=1), (2, 32, 8, 8))]
     found = [("Linear 4096x4096, batch 8192", nn.Linear(4096, 4096), (8192, 4096))]
     for conv, shape in trunk_conv_shapes(64, 224):
-        if conv.in_channels % 16:  # the stem: im2col + the kernels as a Linear, benchmarked as that Linear
-            continue
         found.append((f"Conv {conv.in_channels}->{conv.out_channels} k{conv.kernel_size[0]} s{conv.stride[0]} "
                       f"d{conv.dilation[0]} @{shape[2]}x{shape[3]}", conv, shape))
     return found
@@ -222,30 +220,39 @@ def main() -> None:
     measure = timer(device)
     deadline = time.monotonic() + args.budget
     rows, skipped = [], []
-    for name, layer, shape in cases(args.smoke):
+    name = "triton-smoke" if args.smoke else "triton"
+    table = open(result_path(name, ".csv", args.out), "w", newline="")  # rows land as they are measured
+    writer = csv.DictWriter(table, fieldnames=["layer", "dtype", "block", "sparsity", "kernel", "dense_ms",
+                                               "triton_ms", "tflops", "speedup"])
+    writer.writeheader()
+    for label, layer, shape in cases(args.smoke):
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             conv = conv_of(layer).to(device=device, dtype=dtype)
             x = torch.randn(shape, device=device, dtype=dtype)
             x = x if x.dim() == 4 else x[:, :, None, None]
             if time.monotonic() > deadline:
-                skipped.append(f"{name} {dtype_name}")
+                skipped.append(f"{label} {dtype_name}")
                 continue
-            dense = dense_times(layer, conv, x, measure)
+            with torch.no_grad():
+                dense = dense_times(layer, conv, x, measure)
             work = flops(conv, x)
             for block in blocks:
                 for sparsity in (0.5, 0.9) if args.smoke else SPARSITIES:
                     if time.monotonic() > deadline:
-                        skipped.append(f"{name} {dtype_name} block {block} {int(100 * sparsity)}%")
+                        skipped.append(f"{label} {dtype_name} block {block} {int(100 * sparsity)}%")
                         continue
-                    sparse = sparse_times(conv, x, block, sparsity, measure)
+                    with torch.no_grad():
+                        sparse = sparse_times(conv, x, block, sparsity, measure)
                     for kernel in ("forward", "dX", "dW"):
-                        rows.append({"layer": name, "dtype": dtype_name, "block": block, "sparsity": sparsity,
+                        rows.append({"layer": label, "dtype": dtype_name, "block": block, "sparsity": sparsity,
                                      "kernel": kernel, "dense_ms": 1e3 * dense[kernel],
                                      "triton_ms": 1e3 * sparse[kernel],
                                      "tflops": work * sparse["kept"] / sparse[kernel] / 1e12,
                                      "speedup": dense[kernel] / sparse[kernel]})
-                    print(f"{name:34s} {dtype_name} b{block} {sparsity:4.2f}  " + "  ".join(
+                        writer.writerow(rows[-1])
+                    table.flush()
+                    print(f"{label:34s} {dtype_name} b{block} {sparsity:4.2f}  " + "  ".join(
                         f"{k} {dense[k] / sparse[k]:5.2f}x" for k in ("forward", "dX", "dW")), flush=True)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter: plumbing only)"
     lines = [f"Triton block-sparse kernels vs dense, {gpu}, torch {torch.__version__}, {machine_tag()}, {today()}", "",
@@ -272,12 +279,8 @@ def main() -> None:
                   "| speed-up |", "|---|---|---|---|",
                   f"| forward, 5 losses, backward, Adam | {1e3 * dense_step:.0f} | {1e3 * sparse_step:.0f} | "
                   f"{dense_step / sparse_step:.2f}x |"]
-    publish("triton-smoke" if args.smoke else "triton", "\n".join(lines), args.out)
-    with open(result_path("triton-smoke" if args.smoke else "triton", ".csv", args.out), "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["layer", "dtype", "block", "sparsity", "kernel", "dense_ms",
-                                                  "triton_ms", "tflops", "speedup"])
-        writer.writeheader()
-        writer.writerows(rows)
+    table.close()
+    publish(name, "\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

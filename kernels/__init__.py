@@ -36,7 +36,7 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     """Whether Triton runs its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")  # as Triton reads it
 
 
 def resolve_kernel(requested: str, device: torch.device | str) -> str:

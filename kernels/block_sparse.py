@@ -84,18 +84,26 @@ class ConvGeometry:
 
 
 @triton.jit
-def _input_tile(x_ptr, n, oh, ow, in_m, col, C_IN, H, W, KW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
-                BLOCK: tl.constexpr):
-    """``X_col[m, col]``: the ``B`` channels of one tap that block column ``col`` reads, at
-    output positions ``(n, oh, ow)``, zero outside the image."""
+def _input_tile(x_ptr, n, oh, ow, in_m, col, C_IN, H, W, KH, KW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
+                BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """``X_col[m, col]``: the ``B`` GEMM columns of block column ``col`` at output positions
+    ``(n, oh, ow)``, zero outside the image. ``ALIGNED``: the block lies within one tap, so
+    the tap is one scalar; otherwise (a 3-channel stem) every column decodes its own."""
     first = col * BLOCK
-    tap = first // C_IN
-    channels = first % C_IN + tl.arange(0, BLOCK)
-    ih = oh * SH - PH + (tap // KW) * DH
-    iw = ow * SW - PW + (tap % KW) * DW
-    inside = in_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    return tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + channels[None, :] * sxc,
-                   mask=inside[:, None] & (channels[None, :] < C_IN), other=0.0)
+    if ALIGNED:
+        tap = first // C_IN
+        channels = first % C_IN + tl.arange(0, BLOCK)
+        ih = oh * SH - PH + (tap // KW) * DH
+        iw = ow * SW - PW + (tap % KW) * DW
+        inside = in_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        return tl.load(x_ptr + (n * sxn + ih * sxh + iw * sxw)[:, None] + channels[None, :] * sxc,
+                       mask=inside[:, None] & (channels[None, :] < C_IN), other=0.0)
+    k = first + tl.arange(0, BLOCK)
+    tap = k // C_IN
+    ih = oh[:, None] * SH - PH + (tap // KW)[None, :] * DH
+    iw = ow[:, None] * SW - PW + (tap % KW)[None, :] * DW
+    inside = in_m[:, None] & (k < C_IN * KH * KW)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    return tl.load(x_ptr + n[:, None] * sxn + (k % C_IN)[None, :] * sxc + ih * sxh + iw * sxw, mask=inside, other=0.0)
 
 
 _SHAPE_ARGS = ["M", "P", "C_OUT", "C_IN", "H", "W", "HO", "WO", "KH", "KW", "SH", "SW", "PH", "PW", "DH", "DW",
@@ -112,8 +120,8 @@ def _jit(function):
 @_jit
 def _forward_kernel(x_ptr, values_ptr, bias_ptr, y_ptr, row_ptr, row_slots, slot_cols, M, C_OUT,
                     C_IN, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, sym, syn,
-                    HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
-                    DOT_FP32: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
     row = tl.program_id(1)
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_b = tl.arange(0, BLOCK)
@@ -122,8 +130,8 @@ def _forward_kernel(x_ptr, values_ptr, bias_ptr, y_ptr, row_ptr, row_slots, slot
     acc = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
     for index in range(tl.load(row_ptr + row), tl.load(row_ptr + row + 1)):
         slot = tl.load(row_slots + index)
-        a = _input_tile(x_ptr, n, oh, ow, in_m, tl.load(slot_cols + slot), C_IN, H, W, KW, SH, SW, PH, PW, DH, DW,
-                        sxn, sxc, sxh, sxw, BLOCK)
+        a = _input_tile(x_ptr, n, oh, ow, in_m, tl.load(slot_cols + slot), C_IN, H, W, KH, KW, SH, SW, PH, PW, DH,
+                        DW, sxn, sxc, sxh, sxw, BLOCK, ALIGNED)
         w = tl.load(values_ptr + slot * BLOCK * BLOCK + offs_b[None, :] * BLOCK + offs_b[:, None])  # W_rc^T
         if DOT_FP32:
             a, w = a.to(tl.float32), w.to(tl.float32)
@@ -169,7 +177,8 @@ def _input_grad_kernel(dy_ptr, values_ptr, dx_ptr, col_ptr, col_slots, slot_rows
 @_jit
 def _weight_grad_kernel(dy_ptr, x_ptr, partial_ptr, slot_rows, slot_cols, M, C_OUT, num_slots, rows_per_split,
                         C_IN, H, W, HO, WO, KH, KW, SH, SW, PH, PW, DH, DW, sdym, sdyn, sxn, sxc, sxh, sxw,
-                        BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+                        ALIGNED: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr,
+                        DOT_FP32: tl.constexpr):
     slot = tl.program_id(0)
     split = tl.program_id(1)
     offs_b = tl.arange(0, BLOCK)
@@ -184,8 +193,8 @@ def _weight_grad_kernel(dy_ptr, x_ptr, partial_ptr, slot_rows, slot_cols, M, C_O
         n, oh, ow = offs_m // (HO * WO), (offs_m % (HO * WO)) // WO, offs_m % WO
         dy = tl.load(dy_ptr + offs_m[:, None] * sdym + offs_n[None, :] * sdyn,
                      mask=in_m[:, None] & (offs_n[None, :] < C_OUT), other=0.0)
-        a = _input_tile(x_ptr, n, oh, ow, in_m, col, C_IN, H, W, KW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
-                        BLOCK)
+        a = _input_tile(x_ptr, n, oh, ow, in_m, col, C_IN, H, W, KH, KW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
+                        BLOCK, ALIGNED)
         if DOT_FP32:
             dy, a = dy.to(tl.float32), a.to(tl.float32)
         acc = tl.dot(tl.trans(dy), a, acc, input_precision=PRECISION)
@@ -197,13 +206,19 @@ def _tuned(kernel, key: list[str]):
     """The kernel autotuned over tile sizes (CUDA), keyed by shape."""
     configs = [triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
                for block_m, warps, stages in ((32, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 3), (128, 8, 3))]
-    return triton.autotune(configs=configs, key=key, cache_results=True, warmup=5, rep=20)(kernel)
+    return triton.autotune(configs=configs, key=key, cache_results=True, do_bench=_short_bench)(kernel)
+
+
+def _short_bench(function, quantiles=None):
+    import triton.testing
+
+    return triton.testing.do_bench(function, warmup=5, rep=20, quantiles=quantiles)
 
 
 _SHAPE_KEY = ["C_OUT", "C_IN", "H", "W", "KH", "KW", "SH", "DH", "BLOCK"]
-_FORWARD_TUNED = _tuned(_forward_kernel, ["M", *_SHAPE_KEY, "HAS_BIAS"])
+_FORWARD_TUNED = _tuned(_forward_kernel, ["M", *_SHAPE_KEY, "HAS_BIAS", "ALIGNED"])
 _INPUT_GRAD_TUNED = _tuned(_input_grad_kernel, ["P", *_SHAPE_KEY])
-_WEIGHT_GRAD_TUNED = _tuned(_weight_grad_kernel, ["M", *_SHAPE_KEY])
+_WEIGHT_GRAD_TUNED = _tuned(_weight_grad_kernel, ["M", *_SHAPE_KEY, "ALIGNED"])
 _INTERPRETED = {"BLOCK_M": 32}
 SPLIT_ROWS = 128
 """``dW`` splits ``M`` into chunks of a multiple of this (every tuned ``BLOCK_M`` divides it)."""
@@ -221,7 +236,8 @@ def _precision(dtype: torch.dtype) -> dict:
 def _launch(tuned, kernel, grid, *args, **constants) -> None:
     if interpreting():
         kernel[grid(_INTERPRETED)](*args, **constants, **_INTERPRETED)
-    else:
+        return
+    with torch.cuda.device(args[0].device):  # Triton launches on the current device
         tuned[grid](*args, **constants)
 
 
@@ -236,7 +252,8 @@ def block_sparse_forward(x: Tensor, values: Tensor, bias: Tensor | None, row_ptr
         return y
     _launch(_FORWARD_TUNED, _forward_kernel, lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), row_ptr.numel() - 1),
             x, values, bias if bias is not None else values, y, row_ptr, row_slots, slot_cols, rows, out_channels,
-            *geometry.args(), *x.stride(), *y.stride(), HAS_BIAS=bias is not None, BLOCK=block, **_precision(x.dtype))
+            *geometry.args(), *x.stride(), *y.stride(), HAS_BIAS=bias is not None, ALIGNED=geometry.tap_aligned(block),
+            BLOCK=block, **_precision(x.dtype))
     return y
 
 
@@ -269,5 +286,5 @@ def block_sparse_weight_grad(dy: Tensor, x: Tensor, values: Tensor, slot_rows: T
     partial = dy.new_empty(splits, num_slots, block, block, dtype=torch.float32)
     _launch(_WEIGHT_GRAD_TUNED, _weight_grad_kernel, lambda meta: (num_slots, splits),
             dy, x, partial, slot_rows, slot_cols, rows, dy.shape[1], num_slots, rows_per_split, *geometry.args(),
-            *dy.stride(), *x.stride(), BLOCK=block, **_precision(x.dtype))
+            *dy.stride(), *x.stride(), ALIGNED=geometry.tap_aligned(block), BLOCK=block, **_precision(x.dtype))
     return (partial.sum(dim=0) if splits > 1 else partial[0]).to(values.dtype)

@@ -42,8 +42,8 @@ def block_sparse_conv(x: Tensor, values: Tensor, bias: Tensor | None, row_ptr: T
                       kernel_size: list[int], stride: list[int], padding: list[int], dilation: list[int],
                       out_channels: int) -> Tensor:
     """``Y [N * Ho * Wo, out_channels]`` of the block-sparse convolution of ``x [N, C, H, W]``."""
+    _check_operands(x, values, bias)
     geometry = _geometry(x.shape, kernel_size, stride, padding, dilation)
-    _check_operands(x, values, bias, geometry)
     return block_sparse_forward(x, values, bias, row_ptr, row_slots, slot_cols, geometry, out_channels)
 
 
@@ -59,7 +59,26 @@ def block_sparse_conv_input_grad(dy: Tensor, values: Tensor, col_ptr: Tensor, co
                                  x_shape: list[int], kernel_size: list[int], stride: list[int], padding: list[int],
                                  dilation: list[int]) -> Tensor:
     geometry = _geometry(x_shape, kernel_size, stride, padding, dilation)
-    return block_sparse_input_grad(dy, values, col_ptr, col_slots, slot_rows, geometry, x_shape[0])
+    if geometry.tap_aligned(values.shape[1]):
+        return block_sparse_input_grad(dy, values, col_ptr, col_slots, slot_rows, geometry, x_shape[0])
+    return _input_grad_by_fold(dy, values, col_ptr, col_slots, slot_rows, geometry, x_shape)
+
+
+def _input_grad_by_fold(dy: Tensor, values: Tensor, col_ptr: Tensor, col_slots: Tensor, slot_rows: Tensor,
+                        geometry: ConvGeometry, x_shape: list[int]) -> Tensor:
+    """``dX`` where a block column straddles taps (a 3-channel stem): the kernels give the
+    im2col gradient ``[M, K]`` (the 1x1 view), which ``F.fold`` sums back onto the input.
+    Only such layers' backward pass holds an im2col-sized buffer, and only when their input
+    needs a gradient (a stem's input image does not)."""
+    batch, channels, _, _ = x_shape
+    taps = geometry.kernel[0] * geometry.kernel[1]
+    columns = block_sparse_input_grad(dy, values, col_ptr, col_slots, slot_rows,
+                                      ConvGeometry.linear(channels * taps), dy.shape[0])
+    height_out, width_out = geometry.output_size
+    columns = columns.reshape(batch, height_out * width_out, taps, channels).permute(0, 3, 2, 1)
+    return torch.nn.functional.fold(columns.reshape(batch, channels * taps, height_out * width_out),
+                                    (geometry.height, geometry.width), geometry.kernel, dilation=geometry.dilation,
+                                    padding=geometry.padding, stride=geometry.stride)
 
 
 @block_sparse_conv_input_grad.register_fake
@@ -111,16 +130,13 @@ def block_sparse_linear(x: Tensor, values: Tensor, bias: Tensor | None, row_ptr:
                              slot_rows, [1, 1], [1, 1], [0, 0], [1, 1], out_features)
 
 
-def _check_operands(x: Tensor, values: Tensor, bias: Tensor | None, geometry: ConvGeometry) -> None:
-    if x.dim() != 4 or values.dim() != 3:
-        raise ValueError(f"block_sparse_conv takes x [N, C, H, W] and values [S, B, B], got {tuple(x.shape)} and "
-                         f"{tuple(values.shape)}")
+def _check_operands(x: Tensor, values: Tensor, bias: Tensor | None) -> None:
+    if x.dim() != 4 or values.dim() != 3 or not values.is_contiguous() or not (bias is None or bias.is_contiguous()):
+        raise ValueError(f"block_sparse_conv takes x [N, C, H, W] and contiguous values [S, B, B] (and bias), got "
+                         f"{tuple(x.shape)} and {tuple(values.shape)}")
     if x.dtype not in DTYPES:
         raise ValueError(f"the Triton block-sparse kernels take {', '.join(map(str, DTYPES))}, got {x.dtype}; "
                          "use sparsity.kernel=torch for other dtypes")
     if x.dtype != values.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"block_sparse_conv needs one dtype for x, values and bias, got {x.dtype}, {values.dtype}"
                          f"{'' if bias is None else ', ' + str(bias.dtype)}; cast the layer or its input")
-    if not geometry.tap_aligned(values.shape[1]):
-        raise ValueError(f"block_sparse_conv needs every block column within one tap: in_channels "
-                         f"({geometry.in_channels}) a multiple of the block ({values.shape[1]}) or a 1x1 kernel")

@@ -15,6 +15,10 @@ import yaml
 
 if not torch.cuda.is_available():  # Triton kernels run in Triton's CPU interpreter (set before Triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU (benchmarks/gpu_check.sh), dense references in full fp32: cuDNN and cuBLAS
+# would otherwise use TF32, whose error exceeds the fp32 tolerances of the kernel tests.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 from dsparse.data.shards import write_synthetic_dataset
 

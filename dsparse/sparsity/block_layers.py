@@ -232,21 +232,13 @@ class BlockSparseConv2d(BlockSparseLayer):
         return out
 
     def _triton_forward(self, x: Tensor) -> Tensor:
-        """The Triton kernels' output, channels-last in memory (no copy). Implicit GEMM when
-        every block column lies within one tap; otherwise (the 3-channel stem) the kernels
-        multiply an im2col of the used block columns as a Linear."""
+        """The Triton kernels' implicit-GEMM output, channels-last in memory (no copy)."""
         from dsparse.kernels.ops import block_sparse_conv
 
-        batch = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
-        layout = self.layout()
-        if self.in_channels % self.block == 0 or self.kernel_size == (1, 1):
-            y = block_sparse_conv(x, self.blocks, self.bias, *_walks(layout), list(self.kernel_size),
-                                  list(self.stride), list(self.padding), list(self.dilation), self.out_channels)
-        else:
-            used, compact = layout.compact()
-            y = self._triton_linear(self.im2col(x, used).t(), compact, self.out_channels)
-        return y.view(batch, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
+        y = block_sparse_conv(x, self.blocks, self.bias, *_walks(self.layout()), list(self.kernel_size),
+                              list(self.stride), list(self.padding), list(self.dilation), self.out_channels)
+        return y.view(x.shape[0], out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -296,3 +296,9 @@ def test_triton_conv_half_precision(dtype, tolerance):
     layer = nn.Conv2d(32, 40, 3, stride=2, padding=1)
     check_against_dense(layer, torch.randn(2, 32, 9, 9), 0.5, 32, dtype=dtype,
                         tolerance={"rtol": tolerance, "atol": tolerance}, kernel="triton")
+
+
+def test_triton_implicit_gemm_conv_block_64():
+    pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
+    torch.manual_seed(14)
+    check_against_dense(nn.Conv2d(64, 72, 3, stride=2, padding=1), torch.randn(2, 64, 7, 6), 0.5, 64, kernel="triton")
