@@ -162,3 +162,21 @@ def test_triton_kernel_where_it_cannot_run_is_one_line_and_writes_nothing(tiny_d
     assert code == 2 and len(err) == 1
     assert "sparsity.kernel=triton cannot run here" in err[0] and "sparsity.kernel=auto" in err[0]
     assert not run_dir.exists(), "nothing may be written for a refused run"
+
+
+def test_triton_kernels_train_like_the_pytorch_path(tiny_dataset, tmp_path):
+    """The same block-masked run through DeepSpeed with ``sparsity.kernel=triton`` (CPU:
+    Triton's interpreter) and ``torch``: equal losses (fp32, summation order only) and the
+    layers running the kernel asked for."""
+    pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
+    losses = {}
+    for kernel in ("torch", "triton"):
+        run = block_config(tiny_dataset, tmp_path / kernel, method="random", target=0.8, iterations=2)
+        run["sparsity"]["kernel"] = kernel
+        run["train"]["log_interval"] = 1
+        trainer = Trainer(config_from_dict(run))
+        losses[kernel] = losses_of(trainer)
+        layers = trainer.sparsifier.state.applier.layers
+        assert layers and all(layer.kernel == kernel for layer in layers.values())
+    assert len(losses["triton"]) == 2
+    torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["torch"]), rtol=1e-4, atol=1e-4)
