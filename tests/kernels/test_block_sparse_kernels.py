@@ -176,3 +176,24 @@ def test_layers_trace_under_torch_compile(kind):
         results.append((out.detach(), x_grad.grad, layer.blocks.grad.clone(), layer.bias.grad.clone()))
     for eager, traced in zip(*results):
         torch.testing.assert_close(traced, eager, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it)")
+def test_cuda_training_step_and_layout_rebuild_never_wait_for_the_host():
+    """On a GPU, once each shape is tuned, a block-sparse layer's forward and backward and a
+    layout rebuild from slots launch work without a single host synchronisation."""
+    from torch import nn
+
+    from dsparse.sparsity.block_layers import block_sparse_from_dense
+
+    torch.manual_seed(15)
+    layer = block_sparse_from_dense(nn.Conv2d(32, 64, 3, padding=1).cuda(), 16, torch.rand(4, 18) < 0.3, "triton")
+    x = torch.randn(4, 32, 16, 16, device="cuda", requires_grad=True)
+    layer(x).sum().backward()  # the first call autotunes (benchmarking synchronises)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x).sum().backward()
+        BlockLayout.from_slots(layer.slot_rows, layer.slot_cols, layer.geometry.grid)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
