@@ -122,10 +122,17 @@ class TrainConfig:
     log_interval: int = 20
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 2
+    threads: int | None = None
+    """Intra-op threads of each training process. None: the cores this process may use (its
+    CPU affinity, shared among the training processes of its node) minus its data loader
+    workers, at least 1, so the trainer and the loader do not fight over the same cores.
+    The value used is logged and written to ``summary.json``."""
 
     def __post_init__(self):
         for name in ("iterations", "eval_interval", "log_interval", "checkpoint_interval", "keep_checkpoints"):
             _check_positive(f"train.{name}", getattr(self, name))
+        if self.threads is not None:
+            _check_positive("train.threads", self.threads)
 
 
 @dataclass

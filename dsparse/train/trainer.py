@@ -22,7 +22,14 @@ import torch
 from dsparse.config import RunConfig, dump_config, flatten
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.shards import load_manifest
-from dsparse.distributed import all_reduce_sum, barrier, broadcast_object, init_distributed, is_main
+from dsparse.distributed import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    init_distributed,
+    is_main,
+    trainer_threads,
+)
 from dsparse.io import write_text_atomic
 from dsparse.sparsity.sparsifier import read_sparsifier_state
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
@@ -149,6 +156,7 @@ class Trainer:
         self.config = config
         self.on_validation, self.on_checkpoint = on_validation, on_checkpoint
         self.rank, self.world_size, self.device = init_distributed()
+        self.threads = trainer_threads(config.train.threads, config.data.num_workers)
         self.run_dir = Path(config.output_dir)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         # everything a bad config or mask file can break is checked before the run directory is touched
@@ -215,6 +223,11 @@ class Trainer:
         end = cfg.iterations if stop_after is None else min(cfg.iterations, start + stop_after)
         batches = TrainBatches(self._spec("train", train=True), self.state["data_position"])
         progress = Progress(start, cfg.iterations, self.config.data.batch_size * self.world_size)
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(self.threads)  # restored after, so a library caller keeps its own setting
+        if is_main():
+            log.info("%d intra-op thread(s) per training process, beside %d loader worker(s) (train.threads)",
+                     self.threads, self.config.data.num_workers)
         try:
             metrics = self._loop(batches, progress, start, end)
             if end == start:  # nothing trained (e.g. --stop-after 0 to only prune)
@@ -228,6 +241,7 @@ class Trainer:
             raise
         finally:
             batches.close()
+            torch.set_num_threads(threads_before)
         return self._finish(metrics, progress, batches, start, end)
 
     def _loop(self, batches: TrainBatches, progress: Progress, start: int, end: int) -> dict | None:
@@ -286,6 +300,7 @@ class Trainer:
             "data_wait_fraction": batches.wait_seconds / max(progress.elapsed(), 1e-9),
             "bad_samples_skipped": batches.num_bad,
             "world_size": self.world_size,
+            "threads": self.threads,
             "sparsity": self.sparsifier.summary(),
             "mlflow_run_id": self.state["mlflow_run_id"],
             "mlflow_tracking_uri": self.tracker.uri,

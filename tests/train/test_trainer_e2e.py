@@ -42,8 +42,12 @@ def losses_of(uri, run_id, key="train/loss"):
 
 def test_single_process_training_learns_and_is_tracked(tiny_dataset, tmp_path, tracking_uri):
     run_dir = tmp_path / "run"
-    summary = train(config_from_dict(tiny_config(tiny_dataset, run_dir, tracking_uri, iterations=30)))
+    threads_before = torch.get_num_threads()
+    raw = tiny_config(tiny_dataset, run_dir, tracking_uri, iterations=30)
+    raw["train"]["threads"] = 1
+    summary = train(config_from_dict(raw))
     assert summary["status"] == "complete" and summary["step"] == 30
+    assert summary["threads"] == 1 and torch.get_num_threads() == threads_before, "the caller's setting is restored"
     losses = losses_of(tracking_uri, summary["mlflow_run_id"])
     assert len(losses) == 30
     assert sum(losses[-5:]) < sum(losses[:5]), losses
@@ -115,6 +119,7 @@ def test_two_processes_under_deepspeed(tiny_dataset, tmp_path, tracking_uri, zer
     raw["deepspeed"] = {"zero_stage": zero_stage}
     summary = torchrun_train(raw)
     assert summary["world_size"] == 2 and summary["step"] == 20
+    assert summary["threads"] >= 1, "the intra-op threads each process used are recorded"
     losses = losses_of(tracking_uri, summary["mlflow_run_id"])
     assert len(losses) == 20, "rank 0 alone logs, once per step"
     assert sum(losses[-5:]) < sum(losses[:5]), losses
