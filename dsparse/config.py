@@ -122,16 +122,19 @@ class TrainConfig:
     log_interval: int = 20
     checkpoint_interval: int = 1000
     keep_checkpoints: int = 2
-    threads: int | None = None
-    """Intra-op threads of each training process. None: the cores this process may use (its
-    CPU affinity, shared among the training processes of its node) minus its data loader
-    workers, at least 1, so the trainer and the loader do not fight over the same cores.
-    The value used is logged and written to ``summary.json``."""
+    threads: int | str | None = None
+    """Intra-op threads of each training process: a number; ``auto``, the cores this process
+    may use (its CPU affinity, shared among the training processes of its node) minus its
+    data loader workers, at least 1; or None, torch's default (every core; measured the
+    faster choice on 2 cores, where the loader mostly waits). The value used is logged and
+    written to ``summary.json``."""
 
     def __post_init__(self):
         for name in ("iterations", "eval_interval", "log_interval", "checkpoint_interval", "keep_checkpoints"):
             _check_positive(f"train.{name}", getattr(self, name))
-        if self.threads is not None:
+        if isinstance(self.threads, str) and self.threads != "auto":
+            raise ValueError(f"train.threads must be a number of threads, auto or null, got {self.threads!r}")
+        if isinstance(self.threads, int):
             _check_positive("train.threads", self.threads)
 
 
@@ -310,8 +313,13 @@ def _coerce(hint, value, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
+        choices = [a for a in args if a is not type(None)]
+        for inner in choices[:-1]:  # e.g. int | str: the first type the value fits
+            try:
+                return _coerce(inner, value, key)
+            except ValueError:
+                pass
+        return _coerce(choices[-1], value, key)
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key} must be a list, got {value!r}")
