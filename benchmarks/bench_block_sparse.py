@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_model import bench_tasks, fake_batch, trunk_conv_shapes
+from bench_model import bench_tasks, fake_batch, random_block_mask, trunk_conv_shapes
 from dsparse.config import SparsityConfig
 from dsparse.models import build_model
 from dsparse.sparsity import MaskInputs, build_sparsifier
@@ -39,14 +39,6 @@ from results_io import RESULTS_DIR, machine_tag, publish, result_path, today
 from timing import interleaved_median_times, median_time
 
 SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
-
-
-def random_block_mask(grid: tuple[int, int], sparsity: float, seed: int = 0) -> torch.Tensor:
-    """Exactly ``round((1 - sparsity) * blocks)`` kept blocks, uniformly at random."""
-    count = round((1 - sparsity) * grid[0] * grid[1])
-    flat = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
-    flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:count]] = True
-    return flat.reshape(grid)
 
 
 def layer_times(layer: nn.Module, x: torch.Tensor, sparsity: float, block: int, repeats: int) -> tuple[float, float]:

@@ -69,3 +69,11 @@ def trunk_conv_shapes(batch: int, size: int) -> list[tuple[nn.Conv2d, tuple[int,
     for handle in handles:
         handle.remove()
     return shapes
+
+
+def random_block_mask(grid: tuple[int, int], sparsity: float, seed: int = 0) -> torch.Tensor:
+    """Exactly ``round((1 - sparsity) * blocks)`` kept blocks, uniformly at random."""
+    count = round((1 - sparsity) * grid[0] * grid[1])
+    flat = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
+    flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:count]] = True
+    return flat.reshape(grid)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_model import bench_tasks, fake_batch, trunk_conv_shapes
+from bench_model import bench_tasks, fake_batch, random_block_mask, trunk_conv_shapes
 from results_io import RESULTS_DIR, machine_tag, publish, result_path, today
 from timing import median_time
 
@@ -53,13 +53,6 @@ def timer(device: str):
         return lambda function: triton.testing.do_bench(function, warmup=10, rep=50, return_mode="median") / 1e3
 
     return lambda function: median_time(function, 3, warmup=1)
-
-
-def random_block_mask(grid: tuple[int, int], sparsity: float, seed: int = 0) -> torch.Tensor:
-    count = round((1 - sparsity) * grid[0] * grid[1])
-    flat = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
-    flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))[:count]] = True
-    return flat.reshape(grid)
 
 
 def conv_of(layer: nn.Module) -> nn.Conv2d:

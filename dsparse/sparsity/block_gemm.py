@@ -81,10 +81,8 @@ class _BlockSparseGemm(torch.autograd.Function):
             dense_grad = dprobe = dy.t() @ x
         if ctx.needs_input_grad[0]:
             dx = _empty(x.shape[0], x.shape[1], x, _is_column_major(x))
-            filled = {col for col, _, _ in layout.cols()}
-            for col in range(num_cols):
-                if col not in filled:  # block columns no kept block reads get zero gradient
-                    _slab(dx, col, block).zero_()
+            for col in layout.empty_cols():  # block columns no kept block reads get zero gradient
+                _slab(dx, col, block).zero_()
             for col, slots, rows in layout.cols():
                 _accumulate(_slab(dx, col, block), [_slab(dy, row, block) for row in rows],
                             [values[slot] for slot in slots])

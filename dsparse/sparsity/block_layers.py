@@ -139,15 +139,14 @@ class BlockSparseLayer(nn.Module):
 
         return block_sparse_linear(x, self.blocks, self.bias, *_walks(layout), out_features)
 
-    def _gemm(self, x: Tensor, column_major_out: bool, used_only: bool = False) -> Tensor:
-        """``Y = X W^T`` on the kept blocks; with ``used_only``, ``x`` holds only the block
-        columns some kept block reads (the layout's compact form), unless a probe is set."""
-        layout = self.layout()
+    def _gemm(self, x: Tensor, column_major_out: bool, walk: BlockLayout | None = None) -> Tensor:
+        """``Y = X W^T`` on the kept blocks, walking ``walk`` (the layout by default; its
+        compact form when ``x`` holds only the used block columns). With a probe set, ``x``
+        holds every column and the probe gets the dense weight gradient."""
+        probe = None
         if self.probe is not None:
             probe = self.geometry.padded(self.geometry.to_gemm(self.probe))
-            return block_sparse_gemm(x, self.blocks, layout, probe, column_major_out)
-        walk = layout.compact()[1] if used_only else layout
-        return block_sparse_gemm(x, self.blocks, walk, None, column_major_out)
+        return block_sparse_gemm(x, self.blocks, self.layout() if walk is None else walk, probe, column_major_out)
 
 
 class BlockSparseLinear(BlockSparseLayer):
@@ -224,8 +223,8 @@ class BlockSparseConv2d(BlockSparseLayer):
         batch = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
         layout = self.layout()
-        used, compact = layout.compact() if self.probe is None else (None, layout)  # a probe needs every column
-        y = self._gemm(self.im2col(x, used).t(), column_major_out=True, used_only=used is not None)
+        used, walk = layout.compact() if self.probe is None else (None, layout)  # a probe needs every column
+        y = self._gemm(self.im2col(x, used).t(), column_major_out=True, walk=walk)
         out = y.t().reshape(-1, batch, out_h, out_w)[: self.out_channels].transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)

@@ -42,6 +42,8 @@ class BlockLayout:
     _rows: list | None = field(default=None, repr=False, compare=False)
     _cols: list | None = field(default=None, repr=False, compare=False)
     _compact: tuple | None = field(default=None, repr=False, compare=False)
+    _empty_rows: list | None = field(default=None, repr=False, compare=False)
+    _empty_cols: list | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_slots(self) -> int:
@@ -67,9 +69,16 @@ class BlockLayout:
         return self._cols
 
     def empty_rows(self) -> list[int]:
-        """Block rows with no kept block (their output is zero)."""
-        filled = {row for row, _, _ in self.rows()}
-        return [row for row in range(self.grid[0]) if row not in filled]
+        """Block rows with no kept block (their output is zero); cached."""
+        if self._empty_rows is None:
+            self._empty_rows = _empty(self.rows(), self.grid[0])
+        return self._empty_rows
+
+    def empty_cols(self) -> list[int]:
+        """Block columns with no kept block (their input gradient is zero); cached."""
+        if self._empty_cols is None:
+            self._empty_cols = _empty(self.cols(), self.grid[1])
+        return self._empty_cols
 
     def compact(self) -> tuple[Tensor, BlockLayout]:
         """(the block columns that hold a kept block, ascending; the same slots laid out
@@ -143,6 +152,11 @@ def _groups(pointers: Tensor, slots: Tensor, other: Tensor) -> list[tuple[int, l
             groups.append((index, slot_list[start:start + count], other_list[start:start + count]))
         start += count
     return groups
+
+
+def _empty(groups: list[tuple[int, list[int], list[int]]], length: int) -> list[int]:
+    filled = {index for index, _, _ in groups}
+    return [index for index in range(length) if index not in filled]
 
 
 def _pointers(index: Tensor, length: int) -> Tensor:
