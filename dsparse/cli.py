@@ -2,6 +2,8 @@
 
     dsparse demo                                   # synth data, train, eval, table
     dsparse data synth --out data/synthetic        # procedural multitask scenes as shards
+    dsparse data convert {nyuv2,cityscapes,taskonomy,folders} SRC OUT [--workers N] [--on-error skip]
+    dsparse data check DATA_DIR                    # decode every sample, report problems
     dsparse prune CONFIG.yaml --method disparse --sparsity 0.9 [--criterion snip] [--from RUN] [--granularity block]
     dsparse train CONFIG.yaml [--set k=v ...] [--masks masks.pt] [--resume] [--stop-after N]
     dsparse eval RUN_OR_CHECKPOINT_OR_EXPORT [--baseline RUN] [--out metrics.json]
@@ -32,12 +34,37 @@ def _setup_logging() -> None:
 
 
 def _cmd_synth(args) -> None:
-    from dsparse.data.shards import write_synthetic_dataset
+    from dsparse.data.synth.dataset import write_synthetic_dataset
 
     manifest = write_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val, size=args.size,
-                                       seed=args.seed, shard_size=args.shard_size, num_procs=args.procs)
-    counts = {split: info["num_samples"] for split, info in manifest["splits"].items()}
-    print(f"wrote {counts} samples with tasks {manifest['tasks']} to {args.out}")
+                                       seed=args.seed, shard_size=args.shard_size, num_procs=args.procs,
+                                       overwrite=args.overwrite)
+    counts = {split: info.num_samples for split, info in manifest.splits.items()}
+    print(f"wrote {counts} samples with tasks {manifest.tasks} to {args.out}")
+
+
+def _cmd_convert(args) -> None:
+    from dsparse.data.convert import CONVERTERS, convert
+
+    options = {option.name.replace("-", "_"): getattr(args, option.name.replace("-", "_"))
+               for option in CONVERTERS[args.converter].options}
+    manifest = convert(args.converter, args.src, args.out, splits=args.split, workers=args.workers,
+                       shard_size=args.shard_size, on_error=args.on_error, overwrite=args.overwrite, **options)
+    counts = {split: info.num_samples for split, info in manifest.splits.items()}
+    shards = sum(len(info.shards) for info in manifest.splits.values())
+    print(f"wrote {counts} samples in {shards} shards with tasks {manifest.tasks} to {args.out}"
+          + (f"; skipped {len(manifest.skipped)} bad sample(s), listed in manifest.json" if manifest.skipped else ""))
+
+
+def _cmd_check(args) -> None:
+    from dsparse.data.check import check_dataset
+
+    report = check_dataset(args.data_dir, args.split)
+    for problem in report.problems:
+        print(problem)
+    print(f"{report.num_samples} samples read, {len(report.problems)} problem(s)")
+    if not report.ok:
+        raise SystemExit(1)
 
 
 def _cmd_train(args) -> None:
@@ -67,7 +94,7 @@ def _cmd_prune(args) -> None:
     config = load_config(args.config, overrides)
     masks = prune_run(config, args.out)
     if os.environ.get("RANK", "0") == "0":
-        from dsparse.data.shards import load_manifest
+        from dsparse.data.manifest import load_manifest
 
         model = build_run_model(config, build_run_tasks(config, load_manifest(config.data.path)))
         print(masks.format_table(parameter_users(model)))
@@ -123,6 +150,29 @@ def _cmd_demo(args) -> None:
     run_demo(workdir=args.workdir, iterations=args.iterations, num_train=args.num_train)
 
 
+def _add_convert_parser(data) -> None:
+    """``data convert NAME ...``: one sub-command per registered converter, with its options."""
+    from dsparse.data.convert import CONVERTERS
+
+    convert = data.add_parser("convert", help="convert a real dataset into WebDataset shards (resumable)")
+    names = convert.add_subparsers(dest="converter", required=True)
+    for name, converter in CONVERTERS.items():
+        sub = names.add_parser(name, help=converter.summary, description=converter.summary)
+        sub.add_argument("src", help="dataset YAML" if name == "folders" else "dataset root directory")
+        sub.add_argument("out", help="output directory (new or empty; rerun the command to resume)")
+        sub.add_argument("--split", nargs="+", default=None,
+                         help=f"source splits (default: {' '.join(converter.default_splits) or 'all'})")
+        sub.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+        sub.add_argument("--shard-size", default="512MB", help="target shard size (512MB, 1GB) or samples per shard")
+        sub.add_argument("--on-error", choices=("stop", "skip"), default="stop",
+                         help="stop at the first bad file, or skip and record it in the manifest")
+        sub.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
+        for option in converter.options:
+            sub.add_argument(f"--{option.name}", default=option.default, type=option.type, choices=option.choices,
+                             nargs=option.nargs, help=option.help)
+        sub.set_defaults(func=_cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsparse", description=__doc__.split("\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -134,9 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--num-val", type=int, default=500)
     synth.add_argument("--size", type=int, default=64)
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--shard-size", type=int, default=250)
+    synth.add_argument("--shard-size", default="250", help="samples per shard, or a size such as 256MB")
     synth.add_argument("--procs", type=int, default=None, help="render processes (default: all cores)")
+    synth.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     synth.set_defaults(func=_cmd_synth)
+    _add_convert_parser(data)
+    check = data.add_parser("check", help="decode every sample of a dataset and report problems")
+    check.add_argument("data_dir")
+    check.add_argument("--split", nargs="+", default=None, help="splits to check (default: all)")
+    check.set_defaults(func=_cmd_check)
 
     train = verbs.add_parser("train", help="train one run from a YAML config")
     train.add_argument("config")

@@ -27,7 +27,11 @@ class DataConfig:
     """Where the shards are and how they are streamed."""
 
     path: str = "data/synthetic"
-    """Dataset directory holding ``manifest.json`` and the tar shards."""
+    """Dataset directory holding ``manifest.json`` (and the tar shards unless ``shard_url``)."""
+    shard_url: str | None = None
+    """Where shards are read from when not beside the manifest: a template with ``{name}``,
+    a path or a ``pipe:`` command WebDataset runs, e.g.
+    ``pipe:aws s3 cp s3://bucket/taskonomy/{name} -``."""
     crop_size: int | None = None
     """Random crop side for training (None = full image); eval always uses full images."""
     flip: bool = True
@@ -57,6 +61,8 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.crop_size is not None:
             _check_positive("data.crop_size", self.crop_size)
+        if self.shard_url is not None and "{name}" not in self.shard_url:
+            raise ValueError(f"data.shard_url must contain {{name}} (the shard file name), got {self.shard_url!r}")
         if self.resampled and not self.epoch_length:
             raise ValueError("data.resampled: true needs data.epoch_length (samples per epoch over all ranks)")
 

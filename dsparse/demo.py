@@ -15,7 +15,8 @@ from pathlib import Path
 
 from dsparse.config import load_config
 from dsparse.data.loader import stream_spec
-from dsparse.data.shards import load_manifest, write_synthetic_dataset
+from dsparse.data.manifest import load_manifest
+from dsparse.data.synth.dataset import write_synthetic_dataset
 from dsparse.evaluation import evaluate_checkpoint
 from dsparse.tracking.mlflow_tracker import ui_command
 from dsparse.train.components import build_run_tasks
@@ -56,9 +57,11 @@ def run_demo(workdir: str | Path = ".", iterations: int | None = None, num_train
     start = time.perf_counter()
     workdir = Path(workdir).resolve()
     data_dir = workdir / "data" / "synthetic"
-    if not (data_dir / "manifest.json").is_file():
+    try:
+        load_manifest(data_dir)
+    except ValueError:  # none yet, or written by an older dsparse: the demo owns this directory
         log.info("rendering the synthetic dataset into %s", data_dir)
-        write_synthetic_dataset(data_dir, num_train=num_train, num_val=500, size=64, seed=0)
+        write_synthetic_dataset(data_dir, num_train=num_train, num_val=500, size=64, seed=0, overwrite=True)
     run_dir = workdir / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")
     overrides = [f"data.path={data_dir}", f"output_dir={run_dir}"]
     if iterations is not None:

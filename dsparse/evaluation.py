@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dsparse.config import RunConfig, load_config
 from dsparse.data.loader import stream_spec
-from dsparse.data.shards import load_manifest
+from dsparse.data.manifest import load_manifest
 from dsparse.tasks import delta_t
 from dsparse.distributed import device_and_backend
 from dsparse.export import is_export_file, load_sparse

@@ -56,7 +56,7 @@ def export_run(run: str | Path, out: str | Path) -> ExportReport:
         ValueError: no checkpoint, a dense run, or an unreadable config or data manifest.
     """
     from dsparse.evaluation import run_config_of  # evaluation imports this module
-    from dsparse.data.shards import load_manifest
+    from dsparse.data.manifest import load_manifest
     from dsparse.train.components import build_run_model, build_run_tasks
 
     checkpoint = resolve_checkpoint(run)

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():  # Triton kernels run in Triton's CPU interpre
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 
-from dsparse.data.shards import write_synthetic_dataset
+from dsparse.data.synth.dataset import write_synthetic_dataset
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 
 from dsparse.cli import main
 from dsparse.config import config_from_dict
-from dsparse.data.shards import load_manifest
+from dsparse.data.manifest import load_manifest
 from dsparse.evaluation import evaluate_checkpoint
 from dsparse.export import export_run, load_sparse
 from dsparse.models import prunable_parameters

@@ -33,12 +33,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dsparse.data.manifest import Manifest
 from dsparse.data.records import SampleError, decode_sample, read_shard
+from dsparse.tasks.labels import LabelSpec
 
 log = logging.getLogger(__name__)
-
-RGB_MEAN = 0.5
-RGB_STD = 0.25
 
 
 @dataclass
@@ -48,7 +47,7 @@ class StreamSpec:
     data_dir: str
     split: str
     shards: list[dict]
-    tasks: list[str]
+    labels: dict[str, LabelSpec]
     batch_size: int
     seed: int = 0
     rank: int = 0
@@ -62,11 +61,26 @@ class StreamSpec:
     epoch_length: int | None = None
     skip_bad: bool = False
     image_size: tuple[int, int] = (64, 64)
+    num_classes: int | None = None
+    rgb_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rgb_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+    shard_url: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
     def num_readers(self) -> int:
         return self.world_size * max(1, self.num_workers)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.labels)
+
+    def url(self, shard: dict) -> str:
+        """Where shard ``shard`` is read from: ``shard_url`` with ``{name}`` filled in, else
+        the file in ``data_dir``."""
+        if self.shard_url:
+            return self.shard_url.format(name=shard["name"])
+        return str(Path(self.data_dir) / shard["name"])
 
 
 def shards_of_reader(spec: StreamSpec, epoch: int, reader: int) -> list[dict]:
@@ -149,7 +163,7 @@ class ShardStream(IterableDataset):
                 skipped += 1
                 continue
             try:
-                batch.append(decode_sample(raw, spec.tasks, spec.image_size))
+                batch.append(decode_sample(raw, spec.labels, spec.image_size, spec.num_classes))
             except SampleError as error:
                 if not spec.skip_bad:
                     raise
@@ -184,17 +198,17 @@ class ShardStream(IterableDataset):
                 return
             if count == 0:
                 raise SampleError(f"reader {reader} of the {spec.split} split found no readable samples in "
-                                  "its shards; check them with dsparse data tools or rewrite the dataset")
+                                  f"its shards; check them with `dsparse data check {spec.data_dir}` or rewrite "
+                                  "the dataset")
 
     def _one_pass(self, reader: int, rng: np.random.Generator) -> Iterator[dict]:
         spec = self.spec
-        root = Path(spec.data_dir)
         if spec.resampled:  # endless draws with replacement; the batch limit ends the epoch
             misses = 0
             while True:
                 shard = spec.shards[rng.integers(len(spec.shards))]
                 good = 0
-                for sample in read_shard(root / shard["name"], spec.skip_bad):
+                for sample in read_shard(spec.url(shard), spec.skip_bad):
                     good += "__bad__" not in sample
                     yield sample
                 misses = 0 if good else misses + 1
@@ -202,14 +216,14 @@ class ShardStream(IterableDataset):
                     raise SampleError(f"{misses} shard draws in a row gave no readable sample; the "
                                       f"{spec.split} shards look unreadable")
         for shard in shards_of_reader(spec, self.epoch, reader):
-            yield from read_shard(root / shard["name"], spec.skip_bad)
+            yield from read_shard(spec.url(shard), spec.skip_bad)
 
     def _collate(self, samples: list[dict], reader: int, index: int, num_bad: int) -> dict:
         if self.spec.train:
             # Augmentation draws from a per-batch RNG so skipped batches (resume) need no replay.
             rng = np.random.default_rng([self.spec.seed, self.epoch, reader, index, 1])
-            samples = [augment(s, self.spec.crop_size, self.spec.flip, rng) for s in samples]
-        batch = collate(samples, self.spec.tasks)
+            samples = [augment(s, self.spec.labels, self.spec.crop_size, self.spec.flip, rng) for s in samples]
+        batch = collate(samples, self.spec.labels, self.spec.rgb_mean, self.spec.rgb_std)
         batch["__num_bad__"] = num_bad  # bad samples skipped while filling this batch
         return batch
 
@@ -227,11 +241,14 @@ def _buffer_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator
     yield from buffer
 
 
-def augment(sample: dict, crop_size: int | None, flip: bool, rng: np.random.Generator) -> dict:
-    """Random crop and horizontal flip, applied identically to the image and every label."""
+def augment(sample: dict, labels: dict[str, LabelSpec], crop_size: int | None, flip: bool,
+            rng: np.random.Generator) -> dict:
+    """Random crop and horizontal flip, applied identically to the image and every label
+    (each label flips by its own rule: normals negate x)."""
     height, width = sample["rgb"].shape[:2]
     top = left = 0
-    if crop_size is not None and crop_size < min(height, width):
+    cropping = crop_size is not None and crop_size < min(height, width)
+    if cropping:
         top = int(rng.integers(height - crop_size + 1))
         left = int(rng.integers(width - crop_size + 1))
     mirror = flip and bool(rng.integers(2))
@@ -239,31 +256,23 @@ def augment(sample: dict, crop_size: int | None, flip: bool, rng: np.random.Gene
     for name, array in sample.items():
         if name == "__key__":
             continue
-        if crop_size is not None and crop_size < min(height, width):
+        if cropping:
             array = array[top : top + crop_size, left : left + crop_size]
         if mirror:
-            array = array[:, ::-1]
-            if name == "normal":
-                array = array * np.array([-1.0, 1.0, 1.0], dtype=np.float32)
+            array = labels[name].flip(array) if name in labels else array[:, ::-1]
         out[name] = array
     return out
 
 
-def collate(samples: list[dict], tasks: list[str]) -> dict:
-    """Stack decoded samples into the batch layout the tasks expect (see dsparse.tasks)."""
-    rgb = np.stack([s["rgb"] for s in samples]).astype(np.float32)
-    batch = {
-        "__key__": [s["__key__"] for s in samples],
-        "rgb": (torch.from_numpy(rgb).permute(0, 3, 1, 2) / 255.0 - RGB_MEAN) / RGB_STD,
-    }
-    for task in tasks:
-        stacked = torch.from_numpy(np.ascontiguousarray(np.stack([s[task] for s in samples])))
-        if task == "seg":
-            batch[task] = stacked.long()
-        elif stacked.dim() == 4:  # [B, H, W, C] -> [B, C, H, W]
-            batch[task] = stacked.permute(0, 3, 1, 2).contiguous()
-        else:
-            batch[task] = stacked.unsqueeze(1)
+def collate(samples: list[dict], labels: dict[str, LabelSpec], rgb_mean, rgb_std) -> dict:
+    """Stack decoded samples into the batch layout the tasks expect; the image is
+    normalised with the dataset's per-channel statistics from the manifest."""
+    rgb = torch.from_numpy(np.stack([s["rgb"] for s in samples])).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(rgb_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(rgb_std, dtype=torch.float32).view(1, 3, 1, 1)
+    batch = {"__key__": [s["__key__"] for s in samples], "rgb": (rgb - mean) / std}
+    for task, spec in labels.items():
+        batch[task] = spec.to_batch(np.stack([s[task] for s in samples]))
     return batch
 
 
@@ -351,20 +360,20 @@ def eval_batches(spec: StreamSpec, max_batches: int | None = None) -> Iterator[d
         yield batch
 
 
-def stream_spec(data_cfg, manifest: dict, split: str, tasks: list[str], *, seed: int, rank: int,
+def stream_spec(data_cfg, manifest: Manifest, split: str, tasks: list[str], *, seed: int, rank: int,
                 world_size: int, train: bool) -> StreamSpec:
     """Build the StreamSpec of one split from a DataConfig and the dataset manifest."""
-    if split not in manifest["splits"]:
-        raise ValueError(f"dataset at {data_cfg.path} has no {split!r} split; it has {sorted(manifest['splits'])}")
-    missing = [t for t in tasks if t not in manifest["tasks"]]
+    if split not in manifest.splits:
+        raise ValueError(f"dataset at {data_cfg.path} has no {split!r} split; it has {sorted(manifest.splits)}")
+    missing = [t for t in tasks if t not in manifest.tasks]
     if missing:
-        raise ValueError(f"dataset at {data_cfg.path} has no labels for task(s) {missing}; it has {manifest['tasks']}")
-    epoch_length = data_cfg.epoch_length
+        raise ValueError(f"dataset at {data_cfg.path} has no labels for task(s) {missing}; it has {manifest.tasks}")
+    specs = manifest.label_specs()
     return StreamSpec(
         data_dir=str(data_cfg.path),
         split=split,
-        shards=manifest["splits"][split]["shards"],
-        tasks=list(tasks),
+        shards=[{"name": s.name, "num_samples": s.num_samples} for s in manifest.splits[split].shards],
+        labels={task: specs[task] for task in tasks},
         batch_size=data_cfg.batch_size if train else data_cfg.eval_batch_size,
         seed=seed,
         rank=rank,
@@ -375,9 +384,13 @@ def stream_spec(data_cfg, manifest: dict, split: str, tasks: list[str], *, seed:
         flip=data_cfg.flip,
         shuffle_buffer=data_cfg.shuffle_buffer,
         resampled=data_cfg.resampled and train,
-        epoch_length=epoch_length,
+        epoch_length=data_cfg.epoch_length,
         skip_bad=data_cfg.skip_bad,
-        image_size=tuple(manifest["image_size"]),
+        image_size=tuple(manifest.image_size),
+        num_classes=manifest.num_classes,
+        rgb_mean=tuple(manifest.rgb_mean),
+        rgb_std=tuple(manifest.rgb_std),
+        shard_url=data_cfg.shard_url,
     )
 
 

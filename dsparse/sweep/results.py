@@ -34,7 +34,7 @@ def results_table(out_dir: Path) -> list[dict]:
 
 
 def _tasks(config):
-    from dsparse.data.shards import load_manifest
+    from dsparse.data.manifest import load_manifest
     from dsparse.train.components import build_run_tasks
 
     return build_run_tasks(config, load_manifest(config.data.path))

@@ -46,7 +46,7 @@ def _run_trial(params: dict) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from dsparse.data.shards import load_manifest
+    from dsparse.data.manifest import load_manifest
 
     overrides = list(params["overrides"])
     name = params["trial_name"]

@@ -1,7 +1,9 @@
 """What a task is, and the registry that turns task names from a config into tasks.
 
-A task is declared once (LibMTL style): its name, how many channels its head outputs, its
-loss, a factory for its metric, and which direction is better for every metric key. The
+A task is declared once (LibMTL style): its name, how its label is stored and which pixels
+it covers (a :class:`~dsparse.tasks.labels.LabelSpec`), how many channels its head
+outputs, its loss, a factory for its metric, and which direction is better for every
+metric key. The
 trainer, the evaluation loop, the saliency code and the ``Delta_T`` summary only talk to
 tasks through this interface, so adding a task means writing one class and decorating it
 with :func:`register_task`.
@@ -20,6 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from dsparse.tasks.labels import LabelSpec
 
 
 class Metric(abc.ABC):
@@ -66,6 +70,8 @@ class Task(abc.ABC):
 
     Class attributes (declared by each subclass):
         name: registry name, set by :func:`register_task`.
+        label: how the label is encoded, decoded, flipped and masked; the dataset writer,
+            the loader, the loss and the metric all read it from here.
         metric_lower_is_better: for every key :meth:`Metric.compute` returns, whether a
             lower value is better; ``Delta_T`` uses it for the sign of each term.
         key_metric: the headline metric used for model selection and short reports.
@@ -76,6 +82,7 @@ class Task(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    label: ClassVar[LabelSpec]
     metric_lower_is_better: ClassVar[dict[str, bool]] = {}
     key_metric: ClassVar[str] = ""
     options: ClassVar[tuple[str, ...]] = ()
@@ -116,6 +123,8 @@ def register_task(name: str):
                 f"{cls.__name__}.key_metric {cls.key_metric!r} is not one of its metrics "
                 f"{sorted(cls.metric_lower_is_better)}"
             )
+        if not isinstance(getattr(cls, "label", None), LabelSpec):
+            raise ValueError(f"{cls.__name__}.label must be a LabelSpec (how its label is stored)")
         unknown = set(cls.options) - set(_OPTION_NAMES)
         if unknown:
             raise ValueError(f"{cls.__name__}.options has unknown entries {sorted(unknown)}")

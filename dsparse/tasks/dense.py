@@ -17,9 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dsparse.data.codec import IGNORE_INDEX
 from dsparse.tasks.base import Metric, Task, register_task
-from dsparse.tasks.labels import check_shapes, depth_valid, heat_valid, normal_valid, seg_valid
+from dsparse.tasks.labels import (
+    IGNORE_INDEX,
+    ClassLabel,
+    DepthLabel,
+    HeatLabel,
+    NormalLabel,
+    check_shapes,
+    depth_valid,
+    heat_valid,
+    normal_valid,
+    seg_valid,
+)
 from dsparse.tasks.metrics import AngleMetric, ConfusionMetric, DepthMetric, MAEMetric
 
 
@@ -87,6 +97,7 @@ class SegTask(Task):
     how many pixels a batch ignores.
     """
 
+    label = ClassLabel()
     metric_lower_is_better = {"miou": False, "pixel_acc": False}
     key_metric = "miou"
     options = ("num_classes", "class_weights")
@@ -141,6 +152,7 @@ class SegTask(Task):
 class NormalTask(Task):
     """Surface normals: 3 unnormalised channels; loss 1 - cosine similarity on valid pixels."""
 
+    label = NormalLabel()
     metric_lower_is_better = {
         "mean_angle": True,
         "median_angle": True,
@@ -167,6 +179,7 @@ class NormalTask(Task):
 class DepthTask(Task):
     """Depth in metres, 1 channel; L1 loss over pixels with depth > 0."""
 
+    label = DepthLabel()
     metric_lower_is_better = {"abs_err": True, "rel_err": True}
     key_metric = "abs_err"
 
@@ -184,6 +197,7 @@ class DepthTask(Task):
 class _HeatMapTask(Task):
     """A 1-channel map in [0, 1] with negative = invalid; L1 loss over valid pixels."""
 
+    label = HeatLabel()
     metric_lower_is_better = {"mae": True}
     key_metric = "mae"
 

@@ -9,24 +9,31 @@ from __future__ import annotations
 import torch
 
 from dsparse.config import RunConfig
+from dsparse.data.manifest import Manifest
 from dsparse.models import build_model
 from dsparse.tasks import TASKS, Task, build_tasks, class_weights_from_frequency
 
 
-def build_run_tasks(config: RunConfig, manifest: dict) -> dict[str, Task]:
+def build_run_tasks(config: RunConfig, manifest: Manifest) -> dict[str, Task]:
     """The run's tasks, checked against the task registry and the dataset's labels."""
     unknown = [t for t in config.tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; known tasks: {sorted(TASKS)}")
-    missing = [t for t in config.tasks if t not in manifest["tasks"]]
+    missing = [t for t in config.tasks if t not in manifest.tasks]
     if missing:
         raise ValueError(f"dataset {config.data.path} has no labels for task(s) {missing}; "
-                         f"it has {manifest['tasks']}. Pick tasks from those.")
+                         f"it has {manifest.tasks}. Pick tasks from those.")
     uses_seg = "seg" in config.tasks
-    num_classes = len(manifest["classes"]) if uses_seg else None
+    num_classes = manifest.num_classes if uses_seg else None
     weights = None
-    if uses_seg and config.data.class_weights:
-        weights = class_weights_from_frequency(manifest["class_pixel_frequency"])
+    if uses_seg and config.data.class_weights and manifest.class_weights is not None:
+        weights = manifest.class_weights
+    elif uses_seg and config.data.class_weights:
+        if manifest.class_pixel_frequency is None:
+            raise ValueError(f"data.class_weights: true needs class pixel frequencies, and the manifest of "
+                             f"{config.data.path} has none; rewrite the dataset with `dsparse data convert` "
+                             "(it computes them) or set data.class_weights: false")
+        weights = class_weights_from_frequency(manifest.class_pixel_frequency)
     return build_tasks(config.tasks, num_classes=num_classes, class_weights=weights)
 
 

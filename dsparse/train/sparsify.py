@@ -16,7 +16,7 @@ import torch
 
 from dsparse.config import RunConfig
 from dsparse.data.loader import TrainBatches, stream_spec
-from dsparse.data.shards import load_manifest
+from dsparse.data.manifest import load_manifest
 from dsparse.distributed import init_distributed, is_main
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.method import MaskInputs, get_method

@@ -21,7 +21,7 @@ import torch
 
 from dsparse.config import RunConfig, dump_config, flatten
 from dsparse.data.loader import TrainBatches, stream_spec
-from dsparse.data.shards import load_manifest
+from dsparse.data.manifest import load_manifest
 from dsparse.distributed import (
     all_reduce_sum,
     barrier,

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from dsparse.config import DataConfig
-from dsparse.data.codec import encode
 from dsparse.data.loader import (ShardStream, StreamSpec, TrainBatches, augment, check_enough_shards,
                                  eval_batches, make_loader, stream_spec)
 from dsparse.data.records import SampleError
-from dsparse.data.shards import load_manifest
+from dsparse.data.manifest import load_manifest
+from dsparse.tasks.labels import HeatLabel, NormalLabel
 
 TASKS = ["seg", "normal", "depth", "keypoint", "edge"]
 
@@ -37,7 +37,7 @@ def epoch_keys(spec: StreamSpec, epoch: int = 0) -> list[str]:
 
 def all_keys(dataset, split):
     manifest = load_manifest(dataset)
-    return {f"{split}_{i:08d}" for i in range(manifest["splits"][split]["num_samples"])}
+    return {f"{split}_{i:08d}" for i in range(manifest.splits[split].num_samples)}
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -93,7 +93,7 @@ def test_flip_negates_the_x_component_of_normals():
         def integers(self, high):
             return high - 1
 
-    flipped = augment(sample, None, True, AlwaysFlip())
+    flipped = augment(sample, {"normal": NormalLabel()}, None, True, AlwaysFlip())
     np.testing.assert_array_equal(flipped["rgb"], sample["rgb"][:, ::-1])
     np.testing.assert_allclose(flipped["normal"][..., 0], -0.6)
     np.testing.assert_allclose(flipped["normal"][..., 2], -0.8)
@@ -141,7 +141,7 @@ def _eval_all(dataset, skip_bad=False):
 
 def test_truncated_shard_names_shard_and_last_key(tiny_dataset, tmp_path):
     dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
-    name = load_manifest(dataset)["splits"]["val"]["shards"][0]["name"]
+    name = load_manifest(dataset).splits["val"].shards[0].name
     data = (dataset / name).read_bytes()
     (dataset / name).write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(SampleError, match=f"{name}.*unreadable"):
@@ -163,13 +163,13 @@ def test_missing_label_names_the_sample_key(tiny_dataset, tmp_path):
 
 def test_label_of_wrong_shape_names_the_sample_key(tiny_dataset, tmp_path):
     dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
-    wrong = encode("edge", np.zeros((16, 16), np.float32))
+    wrong = HeatLabel().encode(np.zeros((16, 16), np.float32))
 
     def mutate(members):
         return [(n, wrong if n == "val_00000002.edge.png" else d) for n, d in members]
 
     _rewrite_first_val_shard(dataset, mutate)
-    with pytest.raises(SampleError, match="'val_00000002'.*label 'edge' has shape \\(16, 16\\), expected \\(32, 32\\)"):
+    with pytest.raises(SampleError, match="'val_00000002'.*label 'edge' is 16x16, the image is 32x32"):
         _eval_all(dataset)
 
 
@@ -187,9 +187,59 @@ def test_shard_stream_is_an_iterable_dataset():
 @pytest.mark.parametrize("resampled", [False, True])
 def test_skip_bad_on_only_unreadable_shards_errors_instead_of_spinning(tiny_dataset, tmp_path, resampled):
     dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
-    for shard in load_manifest(dataset)["splits"]["val"]["shards"]:
-        (dataset / shard["name"]).write_bytes(b"this is not a tar file" * 100)
+    for shard in load_manifest(dataset).splits["val"].shards:
+        (dataset / shard.name).write_bytes(b"this is not a tar file" * 100)
     extra = {"resampled": True, "epoch_length": 8} if resampled else {}
     spec = spec_for(dataset, "val", train=True, skip_bad=True, **extra)
     with pytest.raises(SampleError, match="readable"):
         next(TrainBatches(spec))
+
+
+def test_a_class_id_past_the_manifest_classes_names_the_sample_before_the_loss(tiny_dataset, tmp_path):
+    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+    num_classes = load_manifest(dataset).num_classes
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((32, 32), num_classes, np.uint8)).save(buffer, format="PNG")
+
+    def mutate(members):
+        return [(n, buffer.getvalue() if n == "val_00000003.seg.png" else d) for n, d in members]
+
+    name = _rewrite_first_val_shard(dataset, mutate)
+    with pytest.raises(SampleError, match=f"'val_00000003' in shard {name}: class label: .*{num_classes} outside "
+                                          f"the {num_classes} classes.*dsparse data convert"):
+        _eval_all(dataset)
+
+
+def test_class_weights_without_frequencies_is_a_clear_error(tiny_dataset, tmp_path):
+    from dsparse.config import load_config
+    from dsparse.train.components import build_run_tasks
+
+    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+    raw = json.loads((dataset / "manifest.json").read_text())
+    raw["class_pixel_frequency"] = None
+    (dataset / "manifest.json").write_text(json.dumps(raw))
+    config = load_config("synthetic_tiny", [f"data.path={dataset}", "data.class_weights=true"])
+    with pytest.raises(ValueError, match="class_weights: true needs class pixel frequencies.*class_weights: false"):
+        build_run_tasks(config, load_manifest(dataset))
+
+
+def test_shards_stream_through_a_pipe_command(tiny_dataset):
+    plain = spec_for(tiny_dataset, "val", train=False)
+    piped = spec_for(tiny_dataset, "val", train=False, shard_url=f"pipe:cat {tiny_dataset}/{{name}}")
+    assert piped.url(piped.shards[0]).startswith("pipe:cat ")
+    first, second = list(eval_batches(plain)), list(eval_batches(piped))
+    assert [b["__key__"] for b in first] == [b["__key__"] for b in second]
+    assert all(torch.equal(a["depth"], b["depth"]) for a, b in zip(first, second))
+
+
+def test_a_failing_pipe_command_names_the_shard(tiny_dataset):
+    spec = spec_for(tiny_dataset, "val", train=False, shard_url="pipe:cat /nonexistent/{name}")
+    with pytest.raises(SampleError, match="pipe:cat /nonexistent/val-000000.tar is unreadable"):
+        list(eval_batches(spec))
+
+
+def test_a_shard_url_without_name_is_refused():
+    with pytest.raises(ValueError, match="must contain \\{name\\}"):
+        DataConfig(shard_url="pipe:cat /data/shard.tar")

@@ -80,7 +80,7 @@ def test_lottery_rewinds_to_initial_weights(tiny_dataset, tmp_path):
         assert bool((trained[name].abs()[mask] >= threshold).all()), name
     # ...applied to the initial weights, which the seed reproduces
     rewound = load_model_weights(latest_checkpoint(ticket / "checkpoints"))
-    from dsparse.data.shards import load_manifest
+    from dsparse.data.manifest import load_manifest
     from dsparse.train.components import build_run_model, build_run_tasks
 
     config = config_from_dict(raw)
@@ -124,7 +124,7 @@ def test_prunable_weights_cover_model(tiny_dataset, tmp_path):
     run_dir = tmp_path / "cover"
     train(config_from_dict(sparse_config(tiny_dataset, run_dir, iterations=1, method="random")))
     masks = MaskSet.load(run_dir / "masks.pt")
-    from dsparse.data.shards import load_manifest
+    from dsparse.data.manifest import load_manifest
     from dsparse.train.components import build_run_model, build_run_tasks
 
     config = config_from_dict(sparse_config(tiny_dataset, run_dir))

@@ -1,0 +1,57 @@
+"""Converters from real datasets' own layouts to dsparse shards.
+
+Example::
+
+    from dsparse.data.convert import convert
+    manifest = convert("nyuv2", "/data/nyu_v2", "data/nyuv2", workers=8)
+
+Each converter (one module each) only enumerates samples and reads one sample's files;
+:func:`dsparse.data.writer.write_dataset` does the rest, in parallel and resumably.
+A new layout is a :class:`Converter` subclass registered in :data:`CONVERTERS`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dsparse.data.convert.base import Conversion, Converter, Option, SourceError
+from dsparse.data.convert.cityscapes import CityscapesConverter
+from dsparse.data.convert.folders import FoldersConverter
+from dsparse.data.convert.nyuv2 import NYUv2Converter
+from dsparse.data.convert.taskonomy import TaskonomyConverter
+from dsparse.data.manifest import Manifest
+from dsparse.data.writer import write_dataset
+
+CONVERTERS: dict[str, Converter] = {c.name: c() for c in (NYUv2Converter, CityscapesConverter, TaskonomyConverter,
+                                                           FoldersConverter)}
+
+
+def convert(name: str, src: str | Path, out: str | Path, *, splits: list[str] | None = None, workers: int = 1,
+            shard_size: int | str = "512MB", on_error: str = "stop", overwrite: bool = False,
+            progress: bool = True, **options) -> Manifest:
+    """Convert the dataset at ``src`` with converter ``name`` into shards in ``out``.
+
+    Rerunning the same command after an interruption resumes it (finished shards are
+    kept). ``options`` are the converter's own (see ``CONVERTERS[name].options``).
+
+    Raises:
+        ValueError: unknown converter or option; SourceError for a bad source layout;
+            DatasetWriteError for a bad sample (``on_error="stop"``) or output directory.
+    """
+    if name not in CONVERTERS:
+        raise ValueError(f"unknown converter {name!r}; known: {sorted(CONVERTERS)}")
+    converter = CONVERTERS[name]
+    known = {option.name.replace("-", "_") for option in converter.options}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"converter {name!r} has no option(s) {unknown}; it has {sorted(known)}")
+    src = Path(src)
+    if name != "folders" and not src.is_dir():
+        raise SourceError(f"source directory {src} does not exist")
+    plan = converter.plan(src, list(splits or converter.default_splits), on_error,
+                          **{k: v for k, v in options.items() if v is not None})
+    return write_dataset(out, plan.splits, plan.info, load=plan.load, shard_size=shard_size, workers=workers,
+                         on_error=on_error, progress=progress, overwrite=overwrite)
+
+
+__all__ = ["CONVERTERS", "Conversion", "Converter", "Option", "SourceError", "convert"]
