@@ -7,8 +7,9 @@ and what they imply for full Taskonomy.
    compression so the files cost about what real ones cost to decode.
 2. Converts it to 256x256 shards with ``dsparse.data.convert`` using 1 and 2 processes
    (samples/s each, bytes per converted sample).
-3. Streams the converted set with the training loader (224 crops, flips, batch 16) with
-   0, 1 and 2 worker processes (samples/s each).
+3. Writes a 20,000-sample 256x256 five-task set (fake views in the label conventions)
+   and streams it with the training loader (224 crops, flips, batch 16) with 0, 1 and 2
+   worker processes (samples/s each).
 4. Projects full Taskonomy (4.6M frames, 11.16 TB of source over all domains): the wall
    time to convert with N processes and the storage of the shards, and the loader rate
    one GPU needs at ResNet-34 training speed (model FLOPs counted here, GPU throughput an
@@ -41,9 +42,9 @@ TASKONOMY_SOURCE_BYTES = 11.16e12
 FRAME = 512
 
 
-def fake_frame(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One 512x512 view: smooth fields with edges, noise where sensors add it."""
-    y, x = np.mgrid[0:FRAME, 0:FRAME] / FRAME
+def fake_frame(rng: np.random.Generator, size: int = FRAME) -> dict[str, np.ndarray]:
+    """One view in Taskonomy's source encodings: smooth fields with edges, sensor noise."""
+    y, x = np.mgrid[0:size, 0:size] / size
     base = np.stack([np.sin(6 * x + rng.uniform(0, 6)), np.cos(5 * y + rng.uniform(0, 6)), x * y], -1)
     regions = (np.floor(x * rng.integers(2, 6)) + np.floor(y * rng.integers(2, 6))).astype(np.int64)
     rgb = np.clip(127 + 60 * base + 25 * np.sin(regions)[..., None] + rng.normal(0, 3, base.shape), 0, 255)
@@ -51,7 +52,7 @@ def fake_frame(rng: np.random.Generator) -> dict[str, np.ndarray]:
     normal = np.clip(127 + 100 * np.stack([np.sin(regions), np.cos(regions), -np.ones_like(x)], -1), 0, 255)
     edges = (np.abs(np.diff(regions, axis=1, prepend=0)) > 0) * 20000
     return {"rgb": rgb.astype(np.uint8), "depth_zbuffer": depth, "normal": normal.astype(np.uint8),
-            "keypoints2d": (rng.random((FRAME, FRAME)) < 0.01).astype(np.uint16) * 30000,
+            "keypoints2d": (rng.random((size, size)) < 0.01).astype(np.uint16) * 30000,
             "edge_texture": edges.astype(np.uint16), "segment_semantic": (1 + regions % 17).astype(np.uint8)}
 
 
@@ -65,6 +66,28 @@ def write_source(root: Path, frames: int, buildings: int) -> int:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(array).save(folder / f"point_{index}_view_0_domain_{domain}.png")
     return sum(p.stat().st_size for p in root.rglob("*.png"))
+
+
+def fake_sample(job: tuple[int, int]) -> dict[str, np.ndarray]:
+    """A write_dataset worker: one fake view already in the label specs' conventions."""
+    seed, size = job
+    frame = fake_frame(np.random.default_rng(seed), size)
+    depth = frame["depth_zbuffer"].astype(np.float32) / 512
+    normal = frame["normal"].astype(np.float32) / 255 * 2 - 1
+    return {"rgb": frame["rgb"], "seg": frame["segment_semantic"] - 1, "depth": depth,
+            "normal": normal / np.linalg.norm(normal, axis=-1, keepdims=True),
+            "keypoint": frame["keypoints2d"] / 65536, "edge": frame["edge_texture"] / 65536}
+
+
+def write_loader_set(out: Path, samples: int, workers: int) -> None:
+    """A ``samples``-sample 256x256 five-task dataset for the loader measurement."""
+    from dsparse.data.convert.taskonomy import CLASSES
+    from dsparse.data.writer import DatasetInfo, write_dataset
+
+    info = DatasetInfo(name="bench", tasks=["seg", "normal", "depth", "keypoint", "edge"], classes=list(CLASSES),
+                       encodings={"depth": {"scale": 512}})
+    jobs = [(f"s{i:08d}", (i, 256)) for i in range(samples)]
+    write_dataset(out, {"train": jobs}, info, load=fake_sample, workers=workers, shard_size="64MB")
 
 
 def split_csv(path: Path, buildings: int) -> Path:
@@ -125,10 +148,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--frames", type=int, default=400)
     parser.add_argument("--buildings", type=int, default=8)
-    parser.add_argument("--loader-batches", type=int, default=60)
+    parser.add_argument("--loader-samples", type=int, default=20000, help="size of the loader's 256x256 set")
+    parser.add_argument("--loader-batches", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of this process")
-    parser.add_argument("--gpu-tflops", type=float, default=400.0,
-                        help="assumed achieved bf16 TFLOP/s of one GPU for the projection")
+    parser.add_argument("--gpu-tflops", type=float, default=200.0,
+                        help="assumed achieved bf16 TFLOP/s of one GPU for the projection (about 20%% of an H200 peak)")
     parser.add_argument("--keep", default=None, help="keep the source and shards in this directory")
     args = parser.parse_args()
     import torch
@@ -147,7 +171,11 @@ def main() -> None:
         for workers in (1, 2):
             rates[workers], samples, shard_bytes = convert_rate(source, work / f"out{workers}", splits, workers)
             print(f"convert, {workers} process(es): {rates[workers]:.1f} samples/s", file=sys.stderr)
-        loader = {w: loader_rate(work / "out1", w, args.loader_batches) for w in (0, 1, 2)}
+        start = time.perf_counter()
+        write_loader_set(work / "loader", args.loader_samples, workers=2)
+        print(f"wrote the {args.loader_samples}-sample loader set in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr)
+        loader = {w: loader_rate(work / "loader", w, args.loader_batches) for w in (0, 1, 2)}
         print(f"loader: {loader}", file=sys.stderr)
         gflops = resnet34_train_gflops(["seg", "normal", "depth", "keypoint", "edge"])
     finally:
@@ -175,8 +203,8 @@ def render(args, source_bytes, rates, samples, shard_bytes, loader, gflops) -> s
         f"| convert (read 6 PNGs, resize, check, encode, tar) | 1 | {rates[1]:.1f} |",
         f"| convert | 2 | {rates[2]:.1f} ({rates[2] / rates[1]:.2f}x) |",
     ]
-    lines += [f"| loader (decode, crop 224, flip, batch 16) | {w} worker(s){' (in process)' if w == 0 else ''} | "
-              f"{rate:.0f} |" for w, rate in loader.items()]
+    lines += [f"| loader ({args.loader_samples} samples at 256x256: decode, crop 224, flip, batch 16) | {w} "
+              f"worker(s){' (in process)' if w == 0 else ''} | {rate:.0f} |" for w, rate in loader.items()]
     hours = {n: TASKONOMY_FRAMES / (rates[1] * n) / 3600 for n in (16, 64, 256)}
     lines += [
         "",

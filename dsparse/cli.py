@@ -53,7 +53,14 @@ def _cmd_convert(args) -> None:
     counts = {split: info.num_samples for split, info in manifest.splits.items()}
     shards = sum(len(info.shards) for info in manifest.splits.values())
     print(f"wrote {counts} samples in {shards} shards with tasks {manifest.tasks} to {args.out}"
-          + (f"; skipped {len(manifest.skipped)} bad sample(s), listed in manifest.json" if manifest.skipped else ""))
+          + (f"; skipped {len(manifest.skipped)} bad sample(s) or source(s), listed in manifest.json"
+             if manifest.skipped else ""))
+    from dsparse.config import load_config
+
+    preset = args.converter
+    same_tasks = preset != "folders" and load_config(preset).tasks == manifest.tasks
+    print(f"train on it: dsparse train {preset} --set data.path={args.out}"
+          + ("" if same_tasks else f" --set \"tasks=[{', '.join(manifest.tasks)}]\""))
 
 
 def _cmd_check(args) -> None:

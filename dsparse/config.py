@@ -34,6 +34,10 @@ class DataConfig:
     ``pipe:aws s3 cp s3://bucket/taskonomy/{name} -``."""
     crop_size: int | None = None
     """Random crop side for training (None = full image); eval always uses full images."""
+    scale_range: list[float] | None = None
+    """Random rescale factor range for training, e.g. ``[0.5, 1.5]`` (the NYU-v2 recipe):
+    image bilinear, labels nearest; needs ``crop_size`` (smaller images are padded with
+    invalid labels). None = no rescaling."""
     flip: bool = True
     """Random horizontal flip for training (flips the x component of normals)."""
     batch_size: int = 16
@@ -42,7 +46,9 @@ class DataConfig:
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the training process)."""
     shuffle_buffer: int = 256
-    """Sample shuffle buffer per reader; 0 disables sample shuffling (shards still shuffle)."""
+    """Sample shuffle buffer per reader (ranks x workers), in samples; 0 disables sample
+    shuffling (shards still shuffle). It holds undecoded samples: memory is about
+    ``shuffle_buffer`` x the mean shard bytes per sample per reader (logged at start)."""
     resampled: bool = False
     """False: every epoch reads each shard once, split across ranks x workers (needs at
     least that many shards). True: each reader draws shards with replacement and yields
@@ -52,7 +58,9 @@ class DataConfig:
     skip_bad: bool = False
     """Skip (and count) corrupt samples instead of stopping with an error."""
     class_weights: bool = False
-    """Weight the segmentation loss by class frequency from the manifest."""
+    """Weight the segmentation loss per class: by the weights the dataset ships (Taskonomy's
+    prior, when its manifest has them), else by median-frequency balancing of the
+    manifest's class pixel frequencies."""
 
     def __post_init__(self):
         _check_positive("data.batch_size", self.batch_size)
@@ -61,6 +69,13 @@ class DataConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
         if self.crop_size is not None:
             _check_positive("data.crop_size", self.crop_size)
+        if self.scale_range is not None:
+            low_high = self.scale_range
+            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
+                raise ValueError(f"data.scale_range must be [low, high] with 0 < low <= high, got {low_high}")
+            if self.crop_size is None:
+                raise ValueError("data.scale_range needs data.crop_size (rescaled images differ in size; crops make "
+                                 "them batchable)")
         if self.shard_url is not None and "{name}" not in self.shard_url:
             raise ValueError(f"data.shard_url must contain {{name}} (the shard file name), got {self.shard_url!r}")
         if self.resampled and not self.epoch_length:

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dsparse.data.manifest import Manifest
 from dsparse.data.records import SampleError, decode_sample, read_shard
+from dsparse.data.resize import resize_image, resize_nearest
 from dsparse.tasks.labels import LabelSpec
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class StreamSpec:
     num_workers: int = 0
     train: bool = True
     crop_size: int | None = None
+    scale_range: tuple[float, float] | None = None
     flip: bool = True
     shuffle_buffer: int = 256
     resampled: bool = False
@@ -95,11 +97,23 @@ def batches_per_reader(spec: StreamSpec) -> int:
     """Batches every reader yields per training epoch (identical for all readers)."""
     if spec.resampled:
         return max(1, spec.epoch_length // (spec.num_readers * spec.batch_size))
-    # Shard assignment changes per epoch; bound by the worst case over any dealing:
-    # the reader with the fewest shards gets the smallest ones.
+    return max(1, _fewest_samples_per_reader(spec) // spec.batch_size)
+
+
+def _fewest_samples_per_reader(spec: StreamSpec) -> int:
+    """Samples the worst-served reader gets in an epoch (split mode). Shard assignment
+    changes per epoch, so this bounds every dealing: the reader with the fewest shards
+    gets the smallest ones."""
     counts = sorted(s["num_samples"] for s in spec.shards)
-    fewest = len(counts) // spec.num_readers
-    return max(1, sum(counts[:fewest]) // spec.batch_size)
+    return sum(counts[: len(counts) // spec.num_readers])
+
+
+def shuffle_buffer_bytes(spec: StreamSpec) -> int:
+    """Memory one reader's shuffle buffer holds: it keeps samples undecoded, so about
+    ``shuffle_buffer`` times the mean encoded sample size of the split's shards."""
+    samples = sum(s["num_samples"] for s in spec.shards)
+    per_sample = sum(s.get("num_bytes", 0) for s in spec.shards) / max(samples, 1)
+    return int(spec.shuffle_buffer * per_sample) if spec.train and spec.shuffle_buffer > 1 else 0
 
 
 def check_enough_shards(spec: StreamSpec) -> None:
@@ -110,10 +124,11 @@ def check_enough_shards(spec: StreamSpec) -> None:
         raise ValueError(
             f"{spec.split} split has {len(spec.shards)} shard(s) but {spec.world_size} rank(s) x "
             f"{max(1, spec.num_workers)} worker(s) = {spec.num_readers} readers, and each reader needs "
-            "at least one shard. Write smaller shards (dsparse data synth --shard-size N), lower "
+            "at least one shard. Rewrite the dataset with smaller shards (--shard-size of dsparse data "
+            "convert or synth), lower "
             "data.num_workers, or set data.resampled: true with data.epoch_length."
         )
-    per_reader = sum(sorted(s["num_samples"] for s in spec.shards)[: len(spec.shards) // spec.num_readers])
+    per_reader = _fewest_samples_per_reader(spec)
     if per_reader < spec.batch_size:
         raise ValueError(
             f"{spec.split} split: a reader may get only {per_reader} samples per epoch, fewer than "
@@ -222,7 +237,10 @@ class ShardStream(IterableDataset):
         if self.spec.train:
             # Augmentation draws from a per-batch RNG so skipped batches (resume) need no replay.
             rng = np.random.default_rng([self.spec.seed, self.epoch, reader, index, 1])
-            samples = [augment(s, self.spec.labels, self.spec.crop_size, self.spec.flip, rng) for s in samples]
+            spec = self.spec
+            fill = tuple(int(round(255 * m)) for m in spec.rgb_mean)
+            samples = [augment(s, spec.labels, spec.crop_size, spec.flip, rng, spec.scale_range, fill)
+                       for s in samples]
         batch = collate(samples, self.spec.labels, self.spec.rgb_mean, self.spec.rgb_std)
         batch["__num_bad__"] = num_bad  # bad samples skipped while filling this batch
         return batch
@@ -242,25 +260,43 @@ def _buffer_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator
 
 
 def augment(sample: dict, labels: dict[str, LabelSpec], crop_size: int | None, flip: bool,
-            rng: np.random.Generator) -> dict:
-    """Random crop and horizontal flip, applied identically to the image and every label
-    (each label flips by its own rule: normals negate x)."""
+            rng: np.random.Generator, scale_range: tuple[float, float] | None = None,
+            rgb_fill: tuple[int, int, int] = (128, 128, 128)) -> dict:
+    """Random rescale, crop and horizontal flip, identical for the image and every label.
+
+    Rescaling resizes the image bilinearly and labels by nearest neighbour (no invented
+    classes or depths; label values are not changed). A crop larger than the rescaled
+    image pads it: the image with ``rgb_fill`` (the dataset mean, 0 after normalisation),
+    each label with its invalid value. Each label flips by its own rule (normals negate x).
+    """
     height, width = sample["rgb"].shape[:2]
-    top = left = 0
-    cropping = crop_size is not None and crop_size < min(height, width)
-    if cropping:
+    arrays = {name: array for name, array in sample.items() if name != "__key__"}
+    scaled = scale_range is not None
+    if scaled:
+        factor = float(rng.uniform(*scale_range))
+        size = (max(1, round(height * factor)), max(1, round(width * factor)))
+        arrays = {name: resize_image(array, size) if name == "rgb" else resize_nearest(array, size)
+                  for name, array in arrays.items()}
+        height, width = size
+    if crop_size is not None and (scaled or crop_size < min(height, width)):
+        if scaled and crop_size > min(height, width):
+            fills = {name: rgb_fill if name == "rgb" else labels[name].fill for name in arrays}
+            arrays = {name: _pad(array, crop_size, fills[name]) for name, array in arrays.items()}
+            height, width = arrays["rgb"].shape[:2]
         top = int(rng.integers(height - crop_size + 1))
         left = int(rng.integers(width - crop_size + 1))
-    mirror = flip and bool(rng.integers(2))
-    out = {"__key__": sample["__key__"]}
-    for name, array in sample.items():
-        if name == "__key__":
-            continue
-        if cropping:
-            array = array[top : top + crop_size, left : left + crop_size]
-        if mirror:
-            array = labels[name].flip(array) if name in labels else array[:, ::-1]
-        out[name] = array
+        arrays = {name: array[top : top + crop_size, left : left + crop_size] for name, array in arrays.items()}
+    if flip and bool(rng.integers(2)):
+        arrays = {name: labels[name].flip(array) if name in labels else array[:, ::-1]
+                  for name, array in arrays.items()}
+    return {"__key__": sample["__key__"], **arrays}
+
+
+def _pad(array: np.ndarray, crop_size: int, fill) -> np.ndarray:
+    height, width = array.shape[:2]
+    out = np.empty((max(height, crop_size), max(width, crop_size), *array.shape[2:]), dtype=array.dtype)
+    out[...] = np.asarray(fill, dtype=array.dtype)
+    out[:height, :width] = array
     return out
 
 
@@ -309,6 +345,11 @@ class TrainBatches:
             log.warning("data position was saved with %d readers (ranks x workers), resuming with %d: the run "
                         "continues in epoch %d but not with the exact next batch", saved_readers,
                         spec.num_readers, self.epoch)
+        buffer = shuffle_buffer_bytes(spec)
+        if buffer:
+            readers = max(1, spec.num_workers)
+            log.info("shuffle buffer: %d samples = %.0f MB per reader, %.0f MB for this rank's %d reader(s)",
+                     spec.shuffle_buffer, buffer / 1e6, buffer * readers / 1e6, readers)
         self._iterator = None
         self.wait_seconds = 0.0
         self.num_samples = 0
@@ -372,7 +413,8 @@ def stream_spec(data_cfg, manifest: Manifest, split: str, tasks: list[str], *, s
     return StreamSpec(
         data_dir=str(data_cfg.path),
         split=split,
-        shards=[{"name": s.name, "num_samples": s.num_samples} for s in manifest.splits[split].shards],
+        shards=[{"name": s.name, "num_samples": s.num_samples, "num_bytes": s.num_bytes}
+                for s in manifest.splits[split].shards],
         labels={task: specs[task] for task in tasks},
         batch_size=data_cfg.batch_size if train else data_cfg.eval_batch_size,
         seed=seed,
@@ -381,6 +423,7 @@ def stream_spec(data_cfg, manifest: Manifest, split: str, tasks: list[str], *, s
         num_workers=data_cfg.num_workers,
         train=train,
         crop_size=data_cfg.crop_size if train else None,
+        scale_range=tuple(data_cfg.scale_range) if train and data_cfg.scale_range else None,
         flip=data_cfg.flip,
         shuffle_buffer=data_cfg.shuffle_buffer,
         resampled=data_cfg.resampled and train,
@@ -396,5 +439,5 @@ def stream_spec(data_cfg, manifest: Manifest, split: str, tasks: list[str], *, s
 
 __all__ = [
     "StreamSpec", "ShardStream", "TrainBatches", "make_loader", "eval_batches", "stream_spec",
-    "batches_per_reader", "check_enough_shards", "shards_of_reader", "augment", "collate",
+    "batches_per_reader", "check_enough_shards", "shuffle_buffer_bytes", "shards_of_reader", "augment", "collate",
 ]

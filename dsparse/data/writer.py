@@ -28,6 +28,7 @@ Layout::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -39,6 +40,8 @@ import sys
 import tarfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +51,7 @@ import numpy as np
 
 from dsparse.data.manifest import MANIFEST_NAME, NAME_PATTERN, Manifest, ShardInfo, SplitInfo
 from dsparse.io import atomic_path, write_text_atomic
-from dsparse.tasks.labels import RGB, ClassLabel, DepthLabel, LabelError, LabelSpec
+from dsparse.tasks.labels import IGNORE_INDEX, RGB, ClassLabel, DepthLabel, LabelError, LabelSpec
 
 STATE_DIR = ".dsparse-writing"
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|KIB|MIB|GIB)\s*$", re.IGNORECASE)
@@ -73,6 +76,8 @@ class DatasetInfo:
         encodings: per-task label-spec parameters, e.g. ``{"depth": {"scale": 512}}``.
         class_pixel_frequency: known class frequencies; computed from the train split if None.
         class_weights: per-class loss weights the dataset ships (e.g. Taskonomy's prior).
+        skipped: sources a converter skipped before writing (e.g. missing buildings), each
+            ``{"split", "key", "error"}``; listed in the manifest with the skipped samples.
         source: provenance recorded in the manifest (converter, version, source, options).
     """
 
@@ -82,6 +87,7 @@ class DatasetInfo:
     encodings: dict[str, dict] = field(default_factory=dict)
     class_pixel_frequency: list[float] | None = None
     class_weights: list[float] | None = None
+    skipped: list[dict] = field(default_factory=list)
     source: dict = field(default_factory=dict)
 
 
@@ -112,28 +118,32 @@ class _Encoder:
     image_size: tuple[int, int] | None
 
     def members(self, key: str, arrays: Mapping[str, np.ndarray]) -> tuple[list[tuple[str, bytes]], dict]:
-        """``[(member name, bytes)]`` and the sample's statistics; raises LabelError naming the entry."""
+        """``[(member name, bytes)]`` and the sample's statistics; raises LabelError naming the
+        entry (and its source file, when the sample carries ``"__files__": {entry: path}``)."""
         if not isinstance(arrays, Mapping):
             raise LabelError(f"a sample must be a dict of arrays, got {type(arrays).__name__}")
+        files = arrays.get("__files__") or {}
+        arrays = {name: value for name, value in arrays.items() if not name.startswith("__")}
         expected = ["rgb", *self.tasks]
         if sorted(arrays) != sorted(expected):
             missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
             raise LabelError(f"has entries {sorted(arrays)}; expected {expected}"
                              + (f" (missing {missing})" if missing else "") + (f" (extra {extra})" if extra else ""))
-        rgb = _entry("rgb", RGB.to_uint8, arrays["rgb"])
+        rgb = _entry("rgb", files, RGB.to_uint8, arrays["rgb"])
         size = tuple(rgb.shape[:2])
         if self.image_size is not None and size != tuple(self.image_size):
-            raise LabelError(f"rgb is {size[0]}x{size[1]}, the dataset's images are "
+            raise LabelError(f"rgb{_source(files, 'rgb')} is {size[0]}x{size[1]}, the dataset's images are "
                              f"{self.image_size[0]}x{self.image_size[1]}; resize it (nearest for labels)")
-        members = [(f"{key}.rgb.png", _entry("rgb", RGB.encode, rgb))]
+        members = [(f"{key}.rgb.png", _entry("rgb", files, RGB.encode, rgb))]
         unit = rgb.reshape(-1, 3).astype(np.float64) / 255
         stats = {"rgb_sum": unit.sum(0), "rgb_sq": (unit**2).sum(0), "pixels": unit.shape[0]}
         for task in self.tasks:
             array, spec = np.asarray(arrays[task]), self.specs[task]
             if array.shape[:2] != size:
-                raise LabelError(f"label {task!r} is {array.shape[0]}x{array.shape[1] if array.ndim > 1 else '?'}"
-                                 f", the image is {size[0]}x{size[1]}")
-            members.append((f"{key}.{task}.{spec.extension}", _entry(task, spec.encode, array, self.num_classes)))
+                raise LabelError(f"label {task!r}{_source(files, task)} is "
+                                 f"{'x'.join(str(n) for n in array.shape[:2])}, the image is {size[0]}x{size[1]}")
+            members.append((f"{key}.{task}.{spec.extension}",
+                            _entry(task, files, spec.encode, array, self.num_classes)))
             if isinstance(spec, ClassLabel):
                 ids = array[array != spec.ignore].astype(np.int64).ravel()
                 stats["class_counts"] = np.bincount(ids, minlength=self.num_classes)
@@ -142,11 +152,15 @@ class _Encoder:
         return members, stats
 
 
-def _entry(name: str, function: Callable, *args):
+def _source(files: Mapping[str, str], entry: str) -> str:
+    return f" ({files[entry]})" if entry in files else ""
+
+
+def _entry(name: str, files: Mapping[str, str], function: Callable, *args):
     try:
         return function(*args)
     except LabelError as error:
-        raise LabelError(f"{name!r}: {error}") from None
+        raise LabelError(f"{name!r}{_source(files, name)}: {error}") from None
 
 
 # ------------------------------------------------------------------- one shard
@@ -221,7 +235,11 @@ def _write_shard(job: _ShardJob) -> dict:
             if stats.num_samples == 0:
                 raise _EmptyShard
     except _EmptyShard:
+        path.unlink(missing_ok=True)  # a same-named tar of an earlier attempt
         return stats.record(job.name, 0)
+    except OSError as error:
+        raise DatasetWriteError(f"cannot write shard {path} ({error.strerror or error}); check the free space "
+                                "and permissions, then rerun to resume") from None
     return stats.record(job.name, path.stat().st_size)
 
 
@@ -235,8 +253,8 @@ def _sample_members(job: _ShardJob, key: str, item, stats: _ShardStats) -> list[
         if not isinstance(error, (LabelError, OSError, ValueError)) or not reason:
             reason = f"{type(error).__name__}: {reason}"
         if job.on_error != "skip":
-            raise DatasetWriteError(f"{job.split} sample {key!r}: {reason}; fix or remove it, "
-                                    "or skip bad samples (--on-error skip)") from None
+            raise DatasetWriteError(f"{job.split} sample {key!r}: {reason}; fix or remove it, or skip bad "
+                                    "samples (on_error='skip'; --on-error skip of dsparse data convert)") from None
         stats.skipped.append({"split": job.split, "key": key, "error": reason})
         return []
     stats.add(sample_stats)
@@ -298,15 +316,40 @@ def _check_splits(splits: Mapping[str, Sequence]) -> None:
             raise ValueError(f"split {split!r} has no samples")
 
 
-def _fingerprint(info: DatasetInfo, splits: Mapping[str, Sequence], shard_size, on_error: str) -> str:
+def _fingerprint(info: DatasetInfo, splits: Mapping[str, Sequence], load, settings: list) -> str:
+    """What a resumed write must share with the first attempt: the dataset description,
+    every key and source item (file paths; in-memory arrays by their bytes), the loader
+    function and its arguments, and the shard settings."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([dataclasses.asdict(info), str(shard_size), on_error], sort_keys=True,
-                             default=str).encode())
+
+    def add(value) -> None:
+        data = value if isinstance(value, bytes) else repr(value).encode()
+        digest.update(len(data).to_bytes(8, "little") + data)  # length-prefixed: no ambiguous joins
+
+    add(json.dumps([dataclasses.asdict(info), [str(v) for v in settings]], sort_keys=True, default=str))
+    add(_describe_function(load))
     for split in sorted(splits):
-        digest.update(split.encode())
-        for key, _ in splits[split]:
-            digest.update(key.encode() + b"\0")
+        add(split)
+        for key, item in splits[split]:
+            add(key)
+            add(_item_bytes(item))
     return digest.hexdigest()
+
+
+def _describe_function(function) -> str:
+    if function is None:
+        return "None"
+    if isinstance(function, functools.partial):
+        return f"{_describe_function(function.func)}{function.args!r}{sorted(function.keywords.items())!r}"
+    return f"{getattr(function, '__module__', '')}.{getattr(function, '__qualname__', repr(function))}"
+
+
+def _item_bytes(item) -> bytes:
+    if isinstance(item, Mapping):
+        return b"".join(str(k).encode() + b"\0" + _item_bytes(v) for k, v in sorted(item.items(), key=str))
+    if isinstance(item, np.ndarray):
+        return str((item.dtype, item.shape)).encode() + np.ascontiguousarray(item).tobytes()
+    return repr(item).encode()
 
 
 def _probe(splits, load, encoder: _Encoder) -> tuple[tuple[int, int], float]:
@@ -349,6 +392,8 @@ def _prepare_directory(out_dir: Path, fingerprint: str, overwrite: bool) -> dict
     except OSError as error:
         raise DatasetWriteError(f"cannot write to {out_dir} ({error.strerror or error}); "
                                 "choose a directory you can write to") from None
+    for leftover in out_dir.glob(".*.tmp"):  # from a write that was killed or stopped mid-shard
+        leftover.unlink()
     state, manifest_path = out_dir / STATE_DIR, out_dir / MANIFEST_NAME
     if overwrite:
         _discard(out_dir)
@@ -365,8 +410,6 @@ def _prepare_directory(out_dir: Path, fingerprint: str, overwrite: bool) -> dict
     elif any(not p.name.startswith(".") for p in out_dir.iterdir()):
         raise DatasetWriteError(f"{out_dir} is not empty and holds no dataset; write into an empty or new "
                                 "directory, or overwrite it (--overwrite)")
-    for leftover in out_dir.glob(".*.tmp"):  # from a write that was killed mid-shard
-        leftover.unlink()
     return None
 
 
@@ -428,7 +471,7 @@ def write_dataset(
     _check_splits(splits)
     specs = _specs(info)
     out_dir = Path(out_dir)
-    fingerprint = _fingerprint(info, splits, shard_size, on_error)
+    fingerprint = _fingerprint(info, splits, load, [shard_size, min_shards, on_error])
     plan = _prepare_directory(out_dir, fingerprint, overwrite)
     encoder = _Encoder(list(info.tasks), specs, len(info.classes) or None, None)
     if plan is None:
@@ -461,6 +504,9 @@ def _specs(info: DatasetInfo) -> dict[str, LabelSpec]:
         raise ValueError(f"tasks {info.tasks} must be registered tasks: {sorted(TASKS)}")
     if "seg" in info.tasks and not info.classes:
         raise ValueError("a dataset with 'seg' labels needs its class names (classes)")
+    if len(info.classes) > IGNORE_INDEX:
+        raise ValueError(f"{len(info.classes)} classes; at most {IGNORE_INDEX} fit the 8-bit class label "
+                         f"({IGNORE_INDEX} = ignore)")
     extra = sorted(set(info.encodings) - set(info.tasks))
     if extra:
         raise ValueError(f"encodings given for task(s) {extra} the dataset does not have")
@@ -478,9 +524,9 @@ def _run_jobs(out_dir: Path, jobs: list[_ShardJob], workers: int, progress: bool
     """Write the shards not yet recorded; return every shard's record by name."""
     records, todo = {}, []
     for job in jobs:
-        record_path = _record_path(out_dir, job.name)
-        if record_path.is_file():
-            records[job.name] = json.loads(record_path.read_text())
+        record = _recorded(out_dir, job.name)
+        if record is not None:
+            records[job.name] = record
         else:
             todo.append(job)
     total = sum(len(job.samples) for job in todo)
@@ -502,16 +548,40 @@ def _run_jobs(out_dir: Path, jobs: list[_ShardJob], workers: int, progress: bool
     stop = threading.Event()
     drainer = threading.Thread(target=counter.drain, args=(queue, stop), daemon=True)
     drainer.start()
-    pool = context.Pool(min(workers, len(todo)), initializer=_init_worker, initargs=(queue,))
+    executor = ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
+                                   initargs=(queue,))
+    finished = False
     try:
-        for record in pool.imap_unordered(_write_shard, todo):
+        futures = [executor.submit(_write_shard, job) for job in todo]
+        for future in as_completed(futures):
+            record = future.result()
             records[record["name"]] = _publish(out_dir, record)
+        finished = True
+    except BrokenProcessPool:
+        raise DatasetWriteError(f"a worker process died while writing {out_dir} (out of memory, or killed); "
+                                "finished shards are kept: rerun the same command to resume, with fewer "
+                                "workers if memory ran out") from None
     finally:
-        pool.terminate()
-        pool.join()
+        if not finished:  # stop the other shards now; their partial files are removed on the rerun
+            for process in list(getattr(executor, "_processes", {}).values()):
+                process.terminate()
+        executor.shutdown(wait=True, cancel_futures=True)
         stop.set()
         drainer.join()
     return records
+
+
+def _recorded(out_dir: Path, name: str) -> dict | None:
+    """A shard's record, if it was written and its file is still the one recorded."""
+    path = _record_path(out_dir, name)
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    shard = out_dir / name
+    if record["num_samples"] and (not shard.is_file() or shard.stat().st_size != record["num_bytes"]):
+        path.unlink()
+        return None
+    return record
 
 
 def _publish(out_dir: Path, record: dict) -> dict:
@@ -540,14 +610,15 @@ def _manifest(info: DatasetInfo, specs: dict[str, LabelSpec], plan: dict, jobs: 
     if frequency is None and info.classes:
         counts = np.sum([r["class_counts"] for r in stats], axis=0)
         frequency = (counts / max(counts.sum(), 1)).tolist()
-    ranges = [r["depth_range"] for r in records.values() if r["depth_range"]]
+    ranges = [r["depth_range"] for r in stats if r["depth_range"]]
     extra = {"depth_range": [min(r[0] for r in ranges), max(r[1] for r in ranges)]} if ranges else {}
     manifest = Manifest(
         name=info.name, image_size=tuple(plan["image_size"]), tasks=list(info.tasks),
         encodings={task: spec.manifest_entry() for task, spec in specs.items()}, splits=splits,
         classes=list(info.classes), class_pixel_frequency=frequency, class_weights=info.class_weights,
         rgb_mean=tuple(float(v) for v in mean), rgb_std=tuple(float(max(v, 1e-3)) for v in std),
-        source=dict(info.source), skipped=[s for job in jobs for s in records[job.name]["skipped"]],
+        source=dict(info.source),
+        skipped=list(info.skipped) + [s for job in jobs for s in records[job.name]["skipped"]],
         stats={**extra, "stats_split": stats_split},
     )
     manifest.validate()

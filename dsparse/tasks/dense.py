@@ -25,10 +25,6 @@ from dsparse.tasks.labels import (
     HeatLabel,
     NormalLabel,
     check_shapes,
-    depth_valid,
-    heat_valid,
-    normal_valid,
-    seg_valid,
 )
 from dsparse.tasks.metrics import AngleMetric, ConfusionMetric, DepthMetric, MAEMetric
 
@@ -133,9 +129,9 @@ class SegTask(Task):
         pred = pred.float()
         weights = self._weights_on(pred.device)
         total = F.cross_entropy(
-            pred, target, weight=weights, ignore_index=IGNORE_INDEX, reduction="sum"
+            pred, target, weight=weights, ignore_index=self.label.ignore, reduction="sum"
         )
-        valid = seg_valid(target)
+        valid = self.label.valid(target)
         if weights is None:
             normaliser = valid.sum()
         else:
@@ -167,7 +163,7 @@ class NormalTask(Task):
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         check_shapes("normal", pred, target, pred_channels=3, target_channels=3)
-        valid = normal_valid(target)
+        valid = self.label.valid(target)
         cosine = (F.normalize(pred.float(), dim=1) * F.normalize(target.float(), dim=1)).sum(dim=1)
         return masked_mean(1.0 - cosine, valid)
 
@@ -188,7 +184,7 @@ class DepthTask(Task):
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         check_shapes("depth", pred, target, pred_channels=1, target_channels=1)
-        return masked_mean((pred.float() - target.float()).abs(), depth_valid(target))
+        return masked_mean((pred.float() - target.float()).abs(), self.label.valid(target))
 
     def new_metric(self) -> Metric:
         return DepthMetric()
@@ -206,7 +202,7 @@ class _HeatMapTask(Task):
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
         check_shapes(self.name, pred, target, pred_channels=1, target_channels=1)
-        return masked_mean((pred.float() - target.float()).abs(), heat_valid(target))
+        return masked_mean((pred.float() - target.float()).abs(), self.label.valid(target))
 
     def new_metric(self) -> Metric:
         return MAEMetric(self.name)

@@ -77,7 +77,7 @@ class LabelSpec:
     """The storage and semantics of one label (see the module table).
 
     A label of task ``t`` is the shard member ``<key>.<t>.<extension>``. Subclasses set
-    ``channels`` (None for ``[H, W]``) and ``dtype`` (decoded numpy dtype), and implement
+    ``channels`` (None for ``[H, W]``) and ``dtype`` (of the decoded array), and implement
     encode/decode. Parameters that vary per
     dataset (a depth scale) are dataclass fields, recorded in the manifest by
     :meth:`params` and restored by :meth:`with_params`.
@@ -87,6 +87,7 @@ class LabelSpec:
     channels: ClassVar[int | None] = None
     dtype: ClassVar[str] = "float32"
     description: ClassVar[str] = ""
+    fill: ClassVar[float] = 0.0  # the decoded "no label here" value, used to pad crops
 
     def encode(self, array: np.ndarray, num_classes: int | None = None) -> bytes:
         """Bytes stored in the shard; raises :class:`LabelError` instead of damaging values."""
@@ -131,6 +132,7 @@ class LabelSpec:
         return self.description
 
     def check_shape(self, array: np.ndarray, what: str) -> None:
+        """Rank and channels of an array to encode, or of a decoded one."""
         rank = 2 if self.channels is None else 3
         if array.ndim != rank or (self.channels is not None and array.shape[-1] != self.channels):
             expected = "[H, W]" if self.channels is None else f"[H, W, {self.channels}]"
@@ -176,6 +178,7 @@ class ClassLabel(LabelSpec):
 
     dtype: ClassVar[str] = "uint8"
     ignore: ClassVar[int] = IGNORE_INDEX
+    fill: ClassVar[float] = IGNORE_INDEX
 
     def describe(self) -> str:
         return f"8-bit class id, {self.ignore} = ignore"
@@ -206,7 +209,7 @@ class ClassLabel(LabelSpec):
 
     def check_decoded(self, array: np.ndarray, num_classes: int | None = None) -> None:
         self._check_ids(array, num_classes, "class label", "the shard disagrees with manifest.json's classes; "
-                        "rewrite the dataset with `dsparse data convert`")
+                        "rewrite the dataset (dsparse data convert or dsparse data synth)")
 
     def to_batch(self, stacked: np.ndarray) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(stacked)).long()
@@ -293,9 +296,10 @@ class NormalLabel(LabelSpec):
 
 @dataclass(frozen=True)
 class HeatLabel(LabelSpec):
-    """A map in [0, 1] (keypoints, edges), negative = invalid, as 16-bit ``round(v * 65534) + 1``."""
+    """A map in [0, 1] (keypoints, edges), negative = invalid, as 16-bit ``round(m * 65534) + 1``."""
 
-    description: ClassVar[str] = "16-bit, 0 = invalid, else (v - 1) / 65534 in [0, 1]"
+    description: ClassVar[str] = "16-bit s: 0 = invalid, else the map value m = (s - 1) / 65534 in [0, 1]"
+    fill: ClassVar[float] = -1.0
 
     def encode(self, array: np.ndarray, num_classes: int | None = None) -> bytes:
         values = _finite_float(array, "map")

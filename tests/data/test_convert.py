@@ -76,7 +76,7 @@ def nyu_tree(root, train=3, test=2):
 
 def test_nyuv2_converts_to_the_expected_arrays(tmp_path):
     root = nyu_tree(tmp_path / "nyu")
-    manifest, splits = decoded_out = decoded_convert("nyuv2", root, tmp_path / "out", workers=2)
+    manifest, splits = decoded_convert("nyuv2", root, tmp_path / "out", workers=2)
     assert sorted(splits) == ["train", "val"] and len(splits["train"]) == 3 and len(splits["val"]) == 2
     assert manifest.tasks == ["seg", "normal", "depth"] and len(manifest.classes) == 40
     sample = splits["val"]["test001"]
@@ -88,7 +88,6 @@ def test_nyuv2_converts_to_the_expected_arrays(tmp_path):
     flipped = augment({"__key__": "k", **sample}, manifest.label_specs(), None, True, AlwaysFlip())
     np.testing.assert_allclose(flipped["normal"][3, 3], [-0.6, 0.0, -0.8], atol=0.01)
     assert manifest.source["converter"] == "nyuv2" and manifest.source["splits"] == {"train": "train", "test": "val"}
-    del decoded_out
 
 
 class AlwaysFlip:
@@ -106,7 +105,8 @@ def test_nyuv2_bad_inputs_name_the_file(tmp_path):
         convert("nyuv2", tmp_path, tmp_path / "out", progress=False)
     root = nyu_tree(tmp_path / "nyu")
     png(root / "seg" / "train001.png", np.full((H, W), 45, np.uint8))  # past the 40 classes
-    with pytest.raises(DatasetWriteError, match="train sample 'train001': 'seg'.*45 outside the 40 classes"):
+    with pytest.raises(DatasetWriteError, match="train sample 'train001': 'seg' \\(.*seg/train001.png\\): .*45 outside "
+                                                "the 40 classes"):
         convert("nyuv2", root, tmp_path / "a", progress=False)
     png(root / "seg" / "train001.png", np.full((H, W), 3, np.uint16))  # a 16-bit label
     with pytest.raises(DatasetWriteError, match="seg/train001.png is 16-bit.*expected 8-bit"):
@@ -223,6 +223,7 @@ def test_taskonomy_missing_buildings_and_wrong_bit_depth(tmp_path):
     manifest = convert("taskonomy", root, tmp_path / "b", split_file=str(splits_csv), on_error="skip",
                        progress=False, size=16)
     assert manifest.source["missing_buildings"] == ["gamma"]
+    assert [(s["split"], s["key"]) for s in manifest.skipped] == [("train", "gamma")]
     png(root / "depth_zbuffer" / "taskonomy" / "alpha" / "point_0_view_0_domain_depth_zbuffer.png",
         np.zeros((32, 32), np.uint8))
     with pytest.raises(DatasetWriteError, match="depth_zbuffer.png is 8-bit.*expected 16-bit"):
@@ -265,6 +266,20 @@ def test_folders_converts_by_the_yaml_rules(tmp_path):
     assert (sample["seg"][0] == 255).all() and sample["seg"][1:].max() == 10 and sample["seg"][1:].min() == 0
     assert (sample["depth"][1] == 0).all() and np.allclose(sample["depth"][2:], 1.5)
     np.testing.assert_allclose(sample["edge"], 0.3, atol=1e-4)
+
+
+def test_folders_resizes_images_bilinear_and_labels_nearest(tmp_path):
+    description = folders_tree(tmp_path / "mine", count=(2, 1))
+    spec = yaml.safe_load(description.read_text())
+    spec["size"] = [16, 24]
+    description.write_text(yaml.safe_dump(spec, sort_keys=False))
+    manifest, splits = decoded_convert("folders", description, tmp_path / "out")
+    sample = splits["train"]["img01"]
+    assert manifest.image_size == (16, 24) and sample["rgb"].shape == (16, 24, 3)
+    source = np.asarray(Image.open(tmp_path / "mine" / "labels" / "seg" / "train" / "img01.png")).astype(np.int64) - 1
+    source[source < 0] = 255
+    rows, cols = (np.arange(16) * 2 + 1), np.minimum(((np.arange(24) + 0.5) * 32 / 24).astype(int), 31)
+    np.testing.assert_array_equal(sample["seg"], source[rows][:, cols])
 
 
 def test_folders_bad_description_and_class_count(tmp_path):
@@ -311,3 +326,14 @@ def test_cli_convert_and_check(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["data", "check", str(tmp_path / "out")])
     assert "manifest.json says" in capsys.readouterr().out
+
+
+def test_cli_folders_prints_the_train_command_for_its_preset(tmp_path, capsys):
+    from dsparse.config import load_config
+
+    description = folders_tree(tmp_path / "mine", count=(4, 2))
+    assert main(["data", "convert", "folders", str(description), str(tmp_path / "out"), "--workers", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == f'train on it: dsparse train folders --set data.path={tmp_path / "out"} --set "tasks=[seg, depth, edge]"'
+    config = load_config("folders", [f"data.path={tmp_path / 'out'}", "tasks=[seg, depth, edge]"])
+    assert config.tasks == ["seg", "depth", "edge"]

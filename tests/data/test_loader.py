@@ -243,3 +243,47 @@ def test_a_failing_pipe_command_names_the_shard(tiny_dataset):
 def test_a_shard_url_without_name_is_refused():
     with pytest.raises(ValueError, match="must contain \\{name\\}"):
         DataConfig(shard_url="pipe:cat /data/shard.tar")
+
+
+def test_random_rescale_keeps_label_values_and_pads_crops_with_invalid_labels(tiny_dataset):
+    from dsparse.tasks.labels import ClassLabel, DepthLabel
+
+    labels = {"seg": ClassLabel(), "depth": DepthLabel(), "normal": NormalLabel(), "edge": HeatLabel()}
+    rng = np.random.default_rng(0)
+    sample = {"__key__": "k", "rgb": rng.integers(0, 256, (20, 20, 3), dtype=np.uint8),
+              "seg": rng.integers(0, 5, (20, 20)).astype(np.uint8),
+              "depth": rng.uniform(1, 3, (20, 20)).astype(np.float32),
+              "normal": np.tile(np.array([0.6, 0.0, -0.8], np.float32), (20, 20, 1)),
+              "edge": rng.uniform(0, 1, (20, 20)).astype(np.float32)}
+    seen_padding = False
+    for seed in range(20):
+        out = augment(sample, labels, 24, False, np.random.default_rng(seed), (0.5, 1.5), (1, 2, 3))
+        assert all(out[name].shape[:2] == (24, 24) for name in labels) and out["rgb"].shape == (24, 24, 3)
+        padded = out["seg"] == 255
+        seen_padding |= padded.any()
+        assert (out["depth"][padded] == 0).all() and (out["edge"][padded] == -1).all()
+        assert (out["normal"][padded] == 0).all() and (out["rgb"][padded] == [1, 2, 3]).all()
+        assert set(np.unique(out["seg"][~padded])) <= set(np.unique(sample["seg"]))
+        assert set(np.unique(out["depth"][~padded])) <= set(np.unique(sample["depth"]))
+    assert seen_padding
+    spec = spec_for(tiny_dataset, batch_size=4, crop_size=24, scale_range=[0.5, 1.5])
+    batch = next(TrainBatches(spec))
+    assert batch["rgb"].shape == (4, 3, 24, 24) and batch["seg"].shape == (4, 24, 24)
+
+
+def test_scale_range_needs_a_crop():
+    with pytest.raises(ValueError, match="scale_range needs data.crop_size"):
+        DataConfig(scale_range=[0.5, 1.5])
+    with pytest.raises(ValueError, match="0 < low <= high"):
+        DataConfig(scale_range=[1.5, 0.5], crop_size=8)
+
+
+def test_shuffle_buffer_memory_follows_the_encoded_sample_size(tiny_dataset):
+    from dsparse.data.loader import shuffle_buffer_bytes
+
+    manifest = load_manifest(tiny_dataset)
+    shards = manifest.splits["train"].shards
+    per_sample = sum(s.num_bytes for s in shards) / sum(s.num_samples for s in shards)
+    spec = spec_for(tiny_dataset, shuffle_buffer=100)
+    assert shuffle_buffer_bytes(spec) == int(100 * per_sample)
+    assert shuffle_buffer_bytes(spec_for(tiny_dataset, shuffle_buffer=0)) == 0

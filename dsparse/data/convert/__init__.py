@@ -45,11 +45,18 @@ def convert(name: str, src: str | Path, out: str | Path, *, splits: list[str] | 
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"converter {name!r} has no option(s) {unknown}; it has {sorted(known)}")
+    if on_error not in ("stop", "skip"):
+        raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     src = Path(src)
     if name != "folders" and not src.is_dir():
         raise SourceError(f"source directory {src} does not exist")
-    plan = converter.plan(src, list(splits or converter.default_splits), on_error,
-                          **{k: v for k, v in options.items() if v is not None})
+    try:
+        plan = converter.plan(src, list(splits or converter.default_splits), on_error,
+                              **{k: v for k, v in options.items() if v is not None})
+    except OSError as error:  # e.g. a folder that cannot be listed
+        raise SourceError(f"cannot read the source under {src}: {error}") from None
     return write_dataset(out, plan.splits, plan.info, load=plan.load, shard_size=shard_size, workers=workers,
                          on_error=on_error, progress=progress, overwrite=overwrite)
 

@@ -12,18 +12,20 @@ line naming the file) for anything it cannot read; the writer stops on it or, wi
 from __future__ import annotations
 
 import abc
+import json
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 import numpy as np
 from PIL import Image
 
+from dsparse.data.resize import resize_image, resize_nearest
 from dsparse.data.writer import DatasetInfo
 
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L")
 SHUFFLE_SEED = 0  # converters deal train samples to shards in one fixed shuffled order
 
 
@@ -50,7 +52,26 @@ class Conversion:
     info: DatasetInfo
     splits: dict[str, list[tuple[str, Any]]]
     load: Callable[[Any], dict]
-    notes: list[str] = field(default_factory=list)
+
+
+WRITTEN_AS = {"test": "val"}  # dsparse validates on "val"; NYU-v2 and Cityscapes report on "test"
+
+
+def load_index(path: Path, splits: list[str], default_name: str) -> dict[str, list]:
+    """An index JSON's ``{split: [entry, ...]}`` for ``splits``; SourceError naming the file."""
+    if not path.is_file():
+        raise SourceError(f"missing index file {path}; point SRC at the directory holding {default_name} "
+                          "or pass --index")
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SourceError(f"{path} is not valid JSON ({error})") from None
+    if not isinstance(index, dict):
+        raise SourceError(f"{path} must map split names to lists of files")
+    missing = [s for s in splits if s not in index]
+    if missing:
+        raise SourceError(f"{path} has no split(s) {missing}; it has {sorted(index)}")
+    return {split: index[split] for split in splits}
 
 
 class Converter(abc.ABC):
@@ -79,8 +100,12 @@ def shuffled(samples: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     return samples
 
 
-def read_png(path: str | Path, *, bits: int | None = None, channels: int | None = None) -> np.ndarray:
+def read_png(path: str | Path, *, bits: int | None = None, channels: int | None = None,
+             colour: bool = False) -> np.ndarray:
     """A PNG (or JPEG) as an array, checked for bit depth and channel count.
+
+    ``colour`` (for input images only) turns palette, alpha and greyscale images into RGB;
+    labels are never converted, so a greyscale normal map is refused, not reinterpreted.
 
     Raises:
         SourceError: naming the file, if it is missing, corrupt, or of another bit depth
@@ -92,16 +117,16 @@ def read_png(path: str | Path, *, bits: int | None = None, channels: int | None 
     try:
         with Image.open(path) as image:
             image.load()
-            if channels == 3 and image.mode in ("P", "RGBA", "LA", "L"):
+            if colour and image.mode in ("P", "RGBA", "LA", "L"):
                 image = image.convert("RGB")
             mode, array = image.mode, np.asarray(image)
     except Exception as error:
         raise SourceError(f"cannot read {path} ({type(error).__name__}: {error})") from None
-    depth = 16 if mode in _SIXTEEN_BIT else 8
+    depth = 16 if mode in _SIXTEEN_BIT else 32 if mode in ("I", "F") else 8
+    if mode == "I" and array.size and 0 <= array.min() and array.max() <= 65535:
+        array, depth = array.astype(np.uint16), 16  # some Pillow versions open 16-bit PNGs as 32-bit "I"
     if bits is not None and depth != bits:
         raise SourceError(f"{path} is {depth}-bit ({mode}), expected {bits}-bit")
-    if mode == "I":  # some Pillow versions open 16-bit greyscale as 32-bit integers
-        array = array.astype(np.uint16)
     have = 1 if array.ndim == 2 else array.shape[-1]
     if channels is not None and have != channels:
         raise SourceError(f"{path} has {have} channel(s), expected {channels}")
@@ -120,19 +145,10 @@ def read_npy(path: str | Path) -> np.ndarray:
 
 
 def resize(array: np.ndarray, size: tuple[int, int] | None, *, label: bool) -> np.ndarray:
-    """Resize to ``(height, width)``: nearest for labels (no invented classes or depths),
-    bilinear with antialiasing for images."""
-    if size is None or tuple(array.shape[:2]) == tuple(size):
+    """Resize to ``(height, width)`` (None: keep): nearest for labels, bilinear for images."""
+    if size is None:
         return array
-    height, width = size
-    method = Image.NEAREST if label else Image.BILINEAR
-    if array.ndim == 3 and not label:
-        return np.asarray(Image.fromarray(array).resize((width, height), method))
-    if array.ndim == 3:
-        return np.stack([resize(array[..., c], size, label=True) for c in range(array.shape[-1])], axis=-1)
-    mode = "F" if array.dtype.kind == "f" else None
-    image = Image.fromarray(array.astype(np.float32) if mode else array, mode=mode)
-    return np.asarray(image.resize((width, height), method)).astype(array.dtype)
+    return resize_nearest(array, size) if label else resize_image(array, size)
 
 
 def same_size(arrays: dict[str, np.ndarray], files: dict[str, str]) -> None:

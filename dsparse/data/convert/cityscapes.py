@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsparse.data.convert.base import (Conversion, Converter, Option, SourceError, read_npy, same_size,
-                                       sample_key, shuffled)
-from dsparse.data.convert.nyuv2 import WRITTEN_AS, load_index
+from dsparse.data.convert.base import (WRITTEN_AS, Conversion, Converter, Option, SourceError, load_index,
+                                       read_npy, same_size, sample_key, shuffled)
 from dsparse.data.writer import DatasetInfo
 
 INDEX_FILE = "cityscape.json"
@@ -62,8 +61,9 @@ def load_sample(root: str, num_classes: int, files: tuple[str, ...]) -> dict:
         "seg": class_ids(read_npy(label), label),
         "depth": np.where(disparity > DEPTH_VALID_ABOVE, disparity, 0.0).astype(np.float32),
     }
-    same_size(arrays, {"rgb": img, "seg": label, "depth": depth})
-    return arrays
+    files = {"rgb": img, "seg": label, "depth": depth}
+    same_size(arrays, files)
+    return {**arrays, "__files__": files}
 
 
 class CityscapesConverter(Converter):
@@ -78,7 +78,7 @@ class CityscapesConverter(Converter):
 
     def plan(self, src: Path, splits: list[str], on_error: str, index: str | None = None, classes: int = 19,
              depth_scale: float = 100000.0) -> Conversion:
-        entries = load_index(Path(index) if index else src / INDEX_FILE, splits)
+        entries = load_index(Path(index) if index else src / INDEX_FILE, splits, INDEX_FILE)
         planned = {}
         for split, rows in entries.items():
             samples = []
@@ -93,6 +93,7 @@ class CityscapesConverter(Converter):
         info = DatasetInfo(name="cityscapes", tasks=["seg", "depth"], classes=list(names),
                            encodings={"depth": {"scale": depth_scale}},
                            source={"converter": self.name, "converter_version": self.version, "src": str(src),
-                                   "classes": classes, "depth": "inverse depth (disparity) as released",
+                                   "index": str(index or src / INDEX_FILE), "classes": classes,
+                                   "depth": "inverse depth (disparity) as released",
                                    "splits": {s: WRITTEN_AS.get(s, s) for s in splits}})
         return Conversion(info, planned, partial(load_sample, str(src), classes))

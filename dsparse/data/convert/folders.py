@@ -72,7 +72,7 @@ def read_description(path: Path) -> dict:
 def _read(path: str, task: str) -> np.ndarray:
     if path.endswith(".npy"):
         return read_npy(path)
-    return read_png(path, channels=3 if task in ("rgb", "normal") else 1)
+    return read_png(path, channels=3 if task in ("rgb", "normal") else 1, colour=task == "rgb")
 
 
 def _matches(array: np.ndarray, values: list) -> np.ndarray:
@@ -116,7 +116,7 @@ def load_sample(rules: dict, size, job: tuple[str, dict[str, str]]) -> dict:
         arrays[task] = convert_label(task, raw[task], rules[task])
     if size is not None:
         arrays = {name: resize(array, tuple(size), label=name != "rgb") for name, array in arrays.items()}
-    return arrays
+    return {**arrays, "__files__": files}
 
 
 class FoldersConverter(Converter):

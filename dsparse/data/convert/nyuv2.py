@@ -22,14 +22,13 @@ multitask literature reports NYU-v2 on its test split.
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from dsparse.data.convert.base import (Conversion, Converter, Option, SourceError, read_npy, read_png,
-                                       same_size, sample_key, shuffled, unit_normals)
+from dsparse.data.convert.base import (WRITTEN_AS, Conversion, Converter, Option, SourceError, load_index,
+                                       read_npy, read_png, same_size, sample_key, shuffled, unit_normals)
 from dsparse.data.writer import DatasetInfo
 
 INDEX_FILE = "nyu_v2_3task.json"
@@ -41,22 +40,6 @@ NYU40_CLASSES = (
     "person", "night_stand", "toilet", "sink", "lamp", "bathtub", "bag", "otherstructure", "otherfurniture",
     "otherprop",
 )
-WRITTEN_AS = {"test": "val"}
-
-
-def load_index(path: Path, splits: list[str]) -> dict[str, list]:
-    """The index JSON's entries for ``splits``; SourceError naming the file otherwise."""
-    if not path.is_file():
-        raise SourceError(f"missing index file {path}; point SRC at the directory holding {INDEX_FILE} "
-                          "or pass --index")
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SourceError(f"{path} is not valid JSON ({error})") from None
-    missing = [s for s in splits if s not in index]
-    if missing or not isinstance(index, dict):
-        raise SourceError(f"{path} has no split(s) {missing}; it has {sorted(index) if isinstance(index, dict) else []}")
-    return {split: index[split] for split in splits}
 
 
 def load_sample(root: str, files: tuple[str, str, str, str]) -> dict:
@@ -68,13 +51,14 @@ def load_sample(root: str, files: tuple[str, str, str, str]) -> dict:
     if depth_m.ndim == 3 and depth_m.shape[-1] == 1:
         depth_m = depth_m[..., 0]
     arrays = {
-        "rgb": read_png(img, bits=8, channels=3),
+        "rgb": read_png(img, bits=8, channels=3, colour=True),
         "seg": read_png(seg, bits=8, channels=1),
         "normal": unit_normals(raw_normal.astype(np.float32) / 255 * 2 - 1, valid),
         "depth": np.where(depth_m > DEPTH_VALID_ABOVE, depth_m, 0.0).astype(np.float32),
     }
-    same_size(arrays, {"rgb": img, "seg": seg, "normal": normal, "depth": depth})
-    return arrays
+    files = {"rgb": img, "seg": seg, "normal": normal, "depth": depth}
+    same_size(arrays, files)
+    return {**arrays, "__files__": files}
 
 
 class NYUv2Converter(Converter):
@@ -84,7 +68,7 @@ class NYUv2Converter(Converter):
     options = (Option("index", f"index JSON (default: SRC/{INDEX_FILE})"),)
 
     def plan(self, src: Path, splits: list[str], on_error: str, index: str | None = None) -> Conversion:
-        entries = load_index(Path(index) if index else src / INDEX_FILE, splits)
+        entries = load_index(Path(index) if index else src / INDEX_FILE, splits, INDEX_FILE)
         planned = {}
         for split, rows in entries.items():
             samples = []
@@ -96,5 +80,6 @@ class NYUv2Converter(Converter):
             planned[written] = shuffled(samples) if written == "train" else sorted(samples)
         info = DatasetInfo(name="nyuv2", tasks=["seg", "normal", "depth"], classes=list(NYU40_CLASSES),
                            source={"converter": self.name, "converter_version": self.version, "src": str(src),
+                                   "index": str(index or src / INDEX_FILE),
                                    "splits": {s: WRITTEN_AS.get(s, s) for s in splits}})
         return Conversion(info, planned, partial(load_sample, str(src)))

@@ -75,10 +75,10 @@ def building_dir(root: Path, building: str, domain: str) -> Path | None:
     return None
 
 
-def frame_path(folder: Path | None, point: str, view: str, domain: str) -> str:
-    """The frame's file (the first spelling that exists, else the canonical one)."""
-    if folder is None:
-        return f"<no {domain} folder>/point_{point}_view_{view}_domain_{domain}.png"
+def frame_path(folder: Path | None, point: str, view: str, domain: str, default_folder: Path) -> str:
+    """The frame's file (the first spelling that exists, else the canonical one in
+    ``folder``, or in ``default_folder`` when the building has no folder for the domain)."""
+    folder = folder or default_folder
     names = [domain, domain.replace("_", "")] if domain == "segment_semantic" else [domain]
     for name in names:
         path = folder / f"point_{point}_view_{view}_domain_{name}.png"
@@ -89,7 +89,7 @@ def frame_path(folder: Path | None, point: str, view: str, domain: str) -> str:
 
 def read_frame(files: dict[str, str]) -> dict[str, np.ndarray]:
     """The raw frames of one view, checked to share the image's size."""
-    raw = {"rgb": read_png(files["rgb"], bits=8, channels=3)}
+    raw = {"rgb": read_png(files["rgb"], bits=8, channels=3, colour=True)}
     for task, path in files.items():
         if task != "rgb":
             raw[task] = read_png(path, bits=8 if task in ("seg", "normal") else 16,
@@ -117,7 +117,7 @@ def load_sample(size: int, files: dict[str, str]) -> dict:
     if "seg" in raw:
         ids = resize(raw["seg"], shape, label=True).astype(np.int64)
         arrays["seg"] = np.where(ids == 0, 255, ids - 1)
-    return arrays
+    return {**arrays, "__files__": files}
 
 
 class TaskonomyConverter(Converter):
@@ -163,9 +163,11 @@ class TaskonomyConverter(Converter):
                         continue
                     point, view = match.groups()
                     files = {"rgb": str(rgb_dir / frame)}
-                    files.update({task: frame_path(folders[task], point, view, DOMAINS[task]) for task in tasks})
+                    files.update({task: frame_path(folders[task], point, view, DOMAINS[task],
+                                                   src / DOMAINS[task] / "taskonomy" / building) for task in tasks})
                     samples.append((sample_key(building, f"p{point}", f"v{view}"), files))
             planned[split] = shuffled(samples) if split == "train" else sorted(samples, key=lambda s: s[0])
+        absent = sorted(set(absent))
         if absent and on_error != "skip":
             raise SourceError(f"the split list names building(s) not under {src}: {sorted(absent)[:10]}"
                               f"{' ...' if len(absent) > 10 else ''} ({len(absent)} in all); download them, or "
@@ -179,6 +181,8 @@ class TaskonomyConverter(Converter):
             name="taskonomy", tasks=tasks, classes=list(CLASSES) if "seg" in tasks else [],
             encodings={"depth": {"scale": DEPTH_UNITS_PER_METRE}} if "depth" in tasks else {},
             class_weights=weights if "seg" in tasks else None,
+            skipped=[{"split": split, "key": building, "error": f"building {building} not found under {src}"}
+                     for split in splits for building in buildings[split] if building in absent],
             source={"converter": self.name, "converter_version": self.version, "src": str(src),
                     "subset": None if split_file else subset, "split_file": split_file, "size": size,
                     "missing_buildings": sorted(absent)})
