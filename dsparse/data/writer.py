@@ -585,7 +585,11 @@ def _recorded(out_dir: Path, name: str) -> dict | None:
 
 
 def _publish(out_dir: Path, record: dict) -> dict:
+    """Record a written shard (after its tar is in place) and report its skipped samples."""
     write_text_atomic(_record_path(out_dir, record["name"]), json.dumps(record))
+    for skipped in record["skipped"]:
+        print(f"[dsparse data] skipped {skipped['split']} sample {skipped['key']!r}: {skipped['error']}",
+              file=sys.stderr, flush=True)
     return record
 
 
