@@ -79,7 +79,8 @@ def _cmd_train(args) -> None:
     from dsparse.train.trainer import train
 
     overrides = list(args.set) + ([f"sparsity.masks={args.masks}"] if args.masks else [])
-    summary = train(load_config(args.config, overrides), resume=args.resume, stop_after=args.stop_after)
+    resume = "auto" if args.resume_or_start else args.resume
+    summary = train(load_config(args.config, overrides), resume=resume, stop_after=args.stop_after)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps({k: summary[k] for k in ("status", "step", "samples_per_s", "mlflow_run_id")}))
 
@@ -113,12 +114,19 @@ def _cmd_eval(args) -> None:
     from dsparse.evaluation import evaluate_checkpoint
     from dsparse.train.evaluate import format_metrics_table
 
+    if args.out:  # fail before the evaluation, not after it
+        try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"cannot create the directory of --out {args.out} ({error.strerror or error})") from None
     result = evaluate_checkpoint(args.checkpoint, data_path=args.data, split=args.split, baseline=args.baseline,
                                  max_batches=args.max_batches)
     deltas = {"delta_t_%": result["delta_t"]} if "delta_t" in result else None
     print(format_metrics_table(result["metrics"], deltas))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+        from dsparse.io import write_text_atomic
+
+        write_text_atomic(args.out, json.dumps(result, indent=2))
         print(f"wrote {args.out}")
 
 
@@ -182,6 +190,8 @@ def _add_convert_parser(data) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsparse", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="on an error, also print the full traceback "
+                        "(and a data-loader worker's)")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     data = verbs.add_parser("data", help="dataset tools").add_subparsers(dest="data_verb", required=True)
@@ -206,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.iterations=100 (repeatable)")
     train.add_argument("--masks", default=None, help="train sparse with this mask file (from dsparse prune)")
-    train.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the run's latest checkpoint (iterations, intervals, learning rate and "
+                            "schedule may change; an error if there is no checkpoint)")
+    train.add_argument("--resume-or-start", action="store_true",
+                       help="continue if the run has a checkpoint, else start it (for job scripts that requeue)")
     train.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="checkpoint and exit after N steps of this invocation")
     train.set_defaults(func=_cmd_train)
@@ -262,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         args.func(args)
-    except ValueError as error:  # user errors: say what and how to fix, no traceback
+    except ValueError as error:  # user errors: say what and how to fix, no traceback (unless --debug)
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+            print(getattr(error, "worker_traceback", ""), file=sys.stderr)
         print(f"dsparse: error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:

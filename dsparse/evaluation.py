@@ -29,19 +29,41 @@ def run_config_of(checkpoint: Path) -> RunConfig:
     raise ValueError(f"cannot find the run's config.yaml next to checkpoint {checkpoint}")
 
 
-def load_baseline_metrics(path: str | Path) -> dict[str, dict[str, float]]:
-    """Per-task metrics of a baseline: a run directory, its summary.json, or an eval JSON."""
+def load_baseline(path: str | Path) -> dict:
+    """A baseline run's ``summary.json`` (from its run directory, or the file itself).
+
+    Raises:
+        ValueError: in one line, for anything else (a config file, an unfinished run, a
+            file that is not JSON).
+    """
     path = Path(path)
-    if path.is_dir():
-        path = path / "summary.json"
-    if not path.is_file():
-        raise ValueError(f"baseline {path} not found; pass a finished run directory (with summary.json) "
-                         "or a JSON written by dsparse eval --out")
-    data = json.loads(path.read_text())
-    metrics = data.get("final_metrics") or data.get("metrics")
-    if not metrics:
-        raise ValueError(f"baseline {path} holds no per-task metrics (is the run finished?)")
-    return metrics
+    summary = path / "summary.json" if path.is_dir() else path
+    if not summary.is_file() or summary.name != "summary.json":
+        raise ValueError(f"baseline {path} is not a finished run directory or its summary.json; pass the dense "
+                         "run's directory (runs/NAME) once it has finished")
+    try:
+        data = json.loads(summary.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"baseline {summary} is not valid JSON ({error})") from None
+    if not isinstance(data, dict) or not data.get("final_metrics") or not isinstance(data.get("config"), dict):
+        raise ValueError(f"baseline {summary} holds no final metrics (is the run finished?)")
+    return data
+
+
+def check_comparable(baseline: dict, config: RunConfig, dataset: dict, where: str) -> None:
+    """Refuse a baseline trained on other tasks or another dataset: ``Delta_T`` would mean nothing."""
+    tasks = baseline["config"].get("tasks")
+    if sorted(tasks or []) != sorted(config.tasks):
+        raise ValueError(f"baseline {where} has tasks {tasks}, this run {config.tasks}; compare runs on the same tasks")
+    theirs = baseline.get("dataset")
+    if theirs is None:  # summaries written before datasets were recorded: compare the location
+        same = Path(baseline["config"]["data"]["path"]).resolve() == Path(config.data.path).resolve()
+        theirs = {"path": baseline["config"]["data"]["path"]}
+    else:
+        same = theirs == dataset
+    if not same:
+        raise ValueError(f"baseline {where} was trained on another dataset ({theirs}), this run on {dataset}; "
+                         "compare runs on the same dataset")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None, split: str = "val",
@@ -53,7 +75,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
             a file written by ``dsparse export``.
         data_path: dataset directory (default: the one in the run's config).
         split: dataset split to evaluate.
-        baseline: a dense baseline run (directory or summary.json) or eval JSON.
+        baseline: a finished dense baseline run on the same tasks and dataset (its
+            directory or summary.json).
         max_batches: evaluate at most this many batches (None = the whole split).
 
     Returns:
@@ -70,6 +93,10 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
         config.data.path = str(data_path)
     manifest = load_manifest(config.data.path)
     tasks = build_run_tasks(config, manifest)
+    baseline_summary = None
+    if baseline is not None:  # checked before the (long) evaluation
+        baseline_summary = load_baseline(baseline)
+        check_comparable(baseline_summary, config, manifest.identity(), str(baseline))
     if model is None:
         model = build_run_model(config, tasks)
         swap_sparse_layers(model, checkpoint_masks(read_sparsifier_state(path)))  # block runs store only kept blocks
@@ -79,7 +106,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
                        train=False)
     metrics = evaluate(model.to(device), tasks, spec, device, max_batches)
     result = {"checkpoint": str(path), "data": config.data.path, "split": split, "metrics": metrics}
-    if baseline is not None:
+    if baseline_summary is not None:
         result["baseline"] = str(baseline)
-        result["delta_t"] = delta_t(metrics, load_baseline_metrics(baseline), tasks)
+        result["delta_t"] = delta_t(metrics, baseline_summary["final_metrics"], tasks)
     return result

@@ -22,6 +22,7 @@ Two shard modes (``DataConfig.resampled``):
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -182,8 +183,9 @@ class ShardStream(IterableDataset):
             except SampleError as error:
                 if not spec.skip_bad:
                     raise
-                log.warning("skipping bad sample: %s", error)
-                num_bad += 1
+                lost = raw.get("__lost__", 1)  # a broken shard counts every sample it lost
+                log.warning("skipping %d bad sample(s): %s", lost, error)
+                num_bad += lost
                 continue
             if len(batch) == spec.batch_size:
                 yield self._collate(batch, reader, skip_batches + produced, num_bad)
@@ -223,7 +225,7 @@ class ShardStream(IterableDataset):
             while True:
                 shard = spec.shards[rng.integers(len(spec.shards))]
                 good = 0
-                for sample in read_shard(spec.url(shard), spec.skip_bad):
+                for sample in read_shard(spec.url(shard), spec.skip_bad, shard["num_samples"]):
                     good += "__bad__" not in sample
                     yield sample
                 misses = 0 if good else misses + 1
@@ -231,7 +233,7 @@ class ShardStream(IterableDataset):
                     raise SampleError(f"{misses} shard draws in a row gave no readable sample; the "
                                       f"{spec.split} shards look unreadable")
         for shard in shards_of_reader(spec, self.epoch, reader):
-            yield from read_shard(spec.url(shard), spec.skip_bad)
+            yield from read_shard(spec.url(shard), spec.skip_bad, shard["num_samples"])
 
     def _collate(self, samples: list[dict], reader: int, index: int, num_bad: int) -> dict:
         if self.spec.train:
@@ -369,7 +371,7 @@ class TrainBatches:
                 self.stream.set_position(self.epoch, self.consumed)
                 self._iterator = iter(self.loader)
             try:
-                batch = next(self._iterator)
+                batch = _next_batch(self._iterator)
                 break
             except StopIteration:
                 self._iterator = None
@@ -395,10 +397,33 @@ class TrainBatches:
 def eval_batches(spec: StreamSpec, max_batches: int | None = None) -> Iterator[dict]:
     """One pass over a split; each rank sees a disjoint part, all ranks together see it all."""
     _, loader = make_loader(spec)
-    for index, batch in enumerate(loader):
+    iterator = iter(loader)
+    for index in itertools.count():
         if max_batches is not None and index >= max_batches:
             return
-        yield batch
+        try:
+            yield _next_batch(iterator)
+        except StopIteration:
+            return
+
+
+def _next_batch(iterator) -> dict:
+    """The next batch; a data error raised in a loader worker comes back as one line.
+
+    The DataLoader re-raises a worker's exception with the worker's traceback inside its
+    message; the line that names shard, key and fix is the last one. The full text stays
+    on the exception as ``worker_traceback`` (``dsparse --debug`` prints it).
+    """
+    try:
+        return next(iterator)
+    except SampleError as error:
+        text = str(error)
+        if "Traceback" not in text:
+            raise
+        last = text.strip().splitlines()[-1]
+        one_line = SampleError(last.split("SampleError: ", 1)[-1])
+        one_line.worker_traceback = text
+        raise one_line from None
 
 
 def stream_spec(data_cfg, manifest: Manifest, split: str, tasks: list[str], *, seed: int, rank: int,

@@ -89,6 +89,11 @@ class Manifest:
     def num_classes(self) -> int | None:
         return len(self.classes) if self.classes else None
 
+    def identity(self) -> dict:
+        """What makes two datasets the same for comparing runs (recorded in summary.json)."""
+        return {"name": self.name, "image_size": list(self.image_size), "classes": list(self.classes),
+                "splits": {split: info.num_samples for split, info in self.splits.items()}}
+
     def label_specs(self) -> dict[str, LabelSpec]:
         """Each task's label spec with this dataset's parameters (e.g. its depth scale)."""
         from dsparse.tasks import TASKS

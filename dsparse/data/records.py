@@ -19,24 +19,31 @@ class SampleError(ValueError):
     """A sample or shard that cannot be used; the message names shard and key."""
 
 
-def read_shard(url: str, skip_bad: bool = False) -> Iterator[dict]:
+def read_shard(url: str, skip_bad: bool = False, expected: int | None = None) -> Iterator[dict]:
     """Yield the raw (undecoded) samples of one tar shard.
 
     ``url`` is a local path or anything WebDataset opens, such as a ``pipe:`` command
     that writes the shard to stdout (``pipe:aws s3 cp s3://bucket/train-000000.tar -``).
-    A missing, corrupt or truncated shard, or a failing command, raises
-    :class:`SampleError` naming the shard and the last good sample key. With ``skip_bad``
-    the rest of the shard is skipped instead and one ``{"__bad__": message}`` marker is
-    yielded so the caller can count it.
+    A missing, corrupt or truncated shard, a failing command, or a shard with another
+    sample count than ``expected`` (the manifest's) raises :class:`SampleError` naming the
+    shard. With ``skip_bad`` a shard that breaks off or ends short is skipped instead: one
+    ``{"__bad__": message, "__lost__": n}`` marker says how many samples it lost (a shard
+    holding more samples than the manifest says is always an error: the manifest is wrong).
     """
-    last_key, name = None, url.rsplit("/", 1)[-1]
+    last_key, name, count = None, url.rsplit("/", 1)[-1], 0
     try:
         if not url.startswith("pipe:") and not os.path.isfile(url):
             raise FileNotFoundError(f"no such file {url}")
         for sample in tarfile_samples([{"url": url}]):
             last_key = sample["__key__"]
             sample["__shard__"] = name
+            count += 1
+            if expected is not None and count > expected:
+                raise SampleError(f"shard {url} holds more samples than manifest.json says ({expected}); the manifest "
+                                  f"does not describe it: check the dataset (dsparse data check) and rewrite it")
             yield sample
+    except SampleError:
+        raise
     except Exception as error:  # tarfile, gzip, OS and pipe errors all mean the same here
         where = f"after sample {last_key!r}" if last_key else "before its first sample"
         reason = (str(error).strip().splitlines() or [""])[0]
@@ -46,7 +53,14 @@ def read_shard(url: str, skip_bad: bool = False) -> Iterator[dict]:
         )
         if not skip_bad:
             raise SampleError(message) from error
-        yield {"__bad__": message, "__key__": last_key, "__shard__": name}
+        yield {"__bad__": message, "__lost__": max(1, (expected or 0) - count), "__key__": last_key, "__shard__": name}
+        return
+    if expected is not None and count < expected:
+        message = (f"shard {url} ended after {count} samples, manifest.json says {expected}; rewrite the shard or "
+                   "the dataset, or set data.skip_bad: true to skip what is missing")
+        if not skip_bad:
+            raise SampleError(message)
+        yield {"__bad__": message, "__lost__": expected - count, "__key__": last_key, "__shard__": name}
 
 
 def decode_sample(raw: dict, labels: Mapping[str, LabelSpec], image_size: tuple[int, int] | None = None,

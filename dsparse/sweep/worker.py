@@ -94,7 +94,7 @@ def worker_loop(loop_config: dict) -> None:
     restore_registered_checkpoint(run_dir / "checkpoints")
     reporter = _Reporter(rank)
     try:
-        train(config, resume=True, on_validation=reporter.validation, on_checkpoint=reporter.checkpoint)
+        train(config, resume="auto", on_validation=reporter.validation, on_checkpoint=reporter.checkpoint)
     except (ValueError, NonFiniteLossError) as error:
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)

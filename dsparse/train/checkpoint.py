@@ -59,6 +59,19 @@ def save_checkpoint(engine, directory: Path, step: int, client_state: dict, keep
     return final
 
 
+def discard_checkpoint(directory: Path, step: int) -> Path | None:
+    """Unpublish the checkpoint of ``step`` (rank 0): ``latest`` moves to the newest one
+    before it, or is removed when none is left. Returns the new latest checkpoint."""
+    directory = Path(directory)
+    tags = sorted(p.name for p in directory.glob("step-*") if p.is_dir() and p.name < tag_of(step))
+    if tags:
+        write_text_atomic(directory / LATEST, tags[-1])
+    else:
+        (directory / LATEST).unlink(missing_ok=True)
+    shutil.rmtree(directory / tag_of(step), ignore_errors=True)
+    return directory / tags[-1] if tags else None
+
+
 def _prune(directory: Path, keep: int) -> None:
     tags = sorted(p for p in directory.glob("step-*") if p.is_dir())
     for old in tags[:-keep]:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import weakref
 from pathlib import Path
 
 import torch
 
-from dsparse.config import RunConfig, dump_config, flatten
+from dsparse.config import RunConfig, flatten
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.manifest import load_manifest
 from dsparse.distributed import (
@@ -35,6 +36,8 @@ from dsparse.sparsity.sparsifier import read_sparsifier_state
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
 from dsparse.train.checkpoint import (
     LATEST,
+    checkpoint_step,
+    discard_checkpoint,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -42,8 +45,9 @@ from dsparse.train.checkpoint import (
 )
 from dsparse.train.components import build_run_model, build_run_tasks
 from dsparse.train.evaluate import evaluate, format_metrics_table
-from dsparse.train.optim import build_optimizer, build_scheduler
+from dsparse.train.optim import build_optimizer, build_scheduler, lr_factor
 from dsparse.train.progress import Progress, format_duration
+from dsparse.train.rundir import RunDirectory, open_run_directory
 from dsparse.train.sparsify import run_sparsifier
 
 log = logging.getLogger("dsparse.train")
@@ -113,23 +117,59 @@ def _build_engine(config: RunConfig, model: torch.nn.Module, device: torch.devic
     return engine
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig) -> None:
-    """Check and create the run directory on rank 0; every rank raises the same error."""
-    problem = None
+RESUME_MODES = (False, True, "auto")
+
+
+def _find_checkpoint(run_dir: Path, resume) -> Path | None:
+    """The checkpoint to resume from (rank 0 decides, every rank raises the same error)."""
+    problem, checkpoint = None, None
     if is_main():
-        pointer = run_dir / "checkpoints" / LATEST
-        if not resume and latest_checkpoint(run_dir / "checkpoints") is not None:
+        checkpoints, pointer = run_dir / "checkpoints", run_dir / "checkpoints" / LATEST
+        checkpoint = latest_checkpoint(checkpoints)
+        if not resume and checkpoint is not None:
             problem = (f"{run_dir} already holds checkpoints of a run; pass --resume to continue it "
                        "or choose another output_dir (e.g. --set output_dir=runs/NEW)")
-        elif resume and pointer.is_file() and latest_checkpoint(run_dir / "checkpoints") is None:
+        elif resume and pointer.is_file() and checkpoint is None:
             problem = (f"{pointer} names {pointer.read_text().strip()!r}, which does not exist; restore that "
                        "checkpoint or point 'latest' at an existing checkpoints/step-* directory")
-        else:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(config, run_dir / "config.yaml")
+        elif resume is True and checkpoint is None:
+            problem = (f"--resume: no checkpoint in {run_dir} to resume from; check output_dir, or pass "
+                       "--resume-or-start to start a new run there when none exists")
+        checkpoint = str(checkpoint) if resume and checkpoint is not None else None
+    problem, checkpoint = broadcast_object((problem, checkpoint))
+    if problem:
+        raise ValueError(problem)
+    return Path(checkpoint) if checkpoint else None
+
+
+def _open_run_dir(config: RunConfig, checkpoint: Path | None) -> RunDirectory | None:
+    """Rank 0 locks and records the run directory; every rank raises the same error."""
+    problem, run_dir = None, None
+    if is_main():
+        try:
+            run_dir = open_run_directory(config, resuming=checkpoint is not None,
+                                         step=checkpoint_step(checkpoint) if checkpoint else None)
+        except ValueError as error:
+            problem = str(error)
     problem = broadcast_object(problem)
     if problem:
         raise ValueError(problem)
+    return run_dir
+
+
+def _apply_schedule(engine, config: RunConfig) -> None:
+    """Make the restored optimizer follow this config's learning rate and schedule.
+
+    A checkpoint restores the scheduler's base learning rate; a resume that changes
+    ``optimizer.lr`` (allowed, see rundir.RESUME_SAFE) must take effect from the next step.
+    """
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [config.optimizer.lr for _ in scheduler.base_lrs]
+    factor = lr_factor(scheduler.last_epoch, config.schedule, config.train.iterations)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = config.optimizer.lr
+        group["lr"] = config.optimizer.lr * factor
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def _task_losses(engine, tasks, config: RunConfig, batch: dict, device, input_dtype) -> dict[str, torch.Tensor]:
@@ -142,17 +182,31 @@ def _check_finite(losses: dict[str, torch.Tensor], step: int, world_size: int) -
     values = all_reduce_sum(torch.stack([v.detach().float() for v in losses.values()])) / world_size
     bad = [name for name, value in zip(losses, values.tolist()) if not math.isfinite(value)]
     if bad:
-        raise NonFiniteLossError(
-            f"loss of task(s) {bad} is not finite at step {step + 1}; the run stopped without saving, "
-            "its last good checkpoint is kept. Lower optimizer.lr, enable deepspeed.gradient_clipping, "
-            "or check that task's labels")
+        raise NonFiniteLossError(f"loss of task(s) {bad} is not finite at step {step + 1}")
     return dict(zip(losses, values.tolist()))
+
+
+def _discard_poisoned(checkpoint_dir: Path, step: int) -> str:
+    """After a non-finite loss at step ``step + 1``: the weights it was computed with are
+    those saved at ``step``, if a checkpoint was; unpublish it so the last kept checkpoint
+    holds weights that gave a finite loss. Returns what happened, for the message."""
+    verdict = None
+    if is_main():
+        latest = latest_checkpoint(checkpoint_dir)
+        if latest is not None and latest.name == tag_of(step):
+            kept = discard_checkpoint(checkpoint_dir, step)
+            verdict = (f"checkpoint {tag_of(step)} held the weights that gave it and was removed; "
+                       + (f"the last good checkpoint is {kept.name}" if kept else "no checkpoint is left"))
+        else:
+            verdict = (f"the last good checkpoint is {latest.name}" if latest is not None
+                       else "no checkpoint was written")
+    return broadcast_object(verdict)
 
 
 class Trainer:
     """Holds the pieces of one run; :meth:`fit` trains to ``train.iterations``."""
 
-    def __init__(self, config: RunConfig, *, resume: bool = False, on_validation=None, on_checkpoint=None):
+    def __init__(self, config: RunConfig, *, resume: bool | str = False, on_validation=None, on_checkpoint=None):
         self.config = config
         self.on_validation, self.on_checkpoint = on_validation, on_checkpoint
         self.rank, self.world_size, self.device = init_distributed()
@@ -164,11 +218,15 @@ class Trainer:
         self.tasks = build_run_tasks(config, self.manifest)
         self.sparsifier = run_sparsifier(config, self.tasks, self.manifest, self.rank, self.world_size, self.run_dir)
         deepspeed_config(config, self.device)
+        if resume not in RESUME_MODES:
+            raise ValueError(f"resume must be one of {RESUME_MODES}, got {resume!r}")
         torch.manual_seed(config.seed)
         model = build_run_model(config, self.tasks).to(self.device)
         self.sparsifier.check(model)
-        _prepare_run_dir(self.run_dir, resume, config)
-        checkpoint = latest_checkpoint(self.checkpoint_dir) if resume else None
+        checkpoint = _find_checkpoint(self.run_dir, resume)
+        self.directory = _open_run_dir(config, checkpoint)
+        if self.directory is not None:  # a Trainer dropped without fit() must not keep the directory locked
+            weakref.finalize(self, self.directory.release)
         if checkpoint is not None:
             self.sparsifier.load_state_dict(read_sparsifier_state(checkpoint))
         model = self.sparsifier.prepare(model)
@@ -178,12 +236,25 @@ class Trainer:
         self.state = {"step": 0, "data_position": None, "mlflow_run_id": None, "history": []}
         if checkpoint is not None:
             self.state.update(load_checkpoint(self.engine, checkpoint))
+            _apply_schedule(self.engine, config)
             log.info("resumed from %s at step %d", checkpoint, self.state["step"])
+        copied = broadcast_object(self.directory.copied_from if self.directory else None)
+        if copied:  # a copied run directory continues in an MLflow run of its own
+            self.state["mlflow_run_id"] = None
         self.tracker = RunTracker(config.tracking, config.tracking.run_name or self.run_dir.name,
                                   run_id=self.state["mlflow_run_id"] or config.tracking.run_id,
                                   parent_run_id=config.tracking.parent_run_id,
                                   enabled=is_main())
         self.state["mlflow_run_id"] = broadcast_object(self.tracker.run_id)
+        if self.directory is not None and (self.directory.changes or copied):
+            self.tracker.set_tags({f"resume.step_{self.state['step']}.changes": json.dumps(self.directory.changes),
+                                   **({"copied_from": copied} if copied else {})})
+
+    def close(self) -> None:
+        """Release the run directory (fit() does it when it returns or fails)."""
+        if self.directory is not None:
+            self.directory.release()
+            self.directory = None
 
     def _spec(self, split: str, train: bool):
         return stream_spec(self.config.data, self.manifest, split, self.config.tasks, seed=self.config.seed,
@@ -202,10 +273,17 @@ class Trainer:
             self.on_checkpoint(step, path)
 
     def fit(self, stop_after: int | None = None) -> dict:
-        """Train until ``train.iterations`` (or for at most ``stop_after`` more steps).
+        """Train until ``train.iterations`` (or for at most ``stop_after`` more steps), then
+        release the run directory.
 
         Returns the run summary (also written to ``summary.json`` when training completes).
         """
+        try:
+            return self._fit(stop_after)
+        finally:
+            self.close()
+
+    def _fit(self, stop_after: int | None) -> dict:
         cfg = self.config.train
         if stop_after is not None and stop_after < 0:
             raise ValueError(f"stop_after must be >= 0, got {stop_after}")
@@ -218,6 +296,7 @@ class Trainer:
         if is_main():
             self.tracker.log_params(flatten(self.config.to_dict()))
             self.tracker.log_artifact(self.run_dir / "config.yaml")
+            self.tracker.log_artifact(self.run_dir / "config-history.jsonl")
             self.sparsifier.log_start(self.tracker, self.run_dir)
         start = self.state["step"]
         end = cfg.iterations if stop_after is None else min(cfg.iterations, start + stop_after)
@@ -251,7 +330,14 @@ class Trainer:
             done = step + 1
             self.sparsifier.begin_step(done, batch)
             losses = _task_losses(engine, self.tasks, self.config, batch, self.device, self.input_dtype)
-            mean_losses = _check_finite(losses, step, self.world_size)
+            try:
+                mean_losses = _check_finite(losses, step, self.world_size)
+            except NonFiniteLossError as error:
+                verdict = _discard_poisoned(self.checkpoint_dir, step)
+                raise NonFiniteLossError(
+                    f"{error}; {verdict}. Lower the learning rate (--set optimizer.lr=...), enable "
+                    "deepspeed.gradient_clipping, or check that task's labels; --resume applies a new "
+                    "learning rate from the last good checkpoint") from None
             engine.backward(sum(self.config.weight_of(name) * loss for name, loss in losses.items()))
             engine.step()
             if (update := self.sparsifier.step(done, batch)) is not None and is_main():
@@ -306,6 +392,7 @@ class Trainer:
             "mlflow_tracking_uri": self.tracker.uri,
             "checkpoint": str(latest_checkpoint(self.checkpoint_dir)),
             "config": self.config.to_dict(),
+            "dataset": self.manifest.identity(),
         }
         if is_main():
             if complete:
@@ -322,13 +409,16 @@ class Trainer:
         return summary
 
 
-def train(config: RunConfig, *, resume: bool = False, stop_after: int | None = None, on_validation=None,
+def train(config: RunConfig, *, resume: bool | str = False, stop_after: int | None = None, on_validation=None,
           on_checkpoint=None) -> dict:
     """Train one run from its config; the library entry point behind ``dsparse train``.
 
     Args:
         config: the validated run config.
-        resume: continue from the run directory's latest checkpoint (fresh start if none).
+        resume: ``True`` continues from the run directory's latest checkpoint (an error if
+            there is none); ``"auto"`` continues if there is one, else starts; ``False``
+            starts (an error if the directory holds checkpoints). A resume may change
+            only the settings in ``rundir.RESUME_SAFE``, which then take effect.
         stop_after: train at most this many steps in this invocation, then checkpoint and
             return (for time-limited allocations); ``--resume`` continues.
         on_validation: called as ``on_validation(step, metrics)`` on every rank after each

@@ -287,3 +287,38 @@ def test_shuffle_buffer_memory_follows_the_encoded_sample_size(tiny_dataset):
     spec = spec_for(tiny_dataset, shuffle_buffer=100)
     assert shuffle_buffer_bytes(spec) == int(100 * per_sample)
     assert shuffle_buffer_bytes(spec_for(tiny_dataset, shuffle_buffer=0)) == 0
+
+
+def test_a_truncated_shard_counts_every_sample_it_lost(tiny_dataset, tmp_path):
+    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+    shard = load_manifest(dataset).splits["val"].shards[0]
+    data = (dataset / shard.name).read_bytes()
+    (dataset / shard.name).write_bytes(data[: len(data) // 2 + 100])
+    batches = _eval_all(dataset, skip_bad=True)
+    read = sum(len(b["__key__"]) for b in batches)
+    assert sum(b["__num_bad__"] for b in batches) == 16 - read  # exactly what the shard lost
+
+
+def test_a_manifest_that_overstates_or_understates_a_shard_is_an_error_naming_it(tiny_dataset, tmp_path):
+    for change, match in ((+2, "ended after 6 samples, manifest.json says 8"), (-2, "holds more samples than "
+                                                                                    "manifest.json says \\(4\\)")):
+        dataset = _copy_dataset(tiny_dataset, tmp_path / f"d{change}")
+        raw = json.loads((dataset / "manifest.json").read_text())
+        shard = raw["splits"]["val"]["shards"][0]
+        shard["num_samples"] += change
+        (dataset / "manifest.json").write_text(json.dumps(raw))
+        with pytest.raises(SampleError, match=f"shard .*{shard['name']} {match}"):
+            _eval_all(dataset)
+    batches = _eval_all(tmp_path / "d2", skip_bad=True)  # short: skip_bad counts the missing samples
+    assert sum(b["__num_bad__"] for b in batches) == 2
+
+
+def test_a_data_error_in_a_loader_worker_is_one_line(tiny_dataset, tmp_path):
+    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+    name = _rewrite_first_val_shard(dataset, lambda m: [x for x in m if x[0] != "val_00000001.depth.png"])
+    spec = spec_for(dataset, "val", train=False, num_workers=1)
+    with pytest.raises(SampleError) as caught:
+        list(eval_batches(spec))
+    message = str(caught.value)
+    assert "\n" not in message and f"'val_00000001' in shard {name} has no 'depth.png'" in message
+    assert "Traceback" in caught.value.worker_traceback

@@ -1,0 +1,166 @@
+"""Run integrity (issue 12): the resume contract, one owner per run directory, copies,
+and a NaN stop that never keeps exploded weights as the last good checkpoint."""
+
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import time
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dsparse.cli import main
+from dsparse.config import config_from_dict
+from dsparse.train.checkpoint import latest_checkpoint, load_model_weights
+from dsparse.train.trainer import NonFiniteLossError, train
+
+from .test_trainer_e2e import tiny_config
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def config(dataset, run_dir, uri, *, optimizer=None, **train):
+    raw = tiny_config(dataset, run_dir, uri, **{"iterations": 4, "checkpoint_interval": 1, "eval_interval": 4,
+                                                **train})
+    raw["optimizer"].update(optimizer or {})
+    return config_from_dict(raw)
+
+
+def test_resume_refuses_incompatible_changes_before_writing_anything(tiny_dataset, tmp_path, tracking_uri):
+    run_dir = tmp_path / "run"
+    train(config(tiny_dataset, run_dir, tracking_uri), stop_after=2)
+    saved = (run_dir / "config.yaml").read_bytes()
+    changed = tiny_config(tiny_dataset, run_dir, tracking_uri, iterations=4, checkpoint_interval=1)
+    changed["model"]["base_width"] = 16
+    with pytest.raises(ValueError, match=r"--resume cannot change model.base_width: 8 -> 16"):
+        train(config_from_dict(changed), resume=True)
+    assert (run_dir / "config.yaml").read_bytes() == saved
+
+
+def test_resume_applies_a_new_learning_rate_and_records_it(tiny_dataset, tmp_path, tracking_uri):
+    run_dir = tmp_path / "run"
+    first = train(config(tiny_dataset, run_dir, tracking_uri), stop_after=2)
+    resumed = train(config(tiny_dataset, run_dir, tracking_uri, optimizer={"lr": 0.0005}), resume=True)
+    history = [json.loads(line) for line in (run_dir / "config-history.jsonl").read_text().splitlines()]
+    assert [h["event"] for h in history] == ["start", "resume"]
+    assert history[1]["step"] == 2 and history[1]["changes"] == {"optimizer.lr": [0.003, 0.0005]}
+    assert "lr: 0.0005" in (run_dir / "config.yaml").read_text()
+    run = MlflowClient(tracking_uri).get_run(resumed["mlflow_run_id"])
+    assert resumed["mlflow_run_id"] == first["mlflow_run_id"]
+    assert json.loads(run.data.tags["resume.step_2.changes"]) == {"optimizer.lr": [0.003, 0.0005]}
+    lrs = {m.step: m.value for m in MlflowClient(tracking_uri).get_metric_history(resumed["mlflow_run_id"], "train/lr")}
+    assert lrs[2] == pytest.approx(0.003) and lrs[3] == pytest.approx(0.0005)
+
+
+def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start(tiny_dataset, tmp_path, tracking_uri, capsys):
+    run_dir = tmp_path / "typo"
+    with pytest.raises(ValueError, match="no checkpoint in .*typo to resume from.*--resume-or-start"):
+        train(config(tiny_dataset, run_dir, tracking_uri), resume=True)
+    assert not (run_dir / "config.yaml").exists()
+    summary = train(config(tiny_dataset, run_dir, tracking_uri, iterations=2), resume="auto")
+    assert summary["step"] == 2
+
+
+def test_a_lr_explosion_never_leaves_exploded_weights_as_the_last_checkpoint(tiny_dataset, tmp_path, tracking_uri):
+    run_dir = tmp_path / "run"
+    train(config(tiny_dataset, run_dir, tracking_uri), stop_after=2)
+    with pytest.raises(NonFiniteLossError, match="held the weights that gave it and was removed; the last good "
+                                                 "checkpoint is step-00000002.*--resume applies a new learning rate"):
+        train(config(tiny_dataset, run_dir, tracking_uri, optimizer={"lr": 1e30}), resume=True)
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    assert latest.name == "step-00000002"
+    assert all(w.abs().max() < 1e3 for w in load_model_weights(latest).values() if w.is_floating_point())
+
+
+def hold_run_directory(config_dict, ready):
+    """Child process: own the run directory, then wait to be killed."""
+    from dsparse.train.rundir import open_run_directory
+
+    open_run_directory(config_from_dict(config_dict), resuming=False, step=None)
+    ready.set()
+    time.sleep(120)
+
+
+def test_a_second_run_into_a_held_directory_is_refused_at_once_and_a_dead_holder_is_taken_over(
+        tiny_dataset, tmp_path, tracking_uri, caplog):
+    run_dir = tmp_path / "run"
+    raw = tiny_config(tiny_dataset, run_dir, tracking_uri, iterations=2)
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    holder = context.Process(target=hold_run_directory, args=(raw, ready))
+    holder.start()
+    assert ready.wait(60)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=f"{run_dir} is in use by pid {holder.pid} on host {socket.gethostname()}"):
+        train(config_from_dict(raw))
+    assert time.perf_counter() - start < 30
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    with caplog.at_level("WARNING"):
+        summary = train(config_from_dict(raw))
+    assert summary["step"] == 2
+    assert f"last held by pid {holder.pid}" in caplog.text and "taking it over" in caplog.text
+    assert (run_dir / ".lock").read_text() == ""  # released on a clean exit
+
+
+def test_a_copied_run_directory_gets_its_own_mlflow_run(tiny_dataset, tmp_path, tracking_uri):
+    original = tmp_path / "run"
+    first = train(config(tiny_dataset, original, tracking_uri), stop_after=2)
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    resumed = train(config(tiny_dataset, copy, tracking_uri), resume=True)
+    assert resumed["mlflow_run_id"] != first["mlflow_run_id"]
+    client = MlflowClient(tracking_uri)
+    assert client.get_run(resumed["mlflow_run_id"]).data.tags["copied_from"] == str(original.resolve())
+    assert len(client.get_metric_history(first["mlflow_run_id"], "train/loss")) == 2  # the original is untouched
+    assert json.loads((copy / "run.json").read_text())["copied_from"] == str(original.resolve())
+
+
+def test_cli_resume_mismatch_is_one_line(tiny_dataset, tmp_path, tracking_uri, capsys):
+    import yaml
+
+    run_dir = tmp_path / "run"
+    raw = tiny_config(tiny_dataset, run_dir, tracking_uri, iterations=4, checkpoint_interval=2)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path), "--stop-after", "2"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(path), "--resume", "--set", "model.base_width=16"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "model.base_width: 8 -> 16" in error
+
+
+def test_eval_refuses_a_baseline_on_other_tasks_or_data_or_not_a_summary(tiny_dataset, tmp_path, tracking_uri,
+                                                                         capsys):
+    from dsparse.evaluation import evaluate_checkpoint
+    from dsparse.data.synth.dataset import write_synthetic_dataset
+
+    run = tmp_path / "run"
+    train(config(tiny_dataset, run, tracking_uri, iterations=2))
+    fewer = tiny_config(tiny_dataset, tmp_path / "fewer", tracking_uri, iterations=2, checkpoint_interval=2,
+                        eval_interval=2)
+    fewer["tasks"] = ["seg", "depth"]
+    train(config_from_dict(fewer))
+    with pytest.raises(ValueError, match=r"has tasks \['seg', 'depth'\], this run \['seg', 'normal'"):
+        evaluate_checkpoint(run, baseline=tmp_path / "fewer", max_batches=1)
+    other_data = tmp_path / "other-data"
+    write_synthetic_dataset(other_data, num_train=16, num_val=8, size=32, seed=1, shard_size=4, num_procs=1,
+                            progress=False)
+    train(config(other_data, tmp_path / "other", tracking_uri, iterations=2))
+    with pytest.raises(ValueError, match="trained on another dataset"):
+        evaluate_checkpoint(run, baseline=tmp_path / "other", max_batches=1)
+    (tmp_path / "base.yaml").write_text("tasks: [seg]\n")
+    assert main(["eval", str(run), "--baseline", str(tmp_path / "base.yaml")]) == 2
+    assert "is not a finished run directory or its summary.json" in capsys.readouterr().err
+    out = tmp_path / "missing" / "dir" / "metrics.json"
+    assert main(["eval", str(run), "--baseline", str(run), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["delta_t"] == pytest.approx(0.0)
