@@ -297,6 +297,24 @@ class RunConfig:
             if not weight > 0:
                 raise ValueError(f"task_weights.{name} must be > 0, got {weight}")
 
+    def with_absolute_paths(self) -> RunConfig:
+        """A copy whose file paths (data, output, masks, checkpoint, DeepSpeed file, a local
+        SQLite tracking store) are absolute, so the saved config works from any directory."""
+        config = copy.deepcopy(self)
+
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).expanduser().resolve())
+
+        config.data.path = absolute(config.data.path)
+        config.output_dir = absolute(config.output_dir)
+        config.sparsity.masks = absolute(config.sparsity.masks)
+        config.sparsity.from_checkpoint = absolute(config.sparsity.from_checkpoint)
+        config.deepspeed.config_file = absolute(config.deepspeed.config_file)
+        uri = config.tracking.uri
+        if uri and uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
+            config.tracking.uri = "sqlite:///" + absolute(uri[len("sqlite:///"):])
+        return config
+
     def weight_of(self, task: str) -> float:
         return float(self.task_weights.get(task, 1.0))
 

@@ -6,7 +6,6 @@ checkpoint's model weights are read directly).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from dsparse.config import RunConfig, load_config
@@ -15,6 +14,7 @@ from dsparse.data.manifest import load_manifest
 from dsparse.tasks import delta_t
 from dsparse.distributed import device_and_backend
 from dsparse.export import is_export_file, load_sparse
+from dsparse.io import read_json
 from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
 from dsparse.train.components import build_run_model, build_run_tasks
@@ -41,10 +41,7 @@ def load_baseline(path: str | Path) -> dict:
     if not summary.is_file() or summary.name != "summary.json":
         raise ValueError(f"baseline {path} is not a finished run directory or its summary.json; pass the dense "
                          "run's directory (runs/NAME) once it has finished")
-    try:
-        data = json.loads(summary.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"baseline {summary} is not valid JSON ({error})") from None
+    data = read_json(summary, "baseline")
     if not isinstance(data, dict) or not data.get("final_metrics") or not isinstance(data.get("config"), dict):
         raise ValueError(f"baseline {summary} holds no final metrics (is the run finished?)")
     return data

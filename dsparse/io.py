@@ -9,12 +9,13 @@ no temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "load_tensor_file", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "load_tensor_file", "read_json", "write_bytes_atomic", "write_text_atomic"]
 
 
 def _file_mode() -> int:
@@ -60,6 +61,15 @@ def load_tensor_file(path: str | Path, what: str, fix: str):
     except Exception as error:
         reason = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(f"{what} {path} cannot be read ({type(error).__name__}: {reason}); {fix}") from error
+
+
+def read_json(path: str | Path, what: str, error: type[ValueError] = ValueError):
+    """Parsed JSON of ``path``; ``error`` (a ValueError) in one line naming ``what`` and the
+    file when it is not valid JSON (json's own message gives line and column)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as reason:
+        raise error(f"{what} {path} is not valid JSON ({reason})") from None
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

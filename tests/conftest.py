@@ -54,15 +54,17 @@ def torchrun_train(tmp_path):
     """Runs ``dsparse train`` on a config dict (absolute ``output_dir``) in ``nproc``
     processes under torchrun, a real multi-process launch; returns its summary.json."""
 
-    def run(config: dict, nproc: int = 2) -> dict:
+    def run(config: dict, nproc: int = 2, args: tuple = (), with_log: bool = False):
         path = tmp_path / "torchrun_config.yaml"
         path.write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                   "-m", "dsparse", "train", str(path)]
+                   "-m", "dsparse", "train", str(path), *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env.pop("RANK", None)  # torchrun sets the ranks
         completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         assert completed.returncode == 0, completed.stderr[-4000:]
-        return json.loads((Path(config["output_dir"]) / "summary.json").read_text())
+        summary_path = Path(config["output_dir"]) / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+        return (summary, completed.stderr) if with_log else summary
 
     return run

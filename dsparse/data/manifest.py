@@ -17,6 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dsparse.io import read_json
 from dsparse.tasks.labels import LabelError, LabelSpec
 
 MANIFEST_NAME = "manifest.json"
@@ -27,9 +28,10 @@ RGB_DEFAULT_STD = (0.25, 0.25, 0.25)
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")  # webdataset splits member names at the first dot
 
 
-def dataset_hint(data_dir) -> str:
-    return (f"write one with `dsparse data synth --out {data_dir}` (synthetic) or "
-            f"`dsparse data convert {{nyuv2,cityscapes,taskonomy,folders}} SRC {data_dir}`")
+def dataset_hint(data_dir, rewrite: bool = False) -> str:
+    again = " --overwrite" if rewrite else ""
+    return (f"{'rewrite it' if rewrite else 'write one'} with `dsparse data synth --out {data_dir}{again}` (synthetic) "
+            f"or `dsparse data convert {{nyuv2,cityscapes,taskonomy,folders}} SRC {data_dir}{again}`")
 
 
 @dataclass
@@ -197,14 +199,15 @@ def load_manifest(data_dir: str | Path) -> Manifest:
         raise ValueError(f"no {MANIFEST_NAME} in {data_dir}: not a dsparse dataset, or its writing did not "
                          f"finish; {dataset_hint(data_dir)}")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); {dataset_hint(data_dir)}") from None
+        data = read_json(path, "dataset manifest")
+    except ValueError as error:
+        raise ValueError(f"{error}; {dataset_hint(data_dir, rewrite=True)}") from None
     try:
         manifest = Manifest.from_dict(data)
         manifest.validate()
     except ValueError as error:
-        raise ValueError(f"{path} is not a usable dsparse manifest: {error}; {dataset_hint(data_dir)}") from None
+        raise ValueError(f"{path} is not a usable dsparse manifest: {error}; "
+                         f"{dataset_hint(data_dir, rewrite=True)}") from None
     return manifest
 
 

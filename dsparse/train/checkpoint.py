@@ -10,7 +10,9 @@ the run directory's filesystem (one node, or shared storage on a cluster).
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Callable
@@ -19,11 +21,14 @@ from pathlib import Path
 import torch
 
 from dsparse.distributed import barrier, is_main
+
+log = logging.getLogger(__name__)
 from dsparse.io import write_text_atomic
 
 LATEST = "latest"
 PARTIAL = ".partial"
 STATE_FILE = "dsparse_state.json"
+FILE_LIST = "files.json"  # every file of the checkpoint with size and SHA-256, written last
 CLIENT_KEY = "dsparse"  # our state lives under one key, apart from DeepSpeed's own entries
 
 
@@ -51,12 +56,67 @@ def save_checkpoint(engine, directory: Path, step: int, client_state: dict, keep
         (partial / tag / STATE_FILE).write_text(json.dumps(client_state, indent=1, default=str))
         if extra is not None:
             extra(partial / tag)
+        write_file_list(partial / tag)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial / tag, final)
         write_text_atomic(directory / LATEST, tag)
         _prune(directory, keep)
     barrier()
     return final
+
+
+def write_file_list(path: Path) -> None:
+    """Record every file of a checkpoint with its size and SHA-256, written last and atomically,
+    so a resume can tell a complete checkpoint from one that lost or damaged a file."""
+    files = {str(f.relative_to(path)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(path.rglob("*")) if f.is_file() and f.name != FILE_LIST}
+    write_text_atomic(path / FILE_LIST, json.dumps(files, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a published checkpoint cannot be used, or None if every listed file is intact.
+
+    Checkpoints written before file lists existed are accepted unverified.
+    """
+    listing = Path(path) / FILE_LIST
+    if not listing.is_file():
+        return None if (Path(path) / STATE_FILE).is_file() else f"{STATE_FILE} is missing"
+    try:
+        files = json.loads(listing.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return f"its file list is unreadable ({error})"
+    for name, expected in files.items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, {expected['bytes']} were written"
+        if _sha256(file) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest_intact_checkpoint(directory: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint at or before ``latest`` that verifies, and why newer ones were skipped."""
+    latest = latest_checkpoint(directory)
+    if latest is None:
+        return None, []
+    skipped = []
+    for candidate in sorted((p for p in Path(directory).glob("step-*") if p.is_dir() and p.name <= latest.name),
+                            reverse=True):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate, skipped
+        skipped.append(f"{candidate.name}: {problem}")
+    return None, skipped
 
 
 def discard_checkpoint(directory: Path, step: int) -> Path | None:
@@ -144,9 +204,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     for candidate in (path / "checkpoints", path):
         if (candidate / LATEST).is_file():
-            latest = latest_checkpoint(candidate)
-            if latest is not None:
-                return latest
+            intact, skipped = latest_intact_checkpoint(candidate)
+            for reason in skipped:
+                log.warning("skipping damaged checkpoint %s", reason)
+            if intact is not None:
+                return intact
+            if skipped:
+                raise ValueError(f"no intact checkpoint in {candidate} ({'; '.join(skipped)})")
     if any(path.glob("mp_rank_*_model_states.pt")):
         return path
     raise ValueError(f"no checkpoint found at {path}; pass a run directory (runs/NAME) or runs/NAME/checkpoints/step-N")

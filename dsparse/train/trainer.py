@@ -32,6 +32,7 @@ from dsparse.distributed import (
     trainer_threads,
 )
 from dsparse.io import write_text_atomic
+from dsparse.sparsity.method import get_method
 from dsparse.sparsity.sparsifier import read_sparsifier_state
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
 from dsparse.train.checkpoint import (
@@ -39,6 +40,7 @@ from dsparse.train.checkpoint import (
     checkpoint_step,
     discard_checkpoint,
     latest_checkpoint,
+    latest_intact_checkpoint,
     load_checkpoint,
     save_checkpoint,
     tag_of,
@@ -122,24 +124,37 @@ RESUME_MODES = (False, True, "auto")
 
 def _find_checkpoint(run_dir: Path, resume) -> Path | None:
     """The checkpoint to resume from (rank 0 decides, every rank raises the same error)."""
-    problem, checkpoint = None, None
-    if is_main():
-        checkpoints, pointer = run_dir / "checkpoints", run_dir / "checkpoints" / LATEST
-        checkpoint = latest_checkpoint(checkpoints)
-        if not resume and checkpoint is not None:
-            problem = (f"{run_dir} already holds checkpoints of a run; pass --resume to continue it "
-                       "or choose another output_dir (e.g. --set output_dir=runs/NEW)")
-        elif resume and pointer.is_file() and checkpoint is None:
-            problem = (f"{pointer} names {pointer.read_text().strip()!r}, which does not exist; restore that "
-                       "checkpoint or point 'latest' at an existing checkpoints/step-* directory")
-        elif resume is True and checkpoint is None:
-            problem = (f"--resume: no checkpoint in {run_dir} to resume from; check output_dir, or pass "
-                       "--resume-or-start to start a new run there when none exists")
-        checkpoint = str(checkpoint) if resume and checkpoint is not None else None
-    problem, checkpoint = broadcast_object((problem, checkpoint))
+    problem, checkpoint = _resume_point(run_dir, resume) if is_main() else (None, None)
+    problem, checkpoint = broadcast_object((problem, checkpoint and str(checkpoint)))
     if problem:
         raise ValueError(problem)
     return Path(checkpoint) if checkpoint else None
+
+
+def _resume_point(run_dir: Path, resume) -> tuple[str | None, Path | None]:
+    """``(problem, checkpoint)``: a resume verifies the latest checkpoint and falls back to
+    the newest intact one, saying what it skipped."""
+    checkpoints, pointer = run_dir / "checkpoints", run_dir / "checkpoints" / LATEST
+    latest = latest_checkpoint(checkpoints)
+    if not resume:
+        if latest is not None:
+            return (f"{run_dir} already holds checkpoints of a run; pass --resume to continue it "
+                    "or choose another output_dir (e.g. --set output_dir=runs/NEW)"), None
+        return None, None
+    if pointer.is_file() and latest is None:
+        return (f"{pointer} names {pointer.read_text().strip()!r}, which does not exist; restore that "
+                "checkpoint or point 'latest' at an existing checkpoints/step-* directory"), None
+    if latest is None:
+        if resume is True:
+            return (f"--resume: no checkpoint in {run_dir} to resume from; check output_dir, or pass "
+                    "--resume-or-start to start a new run there when none exists"), None
+        return None, None
+    intact, skipped = latest_intact_checkpoint(checkpoints)
+    for reason in skipped:
+        log.warning("skipping damaged checkpoint %s", reason)
+    if intact is None:
+        return f"no intact checkpoint in {checkpoints} ({'; '.join(skipped)}); restore the files or start anew", None
+    return None, intact
 
 
 def _open_run_dir(config: RunConfig, checkpoint: Path | None) -> RunDirectory | None:
@@ -207,6 +222,9 @@ class Trainer:
     """Holds the pieces of one run; :meth:`fit` trains to ``train.iterations``."""
 
     def __init__(self, config: RunConfig, *, resume: bool | str = False, on_validation=None, on_checkpoint=None):
+        if config.sparsity.method:  # config errors before DeepSpeed starts
+            get_method(config.sparsity.method)
+        config = config.with_absolute_paths()  # a saved config must work from any directory
         self.config = config
         self.on_validation, self.on_checkpoint = on_validation, on_checkpoint
         self.rank, self.world_size, self.device = init_distributed()
@@ -280,6 +298,10 @@ class Trainer:
         """
         try:
             return self._fit(stop_after)
+        except BaseException as error:  # the MLflow run must not stay RUNNING
+            self.tracker.set_tags({"error": f"{type(error).__name__}: {str(error)[:4000]}"})
+            self.tracker.finish("FAILED")
+            raise
         finally:
             self.close()
 
@@ -292,6 +314,7 @@ class Trainer:
                              f"{cfg.iterations}; raise train.iterations to continue the run")
         if self.state["step"] == cfg.iterations and (self.run_dir / "summary.json").is_file():
             log.info("%s is already complete; returning its summary", self.run_dir)
+            self.tracker.finish("FINISHED")
             return json.loads((self.run_dir / "summary.json").read_text())
         if is_main():
             self.tracker.log_params(flatten(self.config.to_dict()))
@@ -315,9 +338,6 @@ class Trainer:
                     self._save(end, batches)
                 if end == cfg.iterations:  # finished run without summary (killed before writing it)
                     metrics = self._log_validation(end)
-        except BaseException:
-            self.tracker.finish("FAILED")
-            raise
         finally:
             batches.close()
             torch.set_num_threads(threads_before)

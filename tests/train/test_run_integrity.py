@@ -164,3 +164,99 @@ def test_eval_refuses_a_baseline_on_other_tasks_or_data_or_not_a_summary(tiny_da
     out = tmp_path / "missing" / "dir" / "metrics.json"
     assert main(["eval", str(run), "--baseline", str(run), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["delta_t"] == pytest.approx(0.0)
+
+
+def test_a_saved_config_with_relative_paths_evaluates_from_anywhere(tiny_dataset, tmp_path, tracking_uri,
+                                                                    monkeypatch):
+    from dsparse.evaluation import evaluate_checkpoint
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_dataset, work / "data")
+    monkeypatch.chdir(work)
+    raw = tiny_config("data", "runs/rel", tracking_uri, iterations=2, checkpoint_interval=2, eval_interval=2)
+    train(config_from_dict(raw))
+    saved = (work / "runs" / "rel" / "config.yaml").read_text()
+    assert f"path: {work / 'data'}" in saved and f"output_dir: {work / 'runs' / 'rel'}" in saved
+    monkeypatch.chdir(tmp_path)
+    assert set(evaluate_checkpoint(work / "runs" / "rel", max_batches=1)["metrics"]) >= {"seg", "depth"}
+
+
+@pytest.mark.parametrize("stop_after, change, match", [
+    (-1, {}, "stop_after must be >= 0"),
+    (None, {"batch_size": 64}, "fewer than data.batch_size=64"),
+])
+def test_a_run_that_fails_at_start_closes_its_mlflow_run_as_failed(tiny_dataset, tmp_path, tracking_uri,
+                                                                  stop_after, change, match):
+    raw = tiny_config(tiny_dataset, tmp_path / "run", tracking_uri, iterations=2)
+    raw["data"].update(change)
+    with pytest.raises(ValueError, match=match):
+        train(config_from_dict(raw), stop_after=stop_after)
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"] and match.split()[0] in runs[0].data.tags["error"]
+
+
+def test_an_unknown_method_is_refused_before_anything_is_written(tiny_dataset, tmp_path, tracking_uri):
+    raw = tiny_config(tiny_dataset, tmp_path / "run", tracking_uri, iterations=2)
+    raw["sparsity"] = {"method": "nonexistent", "target": 0.5}
+    with pytest.raises(ValueError, match="unknown pruning method 'nonexistent'"):
+        train(config_from_dict(raw))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tiny_dataset, tmp_path, tracking_uri,
+                                                                        caplog):
+    from dsparse.evaluation import evaluate_checkpoint
+
+    run_dir = tmp_path / "run"
+    train(config(tiny_dataset, run_dir, tracking_uri), stop_after=3)
+    assert json.loads((run_dir / "checkpoints" / "step-00000003" / "files.json").read_text())
+    (run_dir / "checkpoints" / "step-00000003" / "mp_rank_00_model_states.pt").unlink()
+    with caplog.at_level("WARNING"):
+        assert evaluate_checkpoint(run_dir, max_batches=1)["checkpoint"].endswith("step-00000002")
+        summary = train(config(tiny_dataset, run_dir, tracking_uri), resume=True)
+    assert "skipping damaged checkpoint step-00000003: mp_rank_00_model_states.pt is missing" in caplog.text
+    assert summary["step"] == 4
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000004"]
+    weights = checkpoints / "step-00000004" / "mp_rank_00_model_states.pt"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
+    (checkpoints / "step-00000003" / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(ValueError, match="no intact checkpoint .*step-00000004: mp_rank_00_model_states.pt does "
+                                         "not match its checksum; step-00000003: mp_rank_00_model_states.pt is "
+                                         "missing"):
+        train(config(tiny_dataset, run_dir, tracking_uri, iterations=6), resume=True)
+
+
+def test_two_ranks_resume_from_the_newest_intact_checkpoint(tiny_dataset, tmp_path, tracking_uri, torchrun_train):
+    raw = tiny_config(tiny_dataset, tmp_path / "run", tracking_uri, iterations=4, checkpoint_interval=1,
+                      eval_interval=4)
+    torchrun_train(raw, args=("--stop-after", "3"))
+    (tmp_path / "run" / "checkpoints" / "step-00000003" / "mp_rank_00_model_states.pt").unlink()
+    summary, log = torchrun_train(raw, args=("--resume",), with_log=True)
+    assert summary["world_size"] == 2 and summary["step"] == 4
+    assert "skipping damaged checkpoint step-00000003: mp_rank_00_model_states.pt is missing" in log
+    history = [json.loads(line) for line in (tmp_path / "run" / "config-history.jsonl").read_text().splitlines()]
+    assert history[-1]["event"] == "resume" and history[-1]["step"] == 2
+
+
+def test_cli_a_truncated_shard_is_one_line_and_debug_shows_the_worker_traceback(tiny_dataset, tmp_path,
+                                                                               tracking_uri, capsys):
+    import yaml
+
+    dataset = tmp_path / "data"
+    shutil.copytree(tiny_dataset, dataset)
+    for shard in dataset.glob("train-*.tar"):
+        shard.write_bytes(shard.read_bytes()[:3000])
+    raw = tiny_config(dataset, tmp_path / "run", tracking_uri, iterations=2)
+    raw["data"]["num_workers"] = 1
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dsparse: error: shard ") and ".tar is unreadable" in last
+    assert "data.skip_bad: true" in last
+    assert main(["--debug", "train", str(path), "--set", f"output_dir={tmp_path / 'run2'}"]) == 2
+    assert "Original Traceback" in capsys.readouterr().err

@@ -12,7 +12,6 @@ line naming the file) for anything it cannot read; the writer stops on it or, wi
 from __future__ import annotations
 
 import abc
-import json
 import random
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from dsparse.data.resize import resize_image, resize_nearest
+from dsparse.io import read_json
 from dsparse.data.writer import DatasetInfo
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L")
@@ -62,10 +62,7 @@ def load_index(path: Path, splits: list[str], default_name: str) -> dict[str, li
     if not path.is_file():
         raise SourceError(f"missing index file {path}; point SRC at the directory holding {default_name} "
                           "or pass --index")
-    try:
-        index = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise SourceError(f"{path} is not valid JSON ({error})") from None
+    index = read_json(path, "index file", SourceError)
     if not isinstance(index, dict):
         raise SourceError(f"{path} must map split names to lists of files")
     missing = [s for s in splits if s not in index]
