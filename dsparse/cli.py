@@ -216,11 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.iterations=100 (repeatable)")
     train.add_argument("--masks", default=None, help="train sparse with this mask file (from dsparse prune)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the run's latest checkpoint (iterations, intervals, learning rate and "
+    resume = train.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_true",
+                        help="continue from the run's latest checkpoint (iterations, intervals, learning rate and "
                             "schedule may change; an error if there is no checkpoint)")
-    train.add_argument("--resume-or-start", action="store_true",
-                       help="continue if the run has a checkpoint, else start it (for job scripts that requeue)")
+    resume.add_argument("--resume-or-start", action="store_true",
+                        help="continue if the run has a checkpoint, else start it (for job scripts that requeue)")
     train.add_argument("--stop-after", type=int, default=None, metavar="N",
                        help="checkpoint and exit after N steps of this invocation")
     train.set_defaults(func=_cmd_train)
@@ -290,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(error, (SweepFailedError, NonFiniteLossError)):
             raise
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
         print(f"dsparse: error: {error}", file=sys.stderr)  # the message says what to do
         return 1
     return 0

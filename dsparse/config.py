@@ -310,6 +310,9 @@ class RunConfig:
         config.sparsity.masks = absolute(config.sparsity.masks)
         config.sparsity.from_checkpoint = absolute(config.sparsity.from_checkpoint)
         config.deepspeed.config_file = absolute(config.deepspeed.config_file)
+        url = config.data.shard_url
+        if url and not url.startswith("pipe:") and "://" not in url:
+            config.data.shard_url = absolute(url)
         uri = config.tracking.uri
         if uri and uri.startswith("sqlite:///") and not uri[len("sqlite:///"):].startswith("/"):
             config.tracking.uri = "sqlite:///" + absolute(uri[len("sqlite:///"):])
@@ -435,7 +438,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
 
 
 def dump_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Write the resolved config atomically (a reader never sees half a config)."""
+    from dsparse.io import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, Any]:

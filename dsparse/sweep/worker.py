@@ -6,7 +6,7 @@
   Ray Train copies to the trial's storage (shared disk or cloud bucket).
 * Restarts: a restarted worker group, possibly on other nodes, first installs the latest
   checkpoint Ray Train holds into the trial directory if that directory lacks it, then
-  resumes with dsparse's ``resume=True`` logic (model, optimizer, masks, data position).
+  resumes with dsparse's ``resume="auto"`` logic (model, optimizer, masks, data position).
 * Deterministic errors (a bad config, missing data, a NaN loss) would fail the same way on
   every retry, so they end the worker group cleanly and are left in ``ERROR_FILE`` for the
   trial driver to raise without spending the retries.

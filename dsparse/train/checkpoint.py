@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,9 @@ from pathlib import Path
 import torch
 
 from dsparse.distributed import barrier, is_main
+from dsparse.io import write_text_atomic
 
 log = logging.getLogger(__name__)
-from dsparse.io import write_text_atomic
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -110,7 +111,7 @@ def latest_intact_checkpoint(directory: Path) -> tuple[Path | None, list[str]]:
     if latest is None:
         return None, []
     skipped = []
-    for candidate in sorted((p for p in Path(directory).glob("step-*") if p.is_dir() and p.name <= latest.name),
+    for candidate in sorted((p for p in Path(directory).glob("step-*") if _is_published(p) and p.name <= latest.name),
                             reverse=True):
         problem = checkpoint_problem(candidate)
         if problem is None:
@@ -121,19 +122,35 @@ def latest_intact_checkpoint(directory: Path) -> tuple[Path | None, list[str]]:
 
 def discard_checkpoint(directory: Path, step: int) -> Path | None:
     """Unpublish the checkpoint of ``step`` (rank 0): ``latest`` moves to the newest one
-    before it, or is removed when none is left. Returns the new latest checkpoint."""
+    before it, or is removed when none is left, and the checkpoint is set aside as
+    ``step-N.nonfinite``. Returns the new latest checkpoint."""
     directory = Path(directory)
-    tags = sorted(p.name for p in directory.glob("step-*") if p.is_dir() and p.name < tag_of(step))
+    tags = sorted(p.name for p in directory.glob("step-*") if _is_published(p) and p.name < tag_of(step))
     if tags:
         write_text_atomic(directory / LATEST, tags[-1])
     else:
         (directory / LATEST).unlink(missing_ok=True)
-    shutil.rmtree(directory / tag_of(step), ignore_errors=True)
+    set_aside(directory / tag_of(step), "nonfinite")
     return directory / tags[-1] if tags else None
 
 
+def set_aside(path: Path, why: str) -> Path:
+    """Rename a checkpoint out of the ``step-N`` namespace (kept for inspection, never
+    resumed, pruned or restored): ``step-N.<why>``, numbered if that exists."""
+    target, index = path.with_name(f"{path.name}.{why}"), 1
+    while target.exists():
+        index += 1
+        target = path.with_name(f"{path.name}.{why}{index}")
+    os.replace(path, target)
+    return target
+
+
+def _is_published(path: Path) -> bool:
+    return path.is_dir() and re.fullmatch(r"step-\d{8}", path.name) is not None
+
+
 def _prune(directory: Path, keep: int) -> None:
-    tags = sorted(p for p in directory.glob("step-*") if p.is_dir())
+    tags = sorted(p for p in directory.glob("step-*") if _is_published(p))
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -70,16 +70,43 @@ class RunDirectory:
 
     def release(self) -> None:
         """Clear the holder line (a clean exit) and drop the lock."""
-        if self._lock_fd is not None:
-            try:
-                os.ftruncate(self._lock_fd, 0)
-            finally:
-                os.close(self._lock_fd)  # closing the descriptor drops the flock
-                self._lock_fd = None
+        release_lock(self._lock_fd)
+        self._lock_fd = None
 
 
-def acquire_lock(path: Path) -> int:
-    """Hold ``path/.lock`` exclusively; raise ValueError naming the holder if taken."""
+def release_lock(fd: int | None) -> None:
+    """Clear the holder line and drop a lock this process holds (a no-op otherwise)."""
+    if fd is None or fd not in _HELD:
+        return
+    _HELD.discard(fd)
+    try:
+        os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing the descriptor drops the flock
+
+
+_HELD: set[int] = set()  # lock descriptors of this process, closed in forked children
+
+
+def _close_in_child() -> None:
+    """A forked child (a DataLoader worker) must not keep the run directory locked after the
+    trainer dies, so it closes its copies of the lock descriptors."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+def acquire_lock(path: Path) -> int | None:
+    """Hold ``path/.lock`` exclusively; raise ValueError naming the holder if taken.
+
+    Returns None (with a warning) on a filesystem without ``flock`` support.
+    """
     lock = path / LOCK_FILE
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -89,6 +116,12 @@ def acquire_lock(path: Path) -> int:
         os.close(fd)
         raise ValueError(f"run directory {path} is in use by {holder}; wait for that run to finish, or "
                          "choose another output_dir (e.g. --set output_dir=runs/NEW)") from None
+    except OSError as error:  # e.g. ENOLCK on a network filesystem without flock
+        os.close(fd)
+        log.warning("cannot lock %s (%s); continuing without a lock: do not start a second run there", lock,
+                    error.strerror or error)
+        return None
+    _HELD.add(fd)
     previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
     if previous:
         log.warning("run directory %s was last held by %s, which ended without releasing it (crashed or "
@@ -103,25 +136,32 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def open_run_directory(config: RunConfig, *, resuming: bool, step: int | None) -> RunDirectory:
-    """Lock the run directory, check a resume against ``config.yaml``, then record the run.
+def lock_run_directory(config: RunConfig) -> int | None:
+    """Create the run directory if needed and lock it (before a checkpoint is chosen, so a
+    running run's checkpoints are never read half-written)."""
+    path = Path(config.output_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return acquire_lock(path)
+
+
+def open_run_directory(config: RunConfig, fd: int | None, *, resuming: bool, step: int | None) -> RunDirectory:
+    """Check a resume against ``config.yaml``, then record the run (the lock ``fd`` is held).
 
     Args:
         config: the config this process will train with.
+        fd: the lock from :func:`lock_run_directory`; released on an error.
         resuming: a checkpoint will be loaded (``step`` is its step).
 
     Raises:
-        ValueError: the directory is in use, or the resume changes settings it cannot honour
-            (nothing is written then).
+        ValueError: the resume changes settings it cannot honour (nothing is written then).
     """
     path = Path(config.output_dir)
-    path.mkdir(parents=True, exist_ok=True)
-    fd = acquire_lock(path)
     try:
         identity = _read_identity(path)
         changes = {}
         if resuming and (path / CONFIG_FILE).is_file():
-            changes, refused = config_changes(load_config(str(path / CONFIG_FILE)), config)
+            saved = load_config(str(path / CONFIG_FILE)).with_absolute_paths()  # older runs saved relative paths
+            changes, refused = config_changes(saved, config)
             if refused:
                 listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
                 raise ValueError(f"--resume cannot change {listed} (the checkpoint was trained with the first "
@@ -137,13 +177,13 @@ def open_run_directory(config: RunConfig, *, resuming: bool, step: int | None) -
             identity = {"run_uid": uuid.uuid4().hex, "path": here, "host": socket.gethostname(), "created": _now(),
                         "copied_from": copied_from}
         write_text_atomic(path / IDENTITY_FILE, json.dumps(identity, indent=2) + "\n")
-        dump_config(config, path / CONFIG_FILE)
+        dump_config(config, path / CONFIG_FILE)  # atomic
         _append_history(path, {"time": _now(), "event": "resume" if resuming else "start", "step": step or 0,
                                "changes": changes})
         if changes:
             log.info("resume applies %s", ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items()))
     except BaseException:
-        os.close(fd)
+        release_lock(fd)
         raise
     return RunDirectory(path, identity["run_uid"], copied_from, changes, fd)
 

@@ -39,6 +39,7 @@ from dsparse.train.checkpoint import (
     LATEST,
     checkpoint_step,
     discard_checkpoint,
+    set_aside,
     latest_checkpoint,
     latest_intact_checkpoint,
     load_checkpoint,
@@ -49,7 +50,7 @@ from dsparse.train.components import build_run_model, build_run_tasks
 from dsparse.train.evaluate import evaluate, format_metrics_table
 from dsparse.train.optim import build_optimizer, build_scheduler, lr_factor
 from dsparse.train.progress import Progress, format_duration
-from dsparse.train.rundir import RunDirectory, open_run_directory
+from dsparse.train.rundir import RunDirectory, lock_run_directory, open_run_directory, release_lock
 from dsparse.train.sparsify import run_sparsifier
 
 log = logging.getLogger("dsparse.train")
@@ -122,10 +123,30 @@ def _build_engine(config: RunConfig, model: torch.nn.Module, device: torch.devic
 RESUME_MODES = (False, True, "auto")
 
 
+def _on_rank_0(function, *args, share: bool = True):
+    """Run ``function`` on rank 0; any exception there is raised on every rank as one
+    ValueError (never a rank waiting alone in a collective). With ``share`` every rank gets
+    the result, else only rank 0 (the others get None: e.g. a lock descriptor)."""
+    result, problem = None, None
+    if is_main():
+        try:
+            result = function(*args)
+        except ValueError as error:
+            problem = str(error)
+        except Exception as error:  # OSError, a malformed file...: same on every rank
+            problem = f"{type(error).__name__}: {error}"
+    if share:
+        result, problem = broadcast_object((result, problem))
+    else:
+        problem = broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+    return result
+
+
 def _find_checkpoint(run_dir: Path, resume) -> Path | None:
     """The checkpoint to resume from (rank 0 decides, every rank raises the same error)."""
-    problem, checkpoint = _resume_point(run_dir, resume) if is_main() else (None, None)
-    problem, checkpoint = broadcast_object((problem, checkpoint and str(checkpoint)))
+    problem, checkpoint = _on_rank_0(lambda: _resume_point(run_dir, resume))
     if problem:
         raise ValueError(problem)
     return Path(checkpoint) if checkpoint else None
@@ -154,22 +175,33 @@ def _resume_point(run_dir: Path, resume) -> tuple[str | None, Path | None]:
         log.warning("skipping damaged checkpoint %s", reason)
     if intact is None:
         return f"no intact checkpoint in {checkpoints} ({'; '.join(skipped)}); restore the files or start anew", None
-    return None, intact
+    if skipped:  # set the damaged ones aside, so pruning and restores never count them again
+        for reason in skipped:
+            set_aside(checkpoints / reason.split(":", 1)[0], "damaged")
+        write_text_atomic(checkpoints / LATEST, intact.name)
+    return None, str(intact)
 
 
-def _open_run_dir(config: RunConfig, checkpoint: Path | None) -> RunDirectory | None:
-    """Rank 0 locks and records the run directory; every rank raises the same error."""
-    problem, run_dir = None, None
-    if is_main():
-        try:
-            run_dir = open_run_directory(config, resuming=checkpoint is not None,
-                                         step=checkpoint_step(checkpoint) if checkpoint else None)
-        except ValueError as error:
-            problem = str(error)
-    problem = broadcast_object(problem)
-    if problem:
-        raise ValueError(problem)
-    return run_dir
+def _lock_run_dir(config: RunConfig, resume) -> int | None:
+    """Rank 0 takes the run directory's lock first (every rank raises the same error)."""
+    if resume is True and not Path(config.output_dir).is_dir():
+        raise ValueError(f"--resume: no run directory {config.output_dir} to resume; check output_dir, or pass "
+                         "--resume-or-start to start a new run there")
+    return _on_rank_0(lock_run_directory, config, share=False)
+
+
+def _open_run_dir(config: RunConfig, fd: int | None, checkpoint: Path | None) -> RunDirectory | None:
+    """Rank 0 records the run directory; every rank raises the same error."""
+    def record():
+        return open_run_directory(config, fd, resuming=checkpoint is not None,
+                                  step=checkpoint_step(checkpoint) if checkpoint else None)
+
+    try:
+        return _on_rank_0(record, share=False)
+    except BaseException:
+        if is_main():
+            release_lock(fd)
+        raise
 
 
 def _apply_schedule(engine, config: RunConfig) -> None:
@@ -201,21 +233,26 @@ def _check_finite(losses: dict[str, torch.Tensor], step: int, world_size: int) -
     return dict(zip(losses, values.tolist()))
 
 
-def _discard_poisoned(checkpoint_dir: Path, step: int) -> str:
+def _discard_poisoned(checkpoint_dir: Path, step: int) -> tuple[str, bool]:
     """After a non-finite loss at step ``step + 1``: the weights it was computed with are
-    those saved at ``step``, if a checkpoint was; unpublish it so the last kept checkpoint
-    holds weights that gave a finite loss. Returns what happened, for the message."""
-    verdict = None
-    if is_main():
+    those saved at ``step``, if a checkpoint was; set it aside (``step-N.nonfinite``) so the
+    last kept checkpoint holds weights that gave a finite loss. Returns what happened, for
+    the message, and whether a good checkpoint is left."""
+    def discard():
         latest = latest_checkpoint(checkpoint_dir)
         if latest is not None and latest.name == tag_of(step):
             kept = discard_checkpoint(checkpoint_dir, step)
-            verdict = (f"checkpoint {tag_of(step)} held the weights that gave it and was removed; "
-                       + (f"the last good checkpoint is {kept.name}" if kept else "no checkpoint is left"))
-        else:
-            verdict = (f"the last good checkpoint is {latest.name}" if latest is not None
-                       else "no checkpoint was written")
-    return broadcast_object(verdict)
+            return (f"checkpoint {tag_of(step)} held the weights that gave it and was set aside as "
+                    f"{tag_of(step)}.nonfinite; " + (f"the last good checkpoint is {kept.name}" if kept
+                                                     else "no checkpoint is left")), kept is not None
+        if latest is not None:
+            return f"the last good checkpoint is {latest.name}", True
+        return "no checkpoint was written", False
+
+    try:
+        return _on_rank_0(discard)
+    except ValueError as error:
+        return f"the bad checkpoint could not be set aside ({error})", False
 
 
 class Trainer:
@@ -241,10 +278,24 @@ class Trainer:
         torch.manual_seed(config.seed)
         model = build_run_model(config, self.tasks).to(self.device)
         self.sparsifier.check(model)
-        checkpoint = _find_checkpoint(self.run_dir, resume)
-        self.directory = _open_run_dir(config, checkpoint)
+        lock = _lock_run_dir(config, resume)
+        try:
+            checkpoint = _find_checkpoint(self.run_dir, resume)
+        except BaseException:
+            if is_main():
+                release_lock(lock)
+            raise
+        self.directory = _open_run_dir(config, lock, checkpoint)
         if self.directory is not None:  # a Trainer dropped without fit() must not keep the directory locked
             weakref.finalize(self, self.directory.release)
+        try:
+            self._build(config, model, checkpoint)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, config: RunConfig, model, checkpoint: Path | None) -> None:
+        """Engine, restored state and tracking (the run directory is held)."""
         if checkpoint is not None:
             self.sparsifier.load_state_dict(read_sparsifier_state(checkpoint))
         model = self.sparsifier.prepare(model)
@@ -264,9 +315,13 @@ class Trainer:
                                   parent_run_id=config.tracking.parent_run_id,
                                   enabled=is_main())
         self.state["mlflow_run_id"] = broadcast_object(self.tracker.run_id)
-        if self.directory is not None and (self.directory.changes or copied):
-            self.tracker.set_tags({f"resume.step_{self.state['step']}.changes": json.dumps(self.directory.changes),
-                                   **({"copied_from": copied} if copied else {})})
+        if self.directory is not None:  # rank 0
+            tags = {"dsparse.run_uid": self.directory.run_uid}
+            if self.directory.changes:
+                tags[f"resume.step_{self.state['step']}.changes"] = json.dumps(self.directory.changes)
+            if copied:
+                tags["copied_from"] = copied
+            self.tracker.set_tags(tags)
 
     def close(self) -> None:
         """Release the run directory (fit() does it when it returns or fails)."""
@@ -353,11 +408,12 @@ class Trainer:
             try:
                 mean_losses = _check_finite(losses, step, self.world_size)
             except NonFiniteLossError as error:
-                verdict = _discard_poisoned(self.checkpoint_dir, step)
+                verdict, resumable = _discard_poisoned(self.checkpoint_dir, step)
+                then = ("; --resume applies a new learning rate from the last good checkpoint" if resumable
+                        else "; start the run again (another output_dir)")
                 raise NonFiniteLossError(
                     f"{error}; {verdict}. Lower the learning rate (--set optimizer.lr=...), enable "
-                    "deepspeed.gradient_clipping, or check that task's labels; --resume applies a new "
-                    "learning rate from the last good checkpoint") from None
+                    f"deepspeed.gradient_clipping, or check that task's labels{then}") from None
             engine.backward(sum(self.config.weight_of(name) * loss for name, loss in losses.items()))
             engine.step()
             if (update := self.sparsifier.step(done, batch)) is not None and is_main():

@@ -44,6 +44,22 @@ def test_resume_refuses_incompatible_changes_before_writing_anything(tiny_datase
     with pytest.raises(ValueError, match=r"--resume cannot change model.base_width: 8 -> 16"):
         train(config_from_dict(changed), resume=True)
     assert (run_dir / "config.yaml").read_bytes() == saved
+    assert (run_dir / ".lock").read_text() == ""  # released at once, holder line cleared
+    assert train(config(tiny_dataset, run_dir, tracking_uri), resume=True)["step"] == 4
+
+
+def test_a_run_saved_with_relative_paths_by_an_older_dsparse_resumes(tiny_dataset, tmp_path, tracking_uri,
+                                                                      monkeypatch):
+    import yaml
+
+    shutil.copytree(tiny_dataset, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    raw = tiny_config("data", "runs/old", tracking_uri, iterations=4, checkpoint_interval=1, eval_interval=4)
+    train(config_from_dict(raw), stop_after=2)
+    saved = yaml.safe_load((tmp_path / "runs" / "old" / "config.yaml").read_text())
+    saved["data"]["path"], saved["output_dir"] = "data", "runs/old"  # as dsparse wrote it before paths were resolved
+    (tmp_path / "runs" / "old" / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert train(config_from_dict(raw), resume=True)["step"] == 4
 
 
 def test_resume_applies_a_new_learning_rate_and_records_it(tiny_dataset, tmp_path, tracking_uri):
@@ -63,6 +79,10 @@ def test_resume_applies_a_new_learning_rate_and_records_it(tiny_dataset, tmp_pat
 
 def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start(tiny_dataset, tmp_path, tracking_uri, capsys):
     run_dir = tmp_path / "typo"
+    with pytest.raises(ValueError, match="no run directory .*typo to resume.*--resume-or-start"):
+        train(config(tiny_dataset, run_dir, tracking_uri), resume=True)
+    assert not run_dir.exists()
+    run_dir.mkdir()  # an existing directory without a checkpoint
     with pytest.raises(ValueError, match="no checkpoint in .*typo to resume from.*--resume-or-start"):
         train(config(tiny_dataset, run_dir, tracking_uri), resume=True)
     assert not (run_dir / "config.yaml").exists()
@@ -73,8 +93,9 @@ def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start(tiny_data
 def test_a_lr_explosion_never_leaves_exploded_weights_as_the_last_checkpoint(tiny_dataset, tmp_path, tracking_uri):
     run_dir = tmp_path / "run"
     train(config(tiny_dataset, run_dir, tracking_uri), stop_after=2)
-    with pytest.raises(NonFiniteLossError, match="held the weights that gave it and was removed; the last good "
-                                                 "checkpoint is step-00000002.*--resume applies a new learning rate"):
+    with pytest.raises(NonFiniteLossError, match="held the weights that gave it and was set aside as "
+                                                 "step-00000003.nonfinite; the last good checkpoint is step-00000002"
+                                                 ".*--resume applies a new learning rate"):
         train(config(tiny_dataset, run_dir, tracking_uri, optimizer={"lr": 1e30}), resume=True)
     latest = latest_checkpoint(run_dir / "checkpoints")
     assert latest.name == "step-00000002"
@@ -83,9 +104,10 @@ def test_a_lr_explosion_never_leaves_exploded_weights_as_the_last_checkpoint(tin
 
 def hold_run_directory(config_dict, ready):
     """Child process: own the run directory, then wait to be killed."""
-    from dsparse.train.rundir import open_run_directory
+    from dsparse.train.rundir import lock_run_directory, open_run_directory
 
-    open_run_directory(config_from_dict(config_dict), resuming=False, step=None)
+    config = config_from_dict(config_dict).with_absolute_paths()
+    open_run_directory(config, lock_run_directory(config), resuming=False, step=None)
     ready.set()
     time.sleep(120)
 
@@ -218,7 +240,8 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(tiny_da
     assert "skipping damaged checkpoint step-00000003: mp_rank_00_model_states.pt is missing" in caplog.text
     assert summary["step"] == 4
     checkpoints = run_dir / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000004"]
+    assert (checkpoints / "step-00000003.damaged").is_dir()  # set aside: never pruned into, resumed or restored
+    assert sorted(p.name for p in checkpoints.glob("step-????????")) == ["step-00000003", "step-00000004"]
     weights = checkpoints / "step-00000004" / "mp_rank_00_model_states.pt"
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")  # same size, other bytes
     (checkpoints / "step-00000003" / "mp_rank_00_model_states.pt").unlink()
@@ -260,3 +283,39 @@ def test_cli_a_truncated_shard_is_one_line_and_debug_shows_the_worker_traceback(
     assert "data.skip_bad: true" in last
     assert main(["--debug", "train", str(path), "--set", f"output_dir={tmp_path / 'run2'}"]) == 2
     assert "Original Traceback" in capsys.readouterr().err
+
+
+def _sleep_forever():
+    time.sleep(120)
+
+
+def lock_then_fork_a_worker(config_dict, ready, worker_pid):
+    """Child: own the run directory, fork a loader-like worker that outlives us, then wait."""
+    from dsparse.train.rundir import lock_run_directory
+
+    lock_run_directory(config_from_dict(config_dict).with_absolute_paths())
+    worker = multiprocessing.get_context("fork").Process(target=_sleep_forever)
+    worker.start()
+    worker_pid.value = worker.pid
+    ready.set()
+    time.sleep(120)
+
+
+def test_a_forked_loader_worker_does_not_keep_a_dead_runs_directory_locked(tiny_dataset, tmp_path, tracking_uri):
+    from dsparse.train.rundir import acquire_lock, release_lock
+
+    run_dir = tmp_path / "run"
+    raw = tiny_config(tiny_dataset, run_dir, tracking_uri)
+    context = multiprocessing.get_context("spawn")
+    ready, worker_pid = context.Event(), context.Value("i", 0)
+    owner = context.Process(target=lock_then_fork_a_worker, args=(raw, ready, worker_pid))
+    owner.start()
+    assert ready.wait(60)
+    with pytest.raises(ValueError, match="in use by"):
+        acquire_lock(run_dir)
+    os.kill(owner.pid, signal.SIGKILL)  # the trainer dies; its forked worker lives on
+    owner.join()
+    try:
+        release_lock(acquire_lock(run_dir))
+    finally:
+        os.kill(worker_pid.value, signal.SIGKILL)

@@ -100,11 +100,12 @@ def test_nan_loss_stops_naming_task_and_step_and_keeps_last_checkpoint(tiny_data
     monkeypatch.setattr(DepthTask, "loss", poisoned)
     run_dir = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match=r"task\(s\) \['depth'\] is not finite at step 7; checkpoint "
-                                                 r"step-00000006 held the weights that gave it and was removed; the "
-                                                 r"last good checkpoint is step-00000004"):
+                                                 r"step-00000006 held the weights that gave it and was set aside as "
+                                                 r"step-00000006.nonfinite; the last good checkpoint is step-00000004"):
         train(config_from_dict(tiny_config(tiny_dataset, run_dir, tracking_uri, checkpoint_interval=2)))
     assert latest_checkpoint(run_dir / "checkpoints").name == "step-00000004"
     assert not (run_dir / "checkpoints" / "step-00000006").exists()
+    assert (run_dir / "checkpoints" / "step-00000006.nonfinite").is_dir()
     assert not (run_dir / "summary.json").exists()
 
 
