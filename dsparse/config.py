@@ -209,6 +209,11 @@ class SparsityConfig:
     """Dynamic: initial drop fraction, decayed by cosine to 0 at ``end``."""
     erk_power: float = 1.0
     """Dynamic: exponent of the ERK layer-density rule (0 = uniform density)."""
+    score_init: str = "model"
+    """What static methods score: model (the weights that are then trained, or the loaded
+    trained weights) | xavier (the original DiSparse code's setting: a copy of the network
+    re-initialised with Xavier-normal Conv2d/Linear weights, seeded by the run's seed; the
+    masks then apply to the model's own weights)."""
     granularity: str = "element"
     """element (any weight may be pruned; enforced by gradient hooks on dense weights) | block
     (``block x block`` tiles of each weight's GEMM view are kept or pruned whole, and masked
@@ -236,6 +241,11 @@ class SparsityConfig:
             raise ValueError(f"sparsity.granularity must be element or block, got {self.granularity!r}")
         if self.block not in (16, 32, 64):
             raise ValueError(f"sparsity.block must be 16, 32 or 64, got {self.block!r}")
+        if self.score_init not in ("model", "xavier"):
+            raise ValueError(f"sparsity.score_init must be model or xavier, got {self.score_init!r}")
+        if self.score_init == "xavier" and self.method not in ("disparse", "snip"):
+            raise ValueError(f"sparsity.score_init: xavier scores a re-initialised copy for disparse or snip; it has "
+                             f"no effect with method {self.method!r} (use score_init: model)")
         if self.kernel not in KERNELS:
             raise ValueError(f"sparsity.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
         if self.method in ("disparse_dynamic", "rigl", "set") and (self.masks or self.from_checkpoint):

@@ -14,6 +14,7 @@ Each is a class registered in ``METHODS`` (``dsparse.sparsity.method``).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from copy import deepcopy as copy_module
 from typing import ClassVar
 
 import torch
@@ -93,11 +94,29 @@ class StaticMethod(Method):
         pretrained = inputs.pretrained is not None
         criterion = self.criterion_for(settings.criterion, pretrained)
         batches = None if criterion in DATA_FREE or inputs.batches is None else inputs.batches()
-        return self.masks(model, inputs.tasks, batches, sparsity=settings.target, criterion=settings.criterion,
+        scored = xavier_copy(model, inputs.seed) if settings.score_init == "xavier" else model
+        return self.masks(scored, inputs.tasks, batches, sparsity=settings.target, criterion=settings.criterion,
                           num_batches=settings.num_batches, scope=settings.scope,
                           keep_first_dense=bool(settings.keep_first_dense), task_weights=dict(inputs.task_weights),
                           seed=inputs.seed, pretrained=pretrained, granularity=settings.granularity,
                           block=settings.block)
+
+
+def xavier_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """A copy of ``model`` with Xavier-normal Conv2d and Linear weights (biases, norms and
+    buffers kept), drawn from ``seed`` so every rank scores the same network.
+
+    The original DiSparse code scores static pruning on such a copy rather than on the
+    weights it then trains; ``sparsity.score_init: xavier`` reproduces that.
+    """
+    copy = copy_module(model)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's random state is untouched
+        torch.manual_seed(seed)
+        for module in copy.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                values = torch.nn.init.xavier_normal_(torch.empty(module.weight.shape))  # on CPU: same on any device
+                module.weight.copy_(values.to(module.weight.device, module.weight.dtype))
+    return copy
 
 
 @register_method("disparse")

@@ -95,3 +95,34 @@ def test_method_errors(model_and_tasks, kwargs, message):
 
 def test_registry_lists_the_methods():
     assert {"disparse", "snip", "random", "magnitude", "lottery"} <= set(METHODS)
+
+
+def test_score_init_xavier_scores_an_explicitly_reinitialised_copy(model_and_tasks):
+    from copy import deepcopy
+
+    from dsparse.config import SparsityConfig
+    from dsparse.sparsity.method import MaskInputs, get_method
+
+    model, tasks = model_and_tasks
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = make_batches(2)
+    settings = SparsityConfig(method="disparse", target=0.8, num_batches=2, score_init="xavier")
+    inputs = MaskInputs(tasks, settings, seed=3, batches=lambda: iter(batches))
+    masks = get_method("disparse").initial_masks(model, inputs)
+    explicit = deepcopy(model)
+    torch.manual_seed(3)
+    for module in explicit.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            torch.nn.init.xavier_normal_(module.weight)
+    expected = prune(explicit, tasks, iter(batches), method="disparse", sparsity=0.8, num_batches=2, seed=3)
+    assert masks.digest() == expected.digest()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the trained weights are untouched"
+    own = prune(model, tasks, iter(batches), method="disparse", sparsity=0.8, num_batches=2, seed=3)
+    assert own.digest() != masks.digest()
+
+
+def test_score_init_xavier_without_an_effect_is_refused():
+    from dsparse.config import SparsityConfig
+
+    with pytest.raises(ValueError, match="no effect with method 'random'"):
+        SparsityConfig(method="random", score_init="xavier")
