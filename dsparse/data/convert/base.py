@@ -71,6 +71,22 @@ def load_index(path: Path, splits: list[str], default_name: str) -> dict[str, li
     return {split: index[split] for split in splits}
 
 
+def index_samples(entries: dict[str, list], columns: tuple[str, ...],
+                  key: Callable[[str, int, tuple], str]) -> dict[str, list[tuple[str, tuple]]]:
+    """``{written split: [(key, row)]}`` from an index's rows of ``columns`` file paths:
+    rows checked, ``test`` written as ``val`` (WRITTEN_AS), train shuffled for the shards."""
+    planned = {}
+    for split, rows in entries.items():
+        samples = []
+        for position, row in enumerate(rows):
+            if not (isinstance(row, (list, tuple)) and len(row) == len(columns) and all(isinstance(f, str) for f in row)):
+                raise SourceError(f"index entry {row!r} of split {split!r} is not [{', '.join(columns)}]")
+            samples.append((key(split, position, tuple(row)), tuple(row)))
+        written = WRITTEN_AS.get(split, split)
+        planned[written] = shuffled(samples) if written == "train" else sorted(samples)
+    return planned
+
+
 class Converter(abc.ABC):
     """One source layout. Subclasses set ``name``, ``version`` and ``options`` and plan."""
 

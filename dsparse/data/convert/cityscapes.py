@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsparse.data.convert.base import (WRITTEN_AS, Conversion, Converter, Option, SourceError, load_index,
-                                       read_npy, same_size, sample_key, shuffled)
+from dsparse.data.convert.base import (WRITTEN_AS, Conversion, Converter, Option, SourceError, index_samples,
+                                       load_index, read_npy, same_size, sample_key)
 from dsparse.data.writer import DatasetInfo
 
 INDEX_FILE = "cityscape.json"
@@ -79,16 +79,8 @@ class CityscapesConverter(Converter):
     def plan(self, src: Path, splits: list[str], on_error: str, index: str | None = None, classes: int = 19,
              depth_scale: float = 100000.0) -> Conversion:
         entries = load_index(Path(index) if index else src / INDEX_FILE, splits, INDEX_FILE)
-        planned = {}
-        for split, rows in entries.items():
-            samples = []
-            for position, row in enumerate(rows):
-                if not (isinstance(row, (list, tuple)) and len(row) == 5 and all(isinstance(f, str) for f in row)):
-                    raise SourceError(f"index entry {row!r} of split {split!r} is not [img, depth, label2, label7, "
-                                      "label19]")
-                samples.append((sample_key(split, f"{position:06d}", Path(row[0]).stem), tuple(row)))
-            written = WRITTEN_AS.get(split, split)
-            planned[written] = shuffled(samples) if written == "train" else sorted(samples)
+        planned = index_samples(entries, ("img", "depth", "label2", "label7", "label19"),
+                                lambda split, position, row: sample_key(split, f"{position:06d}", Path(row[0]).stem))
         names = CLASSES_19 if classes == 19 else CLASSES_7
         info = DatasetInfo(name="cityscapes", tasks=["seg", "depth"], classes=list(names),
                            encodings={"depth": {"scale": depth_scale}},

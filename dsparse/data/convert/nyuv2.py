@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dsparse.data.convert.base import (WRITTEN_AS, Conversion, Converter, Option, SourceError, load_index,
-                                       read_npy, read_png, same_size, sample_key, shuffled, unit_normals)
+from dsparse.data.convert.base import (WRITTEN_AS, Conversion, Converter, Option, index_samples, load_index,
+                                       read_npy, read_png, same_size, sample_key, unit_normals)
 from dsparse.data.writer import DatasetInfo
 
 INDEX_FILE = "nyu_v2_3task.json"
@@ -69,15 +69,8 @@ class NYUv2Converter(Converter):
 
     def plan(self, src: Path, splits: list[str], on_error: str, index: str | None = None) -> Conversion:
         entries = load_index(Path(index) if index else src / INDEX_FILE, splits, INDEX_FILE)
-        planned = {}
-        for split, rows in entries.items():
-            samples = []
-            for row in rows:
-                if not (isinstance(row, (list, tuple)) and len(row) == 4 and all(isinstance(f, str) for f in row)):
-                    raise SourceError(f"index entry {row!r} of split {split!r} is not [img, seg, normal, depth]")
-                samples.append((sample_key(Path(row[0]).stem), tuple(row)))
-            written = WRITTEN_AS.get(split, split)
-            planned[written] = shuffled(samples) if written == "train" else sorted(samples)
+        planned = index_samples(entries, ("img", "seg", "normal", "depth"),
+                                lambda split, position, row: sample_key(Path(row[0]).stem))
         info = DatasetInfo(name="nyuv2", tasks=["seg", "normal", "depth"], classes=list(NYU40_CLASSES),
                            source={"converter": self.name, "converter_version": self.version, "src": str(src),
                                    "index": str(index or src / INDEX_FILE),
