@@ -187,8 +187,12 @@ class SparsityConfig:
     target: float = 0.9
     """Fraction of prunable weights (Conv2d/Linear weights) to prune, in (0, 1)."""
     criterion: str | None = None
-    """Per-task saliency for disparse: snip (default at init) | grad_w2 (default with
-    from_checkpoint) | magnitude | random."""
+    """Per-task saliency for disparse: snip (default at init) | grad_w2 | magnitude | random;
+    None = snip at initialization, ``pretrained_criterion`` with from_checkpoint."""
+    pretrained_criterion: str = "grad_w2"
+    """DiSparse's criterion for a trained model when ``criterion`` is unset. The original
+    release prunes trained NYU-v2 and Cityscapes models by magnitude and Taskonomy ones by
+    grad_w2; the presets follow it. Baselines keep their own criterion."""
     num_batches: int = 50
     """Batches of saliency accumulation per rank."""
     scope: str = "global"
@@ -241,6 +245,11 @@ class SparsityConfig:
             raise ValueError(f"sparsity.granularity must be element or block, got {self.granularity!r}")
         if self.block not in (16, 32, 64):
             raise ValueError(f"sparsity.block must be 16, 32 or 64, got {self.block!r}")
+        from dsparse.sparsity.criteria import CRITERIA
+
+        if self.pretrained_criterion not in CRITERIA:
+            raise ValueError(f"sparsity.pretrained_criterion must be one of {sorted(CRITERIA)}, "
+                             f"got {self.pretrained_criterion!r}")
         if self.score_init not in ("model", "xavier"):
             raise ValueError(f"sparsity.score_init must be model or xavier, got {self.score_init!r}")
         if self.score_init == "xavier" and self.method not in ("disparse", "snip"):

@@ -36,6 +36,20 @@ def test_grid_expands_to_every_combination_with_overrides(tmp_path):
     assert config.train.iterations == 7 and config.sparsity.method == "disparse" and config.sparsity.target == 0.5
 
 
+def test_a_mapping_grid_value_sets_several_keys_together(tmp_path):
+    """Variants that are not a product (xavier scoring exists for disparse, not random)."""
+    variants = [{"method": None}, {"method": "disparse"}, {"method": "disparse", "score_init": "xavier"},
+                {"method": "random"}]
+    spec = load_sweep_spec(write_spec(tmp_path, overrides={"sparsity.target": 0.8},
+                                      grid={"sparsity": variants, "seed": [0, 1]}))
+    points = spec.grid_points()
+    assert len(points) == 8
+    assert {"sparsity.method": "disparse", "sparsity.score_init": "xavier", "seed": 1} in points
+    assert {"sparsity.method": None, "seed": 0} in points
+    config = config_from_dict(spec.base_config(), spec.trial_overrides(points[2]))
+    assert (config.sparsity.method, config.sparsity.score_init, config.sparsity.target) == ("disparse", "xavier", 0.8)
+
+
 def test_task_subsets_are_grid_values(tmp_path):
     spec = load_sweep_spec(write_spec(tmp_path, grid={"tasks": [["seg", "depth"], ["seg", "normal", "edge"]]}))
     config = config_from_dict(spec.base_config(), spec.trial_overrides(spec.grid_points()[1]))

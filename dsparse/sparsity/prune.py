@@ -40,15 +40,16 @@ class StaticMethod(Method):
     criterion: ClassVar[str | None] = None
     """Fixed criterion of a baseline; None = chosen by the user (DiSparse)."""
 
-    def criterion_for(self, requested: str | None, pretrained: bool) -> str:
+    def criterion_for(self, requested: str | None, pretrained: bool, pretrained_default: str = "grad_w2") -> str:
         """The criterion to score with: the baseline's own, else the request, else the
-        setting's default (``grad_w2`` for trained weights, ``snip`` at initialization)."""
+        setting's default (``pretrained_default`` for trained weights, ``snip`` at
+        initialization)."""
         if self.criterion is not None:
             if requested is not None and requested != self.criterion:
                 raise ValueError(f"method {self.name!r} always scores by {self.criterion!r}; "
                                  "--criterion applies to disparse")
             return self.criterion
-        return requested or ("grad_w2" if pretrained else "snip")
+        return requested or (pretrained_default if pretrained else "snip")
 
     def vote_users(self, model: torch.nn.Module) -> dict[str, frozenset[str]]:
         weights = prunable_parameters(unwrap_model(model))
@@ -92,10 +93,10 @@ class StaticMethod(Method):
         if inputs.pretrained is not None:
             model.load_state_dict(inputs.pretrained())
         pretrained = inputs.pretrained is not None
-        criterion = self.criterion_for(settings.criterion, pretrained)
+        criterion = self.criterion_for(settings.criterion, pretrained, settings.pretrained_criterion)
         batches = None if criterion in DATA_FREE or inputs.batches is None else inputs.batches()
         scored = xavier_copy(model, inputs.seed) if settings.score_init == "xavier" else model
-        return self.masks(scored, inputs.tasks, batches, sparsity=settings.target, criterion=settings.criterion,
+        return self.masks(scored, inputs.tasks, batches, sparsity=settings.target, criterion=criterion,
                           num_batches=settings.num_batches, scope=settings.scope,
                           keep_first_dense=bool(settings.keep_first_dense), task_weights=dict(inputs.task_weights),
                           seed=inputs.seed, pretrained=pretrained, granularity=settings.granularity,

@@ -7,6 +7,8 @@ A spec is YAML (``sweeps/*.yaml``)::
     grid:                                # every combination is a trial
       sparsity.method: [disparse, snip, random]
       sparsity.target: [0.5, 0.7, 0.9]
+      # a mapping value sets several keys together (variants that are no product):
+      # sparsity: [{method: disparse, score_init: xavier}, {method: random}]
     search:                              # sampled per trial (num_samples times per grid point)
       optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}
     search_alg: random                   # or optuna (TPE; one grid point, a validation metric)
@@ -157,8 +159,18 @@ class SweepSpec:
         return points
 
     def _combinations(self) -> list[dict[str, Any]]:
+        """The grid's product; a mapping value sets each of its keys under the grid key, so
+        ``sparsity: [{method: disparse, score_init: xavier}, {method: random}]`` lists
+        variants that are not a product of independent keys."""
         keys = list(self.grid)
-        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+        points = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            point = {}
+            for key, value in zip(keys, values):
+                point.update({f"{key}.{sub}": v for sub, v in value.items()} if isinstance(value, dict)
+                             else {key: value})
+            points.append(point)
+        return points
 
     def trial_overrides(self, point: dict[str, Any]) -> list[str]:
         """``--set``-style overrides of one trial: the spec's overrides, then the grid point."""

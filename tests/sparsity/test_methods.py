@@ -71,6 +71,39 @@ def test_pretrained_disparse_defaults_to_grad_w2(model_and_tasks):
     assert masks.meta["criterion"] == "grad_w2"
 
 
+@pytest.mark.parametrize("pretrained_criterion", ["magnitude", "grad_w2"])
+def test_pretrained_criterion_setting_chooses_disparse_scoring_of_a_trained_model(model_and_tasks,
+                                                                                 pretrained_criterion):
+    """The original release prunes trained NYU-v2/Cityscapes models by magnitude, Taskonomy by grad_w2."""
+    from dsparse.config import SparsityConfig
+    from dsparse.sparsity.method import MaskInputs, get_method
+
+    model, tasks = model_and_tasks
+    batches = make_batches(2)
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = SparsityConfig(method="disparse", target=0.6, num_batches=2, pretrained_criterion=pretrained_criterion)
+    inputs = MaskInputs(tasks, settings, batches=lambda: iter(batches), pretrained=lambda: trained)
+    masks = get_method("disparse").initial_masks(model, inputs)
+    expected = prune(model, tasks, iter(batches), method="disparse", sparsity=0.6, num_batches=2,
+                     criterion=pretrained_criterion)
+    assert masks.meta["criterion"] == pretrained_criterion and masks.digest() == expected.digest()
+    at_init = get_method("disparse").initial_masks(model, MaskInputs(tasks, settings, batches=lambda: iter(batches)))
+    assert at_init.meta["criterion"] == "snip", "pretrained_criterion does not apply at initialization"
+    snip = get_method("snip").initial_masks(model, MaskInputs(tasks, SparsityConfig(
+        method="snip", target=0.6, num_batches=2, pretrained_criterion="magnitude"),
+        batches=lambda: iter(batches), pretrained=lambda: trained))
+    assert snip.meta["criterion"] == "snip", "a baseline keeps its own criterion"
+
+
+def test_presets_prune_trained_models_as_the_original_release():
+    from dsparse.config import load_config
+
+    assert {name: load_config(name).sparsity.pretrained_criterion for name in ("nyuv2", "cityscapes", "taskonomy")} \
+        == {"nyuv2": "magnitude", "cityscapes": "magnitude", "taskonomy": "grad_w2"}
+    with pytest.raises(ValueError, match="sparsity.pretrained_criterion must be one of"):
+        load_config("nyuv2", ["sparsity.pretrained_criterion=taylor"])
+
+
 def test_keep_first_dense_is_reported_and_counted(model_and_tasks):
     model, tasks = model_and_tasks
     masks = prune(model, tasks, None, method="magnitude", sparsity=0.9, keep_first_dense=True)
