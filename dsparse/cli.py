@@ -8,6 +8,7 @@
     dsparse train CONFIG.yaml [--set k=v ...] [--masks masks.pt] [--resume] [--stop-after N]
     dsparse eval RUN_OR_CHECKPOINT_OR_EXPORT [--baseline RUN] [--out metrics.json]
     dsparse export RUN --out model.pt              # kept blocks/weights + layout + config
+    dsparse analyze MASKS_OR_RUN [--branch]        # per-task mask IoU per layer, watershed, plots
 
 Multi-process: ``torchrun --nproc_per_node 2 -m dsparse train CONFIG.yaml``.
 """
@@ -159,6 +160,27 @@ def _cmd_sweep(args) -> None:
     print(f"MLflow (the sweep is the parent run, trials are child runs): {ui_command(uri)}")
 
 
+def _cmd_analyze(args) -> None:
+    from dsparse.analysis import analyze
+
+    result = analyze(args.source, args.out, branch=args.branch, num_groups=args.groups, same_params=args.same_params,
+                     config=args.config)
+    final = result.source.final
+    shared = final.shared_layers
+    print(f"{len(final.tasks)} tasks, {len(final.layers)} masked layers ({len(shared)} shared by two or more)"
+          + (f", {len(result.source.analyses)} checkpoints (dynamic run: per-task masks are the tasks' nominations "
+             "at the latest update)" if result.source.dynamic else ""))
+    if final.watershed:
+        print(f"watershed: {final.watershed} (mean IoU drops by {final.watershed_drop:.3f} from the layer before)")
+    for (a, b), value in final.pair_iou_matrix().items():
+        print(f"  {a}/{b}: mean IoU {value:.3f} over the layers both use")
+    if result.plan is not None:
+        print(f"branched at {result.plan.branch_from}, groups {result.plan.groups}: {result.branched_config}")
+        print(f"train it: dsparse train {result.branched_config}")
+    print(f"wrote {len(result.paths)} files to {result.out_dir}"
+          + (f"; logged to MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""))
+
+
 def _cmd_demo(args) -> None:
     from dsparse.demo import run_demo
 
@@ -263,6 +285,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--storage", default=None,
                        help="Ray trial state and checkpoints: shared path or bucket URI (default OUT/ray)")
     sweep.set_defaults(func=_cmd_sweep)
+
+    analyze = verbs.add_parser("analyze", help="per-task mask IoU per layer, the watershed, density; optionally a "
+                               "branched model config")
+    analyze.add_argument("source", help="mask file (dsparse prune --out), run directory or checkpoint")
+    analyze.add_argument("--out", default=None, help="output directory (default RUN/analysis or MASKFILE-analysis)")
+    analyze.add_argument("--branch", action="store_true",
+                         help="also write branched.yaml: the trunk shared up to the watershed stage, a copy of the "
+                              "later stages per task group")
+    analyze.add_argument("--groups", type=int, default=None,
+                         help="task groups (branches) for --branch, clustered by IoU after the watershed "
+                              "(default: one per task)")
+    analyze.add_argument("--same-params", action="store_true",
+                         help="with --branch: lower the trunk width until the branched model is no larger")
+    analyze.add_argument("--config", default=None, help="with --branch on a mask file: the run config it was made for")
+    analyze.set_defaults(func=_cmd_analyze)
 
     demo = verbs.add_parser("demo", help="synthetic data -> train tiny model on 5 tasks -> eval table")
     demo.add_argument("--workdir", default=".")

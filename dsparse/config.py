@@ -92,11 +92,18 @@ class ModelConfig:
     head_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
     head_hidden: int | None = None
     stem_pool: bool = True
+    branches: list[list[str]] | None = None
+    """Task groups, each with its own copy of the trunk from ``branch_from`` on (a branched
+    network, e.g. from ``dsparse analyze RUN --branch``); None = one trunk shared by all."""
+    branch_from: str = "layer4"
+    """First trunk stage that is branched: layer1 | layer2 | layer3 | layer4."""
 
     def __post_init__(self):
         _check_positive("model.base_width", self.base_width)
         if not self.head_dilations:
             raise ValueError("model.head_dilations must list at least one dilation")
+        if self.branch_from not in ("layer1", "layer2", "layer3", "layer4"):
+            raise ValueError(f"model.branch_from must be one of layer1, layer2, layer3, layer4; got {self.branch_from!r}")
 
 
 @dataclass
@@ -315,6 +322,27 @@ class RunConfig:
         for name, weight in self.task_weights.items():
             if not weight > 0:
                 raise ValueError(f"task_weights.{name} must be > 0, got {weight}")
+        self._check_branches()
+
+    def _check_branches(self) -> None:
+        """Branches must partition the tasks: every task in exactly one group."""
+        if self.model.branches is None:
+            return
+        listed = [t for group in self.model.branches for t in group]
+        problems = []
+        if any(not group for group in self.model.branches):
+            problems.append("a group is empty")
+        twice = sorted({t for t in listed if listed.count(t) > 1})
+        if twice:
+            problems.append(f"{twice} are in two groups")
+        unknown = sorted(set(listed) - set(self.tasks))
+        if unknown:
+            problems.append(f"{unknown} are not in tasks")
+        missing = [t for t in self.tasks if t not in listed]
+        if missing:
+            problems.append(f"{missing} are in no group")
+        if problems:
+            raise ValueError(f"model.branches must split tasks {self.tasks} into groups: " + "; ".join(problems))
 
     def with_absolute_paths(self) -> RunConfig:
         """A copy whose file paths (data, output, masks, checkpoint, DeepSpeed file, a local

@@ -22,7 +22,7 @@ import torch
 
 from dsparse.config import config_from_dict
 from dsparse.io import atomic_path, load_tensor_file
-from dsparse.models import build_model, prunable_parameters
+from dsparse.models import prunable_parameters
 from dsparse.sparsity.block_layers import BlockSparseLayer, BlockSparseConv2d, BlockSparseLinear
 from dsparse.sparsity.block_layout import BlockLayout
 from dsparse.sparsity.blocks import block_grid
@@ -129,10 +129,9 @@ def load_sparse(path: str | Path, model: torch.nn.Module | None = None):
         raise ValueError(f"{path} has export version {payload.get('version')!r}; this dsparse reads {VERSION}")
     config = config_from_dict(payload["config"])
     if model is None:
-        m = config.model
-        model = build_model(m.arch, payload["task_channels"], base_width=m.base_width, output_stride=m.output_stride,
-                            head_dilations=tuple(m.head_dilations), head_hidden=m.head_hidden,
-                            stem_pool=m.stem_pool)
+        from dsparse.train.components import build_configured_model
+
+        model = build_configured_model(config.model, payload["task_channels"])
     _check_model_matches(model, payload, path)
     modules = dict(model.named_modules())
     weights = prunable_parameters(model)

@@ -108,6 +108,9 @@ class UpdateStats:
     grown_masks: dict[str, Tensor] = field(default_factory=dict)
     """Layer -> bool mask of the grown positions: the caller zeroes their weights and
     optimizer state."""
+    nominations: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    """``"votes"`` only: task -> layer -> bool mask of the positions the task nominated,
+    for the layers that grew (each task's own choice before the union)."""
 
     @property
     def num_grown(self) -> int:
@@ -138,7 +141,8 @@ def drop_weakest(weight: Tensor, mask: Tensor, num_drop: int) -> Tensor:
     return new
 
 
-def grow_by_votes(inactive: Tensor, task_scores: Mapping[str, Tensor], num_grow: int) -> tuple[Tensor, dict[str, int]]:
+def grow_by_votes(inactive: Tensor, task_scores: Mapping[str, Tensor], num_grow: int, *,
+                  return_nominations: bool = False):
     """Grow exactly ``num_grow`` positions by the union of per-task nominations.
 
     Each task nominates its top ``num_grow`` eligible positions by score (ties: smaller
@@ -156,7 +160,9 @@ def grow_by_votes(inactive: Tensor, task_scores: Mapping[str, Tensor], num_grow:
         num_grow: positions to grow.
 
     Returns:
-        (bool mask of grown positions, task -> number of grown positions it nominated).
+        (bool mask of grown positions, task -> number of grown positions it nominated), and
+        with ``return_nominations`` a third item: task -> bool mask of the positions it
+        nominated (each task's wish before the union, for mask analysis).
 
     Raises:
         ValueError: no task scores, a score shape that differs from ``inactive``,
@@ -172,7 +178,8 @@ def grow_by_votes(inactive: Tensor, task_scores: Mapping[str, Tensor], num_grow:
         raise ValueError(f"num_grow must be in [0, {num_eligible}] (the eligible positions), got {num_grow}")
     grown = torch.zeros_like(inactive)
     if num_grow == 0:
-        return grown, {task: 0 for task in task_scores}
+        none = {task: torch.zeros_like(inactive) for task in task_scores}
+        return (grown, {task: 0 for task in task_scores}) + ((none,) if return_nominations else ())
     scores = torch.stack([s.detach().reshape(-1).to(inactive.device).float() for s in task_scores.values()])
     # ineligible positions rank below every eligible one (scores are >= 0), without a gather
     scores.masked_fill_(~eligible, -math.inf)
@@ -188,8 +195,10 @@ def grow_by_votes(inactive: Tensor, task_scores: Mapping[str, Tensor], num_grow:
     union = union[order][torch.sort(votes[union[order]], descending=True, stable=True).indices]
     chosen = union[:num_grow]
     grown.view(-1)[chosen] = True
-    per_task = nominated[:, chosen].sum(dim=1).tolist()
-    return grown, dict(zip(task_scores, per_task))
+    per_task = dict(zip(task_scores, nominated[:, chosen].sum(dim=1).tolist()))
+    if not return_nominations:
+        return grown, per_task
+    return grown, per_task, {task: row.reshape(inactive.shape) for task, row in zip(task_scores, nominated)}
 
 
 def update_layer_masks(
@@ -253,7 +262,10 @@ def update_layer_masks(
             grown, per_task = _grow_random(~after_drop, num_drop, generator), {}
         else:
             layer_scores = _layer_scores(fqn, task_scores, users, grow)
-            grown, per_task = grow_by_votes(~after_drop, layer_scores, num_drop)
+            grown, per_task, nominated = grow_by_votes(~after_drop, layer_scores, num_drop, return_nominations=True)
+            if grow == "votes":
+                for task, wish in nominated.items():
+                    stats.nominations.setdefault(task, {})[fqn] = wish
         new_masks[fqn] = after_drop | grown
         stats.dropped[fqn] = stats.grown[fqn] = num_drop
         stats.regrown[fqn] = int(torch.count_nonzero(grown & mask))

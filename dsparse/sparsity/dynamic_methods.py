@@ -139,6 +139,9 @@ class DynamicMethod(Method):
         # restart from zero weight and zero optimizer state
         reset = {name: units.expand(name, (old[name] & ~new[name]) | stats.grown_masks[name]) for name in sparse}
         state.applier.update({name: units.expand(name, new[name]) for name in sparse}, reset, state.optimizer)
+        if stats.nominations:  # each task's wish at this update, kept with the masks for `dsparse analyze`
+            masks.task_masks = {task: {name: units.expand(name, wish) for name, wish in per.items()}
+                                for task, per in stats.nominations.items()}
         num_kept, num_total = masks.num_kept, masks.num_total  # blocks of unequal size move
         masks.meta.update(num_updates=masks.meta.get("num_updates", 0) + 1, num_kept=num_kept,
                           keep_ratio=num_kept / num_total, sparsity_achieved=1.0 - num_kept / num_total)
@@ -151,6 +154,8 @@ class DynamicMethod(Method):
             for task, count in per_task.items():
                 report[f"sparsity/grown_by/{task}"] = report.get(f"sparsity/grown_by/{task}", 0) + count
         report.update({f"density/{name}": value for name, value in layer_densities(masks).items()})
+        if stats.nominations:
+            report.update(nomination_iou(masks))
         return report
 
     def summary(self, state) -> dict:
@@ -167,6 +172,17 @@ def derived_task(inputs: MaskInputs, targets: dict[str, torch.Tensor]) -> str | 
     tasks = list(inputs.tasks)
     weights = [float(inputs.task_weights.get(t, 1.0)) for t in tasks]
     return max(reversed(tasks), key=lambda t: weights[tasks.index(t)])
+
+
+def nomination_iou(masks: MaskSet) -> dict[str, float]:
+    """``sparsity/task_iou/<a>-<b>``: the mean over layers of the IoU of two tasks' nominations at
+    the latest update, i.e. how much the tasks agree on where to grow (over training, in
+    MLflow; per layer with ``dsparse analyze``)."""
+    sums: dict[tuple[str, str], list[float]] = {}
+    for pairs in masks.task_mask_iou().values():
+        for pair, value in pairs.items():
+            sums.setdefault(pair, []).append(value)
+    return {f"sparsity/task_iou/{a}-{b}": sum(values) / len(values) for (a, b), values in sums.items()}
 
 
 def layer_densities(masks: MaskSet) -> dict[str, float]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from dsparse.config import RunConfig
+from dsparse.config import ModelConfig, RunConfig
 from dsparse.data.manifest import Manifest
-from dsparse.models import build_model
+from dsparse.models import build_branched_model, build_model
 from dsparse.tasks import TASKS, Task, build_tasks, class_weights_from_frequency
 
 
@@ -38,13 +38,16 @@ def build_run_tasks(config: RunConfig, manifest: Manifest) -> dict[str, Task]:
 
 
 def build_run_model(config: RunConfig, tasks: dict[str, Task]) -> torch.nn.Module:
-    model_cfg = config.model
-    return build_model(
-        model_cfg.arch,
-        {name: task.num_channels for name, task in tasks.items()},
-        base_width=model_cfg.base_width,
-        output_stride=model_cfg.output_stride,
-        head_dilations=tuple(model_cfg.head_dilations),
-        head_hidden=model_cfg.head_hidden,
-        stem_pool=model_cfg.stem_pool,
-    )
+    return build_configured_model(config.model, {name: task.num_channels for name, task in tasks.items()})
+
+
+def build_configured_model(model_cfg: ModelConfig, task_channels: dict[str, int]) -> torch.nn.Module:
+    """The network a ``model`` config section describes: one shared trunk, or a trunk
+    shared up to ``branch_from`` with a copy of the rest per task group (``branches``)."""
+    options = dict(base_width=model_cfg.base_width, output_stride=model_cfg.output_stride,
+                   head_dilations=tuple(model_cfg.head_dilations), head_hidden=model_cfg.head_hidden,
+                   stem_pool=model_cfg.stem_pool)
+    if model_cfg.branches is None:
+        return build_model(model_cfg.arch, task_channels, **options)
+    return build_branched_model(model_cfg.arch, task_channels, [set(group) for group in model_cfg.branches],
+                                branch_from=model_cfg.branch_from, **options)

@@ -122,6 +122,10 @@ def test_grow_by_votes_union_and_trim():
     grown, per_task = grow_by_votes(inactive, scores, 3)
     assert grown.tolist() == [True, True, False, True, False, False]
     assert per_task == {"seg": 2, "depth": 2}
+    # each task's own wish before the union, kept for mask analysis
+    _, _, wishes = grow_by_votes(inactive, scores, 2, return_nominations=True)
+    assert wishes["seg"].tolist() == [True, True, False, False, False, False]
+    assert wishes["depth"].tolist() == [False, True, False, True, False, False]
 
 
 def test_grow_by_votes_position_nominated_by_one_of_two_users_grows():

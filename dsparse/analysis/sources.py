@@ -1,0 +1,78 @@
+"""Where mask analyses come from: a mask file, or a run's checkpoints.
+
+A static run keeps the same masks in every checkpoint, so its newest intact checkpoint is
+analysed. A dynamic run (DiSparse dynamic) stores, with each checkpoint's masks, every
+task's nominations at the latest update before it; analysing each checkpoint in step order
+gives the tasks' agreement over training.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dsparse.analysis.masks import MaskAnalysis, analyze_masks
+from dsparse.sparsity.masks import MaskSet
+from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state
+from dsparse.train.checkpoint import STATE_FILE, checkpoint_problem, resolve_checkpoint
+
+
+@dataclass
+class AnalysisSource:
+    """Analyses of one mask file or run, oldest first (one unless a dynamic run).
+
+    Attributes:
+        path: what was analysed.
+        steps: training step of each analysis (None for a mask file).
+        analyses: the analyses, in step order; the last one is the final state.
+        run_dir: the run directory, when a run was given.
+        mlflow_run_id: the run's MLflow run, when it was tracked.
+        dynamic: whether the masks changed during training (per-task masks are then the
+            tasks' nominations at the latest update).
+    """
+
+    path: Path
+    steps: list[int | None]
+    analyses: list[MaskAnalysis]
+    run_dir: Path | None = None
+    mlflow_run_id: str | None = None
+    dynamic: bool = False
+
+    @property
+    def final(self) -> MaskAnalysis:
+        return self.analyses[-1]
+
+
+def load_analysis_source(path: str | Path) -> AnalysisSource:
+    """Analyse a mask file (``dsparse prune --out``), a run directory or a checkpoint.
+
+    Raises:
+        ValueError: in one line, for a missing path, a dense run, masks without per-task
+            masks, or a dynamic run with no mask update yet.
+    """
+    path = Path(path)
+    if path.is_file():
+        return AnalysisSource(path, [None], [analyze_masks(MaskSet.load(path))])
+    if not path.exists():
+        raise ValueError(f"{path} does not exist; pass a mask file (dsparse prune --out) or a run directory")
+    latest = resolve_checkpoint(path)
+    run_dir = latest.parent.parent if latest.parent.name == "checkpoints" else None
+    masks = checkpoint_masks(read_sparsifier_state(latest))
+    if masks is None:
+        raise ValueError(f"{path} is a dense run: it has no masks to analyse")
+    dynamic = "num_updates" in masks.meta
+    candidates = sorted(p for p in latest.parent.glob("step-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+                        and p.name <= latest.name and checkpoint_problem(p) is None) if dynamic else [latest]
+    steps, analyses = [], []
+    for checkpoint in candidates:
+        masks = checkpoint_masks(read_sparsifier_state(checkpoint))
+        if dynamic and not masks.task_masks:
+            continue  # before the first update: random ERK masks, no task has chosen yet
+        analyses.append(analyze_masks(masks))
+        steps.append(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+    if not analyses:
+        raise ValueError(f"run {path} has no checkpoint after a mask update yet (dynamic runs record the tasks' "
+                         "choices at each update); analyse a later checkpoint")
+    state = json.loads((latest / STATE_FILE).read_text())
+    return AnalysisSource(path, steps, analyses, run_dir, state.get("mlflow_run_id"), dynamic)
