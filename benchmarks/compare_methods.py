@@ -1,34 +1,27 @@
-"""Quality check: dense vs DiSparse vs SNIP vs random at one sparsity, same seed and steps.
+"""Quality check: dense vs DiSparse vs SNIP vs random at one sparsity, same steps, over seeds.
 
-Trains one run per method from the same config (the ``synthetic_tiny`` preset by
-default), then reports every task metric and Delta_T against the dense run as a Markdown
-table and a PNG plot. Usage::
+Trains one run per method and seed from the same config (the ``synthetic_tiny`` preset by
+default), then writes the paper-style table of ``dsparse report`` (every task metric,
+sparsity and Delta_T against the dense run of the same seed; seeds as mean ± std, best and
+seed-noise marks) as Markdown, CSV, LaTeX and PNG. Usage::
 
-    python benchmarks/compare_methods.py --data data/synthetic --sparsity 0.9
+    python benchmarks/compare_methods.py --data data/synthetic --sparsity 0.9 --seeds 0,1
 
-Writes ``benchmarks/results/methods-<methods>-<sparsity>-<host>-<date>.{md,json,png}``.
+Writes ``benchmarks/results/methods-<methods>-<sparsity>-<host>-<date>.{md,csv,tex,png}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
 
-import matplotlib
+from results_io import RESULTS_DIR, machine_tag, result_path, today
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from results_io import RESULTS_DIR, machine_tag, result_path, today  # noqa: E402
-
-from dsparse.config import load_config  # noqa: E402
-from dsparse.data.manifest import load_manifest  # noqa: E402
-from dsparse.tasks import delta_t  # noqa: E402
-from dsparse.train.components import build_run_tasks  # noqa: E402
-from dsparse.train.trainer import train  # noqa: E402
+from dsparse.config import load_config
+from dsparse.report import build_report, to_markdown, write_report
+from dsparse.train.trainer import train
 
 METHODS = ["dense", "disparse", "snip", "random"]
 
@@ -44,47 +37,19 @@ def run_overrides(data: str, out: Path, seed: int, experiment: str, run_name: st
     return overrides
 
 
-def run_method(method: str, args, root: Path) -> dict:
+def run_method(method: str, seed: int, args, root: Path) -> Path:
+    """Train one run; returns its directory."""
     if method == "dense" and args.reuse_dense:
-        summary = json.loads((Path(args.reuse_dense) / "summary.json").read_text())
         logging.info("reusing the dense baseline of %s", args.reuse_dense)
-        return summary
-    overrides = run_overrides(args.data, root / method, args.seed, "dsparse-methods", f"{method}-{args.sparsity}",
+        return Path(args.reuse_dense)
+    out = root / f"{method}-seed{seed}"
+    overrides = run_overrides(args.data, out, seed, "dsparse-methods", f"{method}-{args.sparsity}-seed{seed}",
                               args.iterations)
     if method != "dense":
         overrides += [f"sparsity.method={method}", f"sparsity.target={args.sparsity}",
                       f"sparsity.num_batches={args.num_batches}"]
-    return train(load_config(args.config, overrides))
-
-
-def report(results: dict[str, dict], tasks, args) -> tuple[str, dict[str, float]]:
-    dense = results["dense"]["final_metrics"]
-    deltas = {m: delta_t(r["final_metrics"], dense, tasks) for m, r in results.items()}
-    header = ["method", "sparsity"] + [f"{t} {m}" for t, task in tasks.items() for m in task.metric_lower_is_better]
-    lines = ["| " + " | ".join(header + ["Delta_T %"]) + " |", "|" + "---|" * (len(header) + 1)]
-    for method, result in results.items():
-        achieved = (result.get("sparsity") or {}).get("achieved", 0.0)
-        cells = [method, f"{achieved:.4f}"]
-        cells += [f"{result['final_metrics'][t][m]:.4f}" for t, task in tasks.items() for m in task.metric_lower_is_better]
-        lines.append("| " + " | ".join(cells + [f"{deltas[method]:+.2f}"]) + " |")
-    return "\n".join(lines), deltas
-
-
-def plot(results: dict, tasks, deltas: dict, path: Path, sparsity: float) -> None:
-    figure, axes = plt.subplots(1, len(tasks) + 1, figsize=(3.2 * (len(tasks) + 1), 3.2))
-    methods = list(results)
-    for axis, (name, task) in zip(axes, tasks.items()):
-        values = [results[m]["final_metrics"][name][task.key_metric] for m in methods]
-        axis.bar(methods, values, color=["grey", "tab:blue", "tab:orange", "tab:green"][: len(methods)])
-        better = "lower" if task.metric_lower_is_better[task.key_metric] else "higher"
-        axis.set_title(f"{name} {task.key_metric} ({better} better)", fontsize=9)
-        axis.tick_params(axis="x", labelrotation=45, labelsize=8)
-    axes[-1].bar(methods, [deltas[m] for m in methods], color="tab:purple")
-    axes[-1].set_title("Delta_T vs dense (%)", fontsize=9)
-    axes[-1].tick_params(axis="x", labelrotation=45, labelsize=8)
-    figure.suptitle(f"Methods at {sparsity:.0%} sparsity", fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    train(load_config(args.config, overrides))
+    return out
 
 
 def main() -> None:
@@ -94,33 +59,28 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--iterations", type=int, default=None)
     parser.add_argument("--num-batches", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma list starting with dense; dynamic methods: disparse_dynamic,rigl,set")
     parser.add_argument("--reuse-dense", default=None, metavar="RUN_DIR",
-                        help="take the dense baseline from this finished run (same config, seed, steps)")
+                        help="take the dense baseline from this finished run (same config and steps; one seed)")
     parser.add_argument("--runs", default="runs/methods")
     parser.add_argument("--out", default=str(RESULTS_DIR))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    methods = args.methods.split(",")
+    methods, seeds = args.methods.split(","), [int(s) for s in args.seeds.split(",")]
     if methods[0] != "dense":
         raise SystemExit("the first method must be dense: it is the Delta_T baseline")
+    if args.reuse_dense and len(seeds) > 1:
+        raise SystemExit("--reuse-dense holds one seed's dense run; pass one seed, or train the dense runs")
     root = Path(args.runs) / time.strftime("%Y%m%d-%H%M%S")
-    results = {method: run_method(method, args, root) for method in methods}
-    config = load_config(args.config, [f"data.path={args.data}"])
-    tasks = build_run_tasks(config, load_manifest(args.data))
-    table, deltas = report(results, tasks, args)
-    host, date = machine_tag(), today()
+    run_dirs = [run_method(method, seed, args, root) for seed in seeds for method in methods]
+    report = build_report(run_dirs)
     name = f"methods-{'-'.join(methods[1:])}-{args.sparsity}"
-    title = (f"Methods at sparsity {args.sparsity}, config {args.config}, seed {args.seed}, "
-             f"{results['dense']['step']} iterations, {host}, {date}")
-    result_path(name, ".md", args.out).write_text(f"{title}\n\n{table}\n")
-    result_path(name, ".json", args.out).write_text(json.dumps({m: {"final_metrics": r["final_metrics"],
-                                                         "sparsity": r.get("sparsity"), "delta_t": deltas[m]}
-                                                     for m, r in results.items()}, indent=2))
-    plot(results, tasks, deltas, result_path(name, ".png", args.out), args.sparsity)
-    print(f"{title}\n\n{table}\n\nwrote {result_path(name, '.md', args.out)} (+ .json, .png)")
+    title = (f"Methods at sparsity {args.sparsity}, config {args.config}, seeds {args.seeds}, "
+             f"{args.iterations or 'preset'} iterations, {machine_tag()}, {today()}")
+    paths = write_report(report, result_path(name, "", args.out))
+    print(f"{title}\n\n{to_markdown(report)}\nwrote " + ", ".join(map(str, paths)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
     dsparse eval RUN_OR_CHECKPOINT_OR_EXPORT [--baseline RUN] [--out metrics.json]
     dsparse export RUN --out model.pt              # kept blocks/weights + layout + config
     dsparse analyze MASKS_OR_RUN [--branch]        # per-task mask IoU per layer, watershed, plots
+    dsparse report RUN... | --sweep DIR | --experiment NAME [--out FILE]   # paper-style table
 
 Multi-process: ``torchrun --nproc_per_node 2 -m dsparse train CONFIG.yaml``.
 """
@@ -146,13 +147,19 @@ def _cmd_sweep(args) -> None:
     spec = load_sweep_spec(args.spec)
     out = args.out or f"runs/sweeps/{spec.name}"
     rows = run_sweep(spec, out, address=args.address, resume=args.resume, storage=args.storage)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    cells = [keys] + [["-" if row.get(k) is None else f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k])
-                       for k in keys] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
-    for line in cells:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
-    print(f"results: {Path(out) / 'results.csv'} and results.png")
+    unfinished = [row for row in rows if row["status"] != "complete"]
+    print(f"{len(rows)} trials: {len(rows) - len(unfinished)} complete"
+          + "".join(f"; {row['trial']}: {row['status']}" for row in unfinished))
+    from dsparse.report import build_report, to_markdown, write_report
+
+    try:
+        report = build_report(sweep=out)
+    except ValueError as error:  # e.g. a learning-rate search without a dense trial: no Delta_T table
+        print(f"no comparison table: {error}")
+    else:
+        print(to_markdown(report))
+        print("table: " + ", ".join(str(p) for p in write_report(report, Path(out) / "report")))
+    print(f"per trial: {Path(out) / 'results.csv'} and results.png")
     from dsparse.config import config_from_dict
     from dsparse.tracking.mlflow_tracker import resolve_tracking_uri, ui_command
 
@@ -179,6 +186,17 @@ def _cmd_analyze(args) -> None:
         print(f"train it: dsparse train {result.branched_config}")
     print(f"wrote {len(result.paths)} files to {result.out_dir}"
           + (f"; logged to MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""))
+
+
+def _cmd_report(args) -> None:
+    from dsparse.report import build_report, to_markdown, write_report
+
+    report = build_report(args.runs, sweep=args.sweep, experiment=args.experiment, tracking_uri=args.tracking_uri,
+                          constant=not args.no_constant)
+    print(to_markdown(report))
+    if args.out:
+        paths = write_report(report, args.out)
+        print("wrote " + ", ".join(str(p) for p in paths))
 
 
 def _cmd_demo(args) -> None:
@@ -300,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="with --branch: lower the trunk width until the branched model is no larger")
     analyze.add_argument("--config", default=None, help="with --branch on a mask file: the run config it was made for")
     analyze.set_defaults(func=_cmd_analyze)
+
+    report = verbs.add_parser("report", help="paper-style table of finished runs: methods x task metrics, sparsity, "
+                              "Delta_T, seeds aggregated")
+    report.add_argument("runs", nargs="*", help="run directories (or their summary.json)")
+    report.add_argument("--sweep", default=None, help="a sweep directory (dsparse sweep --out)")
+    report.add_argument("--experiment", default=None, help="an MLflow experiment name")
+    report.add_argument("--tracking-uri", default=None, help="MLflow store for --experiment (default as training)")
+    report.add_argument("--out", default=None, help="also write OUT.md, OUT.csv, OUT.tex and OUT.png")
+    report.add_argument("--no-constant", action="store_true", help="leave out the constant-predictor row (it reads "
+                        "the dataset)")
+    report.set_defaults(func=_cmd_report)
 
     demo = verbs.add_parser("demo", help="synthetic data -> train tiny model on 5 tasks -> eval table")
     demo.add_argument("--workdir", default=".")

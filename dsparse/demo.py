@@ -14,29 +14,15 @@ import time
 from pathlib import Path
 
 from dsparse.config import load_config
-from dsparse.data.loader import stream_spec
 from dsparse.data.manifest import load_manifest
 from dsparse.data.synth.dataset import write_synthetic_dataset
-from dsparse.evaluation import evaluate_checkpoint
+from dsparse.evaluation import constant_predictor_metrics, evaluate_checkpoint
 from dsparse.tracking.mlflow_tracker import ui_command
 from dsparse.train.components import build_run_tasks
-from dsparse.train.evaluate import evaluate
 from dsparse.train.progress import format_duration
 from dsparse.train.trainer import train
-from dsparse.train.trivial import fit_constant_predictor
 
 log = logging.getLogger("dsparse.demo")
-
-
-def trivial_metrics(config, manifest) -> dict[str, dict[str, float]]:
-    """Validation metrics of the best constant predictor fitted on training labels."""
-    tasks = build_run_tasks(config, manifest)
-    fit_spec = stream_spec(config.data, manifest, "train", config.tasks, seed=config.seed, rank=0, world_size=1,
-                           train=False)
-    model = fit_constant_predictor(tasks, fit_spec)
-    val_spec = stream_spec(config.data, manifest, "val", config.tasks, seed=config.seed, rank=0, world_size=1,
-                           train=False)
-    return evaluate(model, tasks, val_spec, device=next(model.parameters()).device)
 
 
 def comparison_table(trained: dict, trivial: dict, tasks) -> tuple[str, bool]:
@@ -71,7 +57,7 @@ def run_demo(workdir: str | Path = ".", iterations: int | None = None, num_train
     summary = train(config)
     evaluation = evaluate_checkpoint(run_dir)
     manifest = load_manifest(data_dir)
-    trivial = trivial_metrics(config, manifest)
+    trivial = constant_predictor_metrics(config, manifest)
     tasks = build_run_tasks(config, manifest)
     table, all_better = comparison_table(evaluation["metrics"], trivial, tasks)
     results = {"run_dir": str(run_dir), "wall_time_s": time.perf_counter() - start,

@@ -107,3 +107,18 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
         result["baseline"] = str(baseline)
         result["delta_t"] = delta_t(metrics, baseline_summary["final_metrics"], tasks)
     return result
+
+
+def constant_predictor_metrics(config: RunConfig, manifest=None, split: str = "val") -> dict[str, dict[str, float]]:
+    """Metrics on ``split`` of the best constant predictor fitted on the training labels:
+    the floor every trained model must beat (the first row of ``dsparse report``)."""
+    from dsparse.train.trivial import fit_constant_predictor
+
+    manifest = manifest or load_manifest(config.data.path)
+    tasks = build_run_tasks(config, manifest)
+    fit_spec = stream_spec(config.data, manifest, "train", config.tasks, seed=config.seed, rank=0, world_size=1,
+                           train=False)
+    model = fit_constant_predictor(tasks, fit_spec)
+    eval_spec = stream_spec(config.data, manifest, split, config.tasks, seed=config.seed, rank=0, world_size=1,
+                            train=False)
+    return evaluate(model, tasks, eval_spec, device=next(model.parameters()).device)

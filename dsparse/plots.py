@@ -20,6 +20,6 @@ def save_png(figure, path: str | Path, dpi: int = 120) -> Path:
     from dsparse.io import atomic_path
 
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, dpi=dpi, format="png")
+        figure.savefig(temporary, dpi=dpi, format="png", bbox_inches="tight")
     pyplot().close(figure)
     return Path(path)

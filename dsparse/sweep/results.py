@@ -1,5 +1,6 @@
 """The results of a sweep: one row per trial (from its ``summary.json``) with Delta_T
-against the dense trial of the same task set and seed, as ``results.csv`` and a plot."""
+against the dense trial of the same configuration and seed, as ``results.csv`` and a plot.
+The comparison table across seeds is ``dsparse report --sweep`` (``dsparse.report``)."""
 
 from __future__ import annotations
 
@@ -48,12 +49,13 @@ def _describe(name: str, config, status: str) -> dict:
 
 
 def _finished_row(name: str, summary: dict, summaries: dict[str, dict]) -> dict:
+    from dsparse.report.table import baseline_key
     from dsparse.tasks import delta_t
 
     config = config_from_dict(summary["config"])
     tasks = _tasks(config)
     dense = [s for s in summaries.values() if s.get("sparsity") is None
-             and s["config"]["tasks"] == summary["config"]["tasks"]
+             and baseline_key(s["config"]) == baseline_key(summary["config"])
              and s["config"]["seed"] == summary["config"]["seed"]]
     row = _describe(name, config, "complete")
     row["achieved"] = (summary.get("sparsity") or {}).get("achieved", 0.0)

@@ -1,0 +1,74 @@
+"""Paper-style comparison tables of finished runs (``dsparse report``).
+
+    report = build_report(sweep="runs/sweeps/synthetic_open_question")
+    paths = write_report(report, "reports/open_question")   # .md .csv .tex .png
+    print(to_markdown(report))
+
+Rows: the best constant predictor of the training labels, dense, then each method (per
+setting that varies, e.g. training length); columns: each task's metrics with the better
+direction, achieved sparsity and Delta_T; seeds aggregated as mean ± std. The rules (what
+is aggregated, the baseline of Delta_T, best and seed-noise marks) are in ``table.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from dsparse.io import write_text_atomic
+from dsparse.report.render import to_csv, to_latex, to_markdown, to_png
+from dsparse.report.runs import RunRecord, load_run, runs_of_experiment, runs_of_sweep
+from dsparse.report.table import Report, build_table, within_noise
+
+__all__ = ["Report", "RunRecord", "build_report", "collect_runs", "load_run", "to_csv", "to_latex", "to_markdown",
+           "to_png", "within_noise", "write_report"]
+
+log = logging.getLogger("dsparse.report")
+
+
+def collect_runs(runs=(), sweep: str | Path | None = None, experiment: str | None = None,
+                 tracking_uri: str | None = None) -> list[RunRecord]:
+    """Records of the given run directories, sweep directory and MLflow experiment.
+
+    Raises:
+        ValueError: if none is given, or any source has no finished run.
+    """
+    records = [load_run(path) for path in runs]
+    if sweep is not None:
+        records += runs_of_sweep(sweep)
+    if experiment is not None:
+        from dsparse.config import TrackingConfig
+        from dsparse.tracking.mlflow_tracker import resolve_tracking_uri
+
+        records += runs_of_experiment(experiment, tracking_uri or resolve_tracking_uri(TrackingConfig()))
+    if not records:
+        raise ValueError("nothing to report: give run directories, --sweep DIR or --experiment NAME")
+    return records
+
+
+def build_report(runs=(), sweep: str | Path | None = None, experiment: str | None = None,
+                 tracking_uri: str | None = None, constant: bool = True) -> Report:
+    """The comparison table of the runs (see ``collect_runs``), with the constant
+    predictor's row when ``constant`` and the dense runs' dataset is readable."""
+    records = collect_runs(runs, sweep, experiment, tracking_uri)
+    reference = next((r for r in records if r.is_dense), None)
+    constant_metrics = None
+    if constant and reference is not None:
+        from dsparse.evaluation import constant_predictor_metrics
+
+        try:
+            constant_metrics = constant_predictor_metrics(reference.config)
+        except (ValueError, OSError) as error:  # data moved or not mounted here: the table stands without it
+            log.warning("no constant-predictor row: the data of %s cannot be read (%s)", reference.name, error)
+    return build_table(records, constant_metrics)
+
+
+def write_report(report: Report, out: str | Path) -> list[Path]:
+    """Write ``OUT.md``, ``OUT.csv``, ``OUT.tex`` and ``OUT.png`` (``out`` without a suffix)."""
+    out = Path(out)
+    paths = []
+    for suffix, text in ((".md", to_markdown(report)), (".csv", to_csv(report)), (".tex", to_latex(report))):
+        paths.append(out.with_name(out.name + suffix))
+        write_text_atomic(paths[-1], text)
+    paths.append(to_png(report, out.with_name(out.name + ".png")))
+    return paths

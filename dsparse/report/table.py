@@ -1,0 +1,253 @@
+"""The paper-style comparison: one row per method (and setting), a column per task metric,
+sparsity and Delta_T; seeds aggregated; the best value per column marked; differences
+within seed noise flagged.
+
+Rules, all stated in the rendered table's notes:
+- Runs whose configs differ only in ``IGNORED_KEYS`` (the seed, where output goes, logging
+  and checkpoint cadence, threads, loader workers, eval batch size) form one row: each
+  value is the mean over them, with the sample standard deviation and the seed count.
+- Delta_T of a run is against the dense run of the same configuration (its config with
+  the ``sparsity`` section removed) and the same seed; when that seed has no dense run,
+  against the mean metrics of the configuration's dense runs (noted in the row).
+- Best: among the sparse rows of one block (the same non-method settings and requested
+  sparsity), per column, in the metric's better direction.
+- Seed noise: a sparse row of the block is flagged when a two-sided Welch t-test of its
+  per-seed values against the best row's gives p >= 0.05 (needs 2+ seeds in both rows;
+  rows with fewer seeds cannot be tested and are not flagged).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from dsparse.config import flatten
+from dsparse.report.runs import RunRecord
+
+IGNORED_KEYS = ("seed", "output_dir", "tracking.", "train.log_interval", "train.checkpoint_interval",
+                "train.keep_checkpoints", "train.threads", "data.num_workers", "data.eval_batch_size")
+P_THRESHOLD = 0.05
+KIND_ORDER = {"constant": 0, "dense": 1, "sparse": 2}
+
+
+@dataclass
+class Column:
+    key: str
+    """``task/metric``, ``sparsity`` or ``delta_t``."""
+    title: str
+    higher_is_better: bool | None
+    """None: no better direction (sparsity)."""
+
+
+@dataclass
+class Cell:
+    values: list[float]
+    best: bool = False
+    within_noise: bool = False
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str
+    """constant | dense | sparse"""
+    settings: dict
+    """Values of the non-method settings that vary between rows (e.g. train.iterations)."""
+    target: float | None
+    init: str
+    """scratch | pretrained"""
+    runs: list[RunRecord] = field(default_factory=list)
+    cells: dict[str, Cell] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(run.seed for run in self.runs)
+
+
+@dataclass
+class Report:
+    tasks: list[str]
+    columns: list[Column]
+    rows: list[Row]
+    setting_keys: list[str]
+    notes: list[str]
+
+
+def setting_of(config_dict: dict) -> dict:
+    """The flattened config minus the keys that do not change results (``IGNORED_KEYS``)."""
+    return {k: v for k, v in flatten(config_dict).items()
+            if not any(k == key or (key.endswith(".") and k.startswith(key)) for key in IGNORED_KEYS)}
+
+
+def _frozen(setting: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in setting.items()))
+
+
+def _without_sparsity(setting: dict) -> dict:
+    return {k: v for k, v in setting.items() if not k.startswith("sparsity.")}
+
+
+def baseline_key(config_dict: dict) -> tuple:
+    """Equal for a run and the dense run of its configuration (any seed)."""
+    return _frozen(_without_sparsity(setting_of(config_dict)))
+
+
+def check_comparable(records: list[RunRecord]) -> None:
+    """Refuse runs on other tasks or other data than the first, or the same run twice.
+
+    Raises:
+        ValueError: naming the runs that differ and how.
+    """
+    first = records[0]
+    for record in records[1:]:
+        if sorted(record.config.tasks) != sorted(first.config.tasks):
+            raise ValueError(f"runs {first.name} and {record.name} train different tasks ({first.config.tasks} vs "
+                             f"{record.config.tasks}); report runs of one task set at a time")
+        if record.dataset != first.dataset:
+            raise ValueError(f"runs {first.name} and {record.name} used different datasets ({first.dataset} vs "
+                             f"{record.dataset}); report runs on one dataset at a time")
+    seen = {}
+    for record in records:
+        key = (_frozen(setting_of(record.config.to_dict())), record.seed)
+        if key in seen:
+            raise ValueError(f"runs {seen[key]} and {record.name} have the same config and seed; pass one of them")
+        seen[key] = record.name
+
+
+def build_table(records: list[RunRecord], constant: dict | None = None) -> Report:
+    """Group ``records`` into rows, compute every cell, mark the best and the ties.
+
+    Args:
+        records: finished runs on the same tasks and data.
+        constant: metrics of the best constant predictor (a reference row), or None.
+
+    Raises:
+        ValueError: mismatched runs (``check_comparable``), or a sparse configuration
+            without a dense run of the same configuration.
+    """
+    from dsparse.tasks import TASKS
+
+    if not records:
+        raise ValueError("no runs to report")
+    check_comparable(records)
+    tasks = list(records[0].config.tasks)
+    task_classes = {t: TASKS[t] for t in tasks}
+    columns = [Column(f"{t}/{m}", f"{t} {m}", not lower) for t in tasks
+               for m, lower in task_classes[t].metric_lower_is_better.items()]
+    columns += [Column("sparsity", "sparsity", None), Column("delta_t", "Delta_T %", True)]
+
+    groups: dict[tuple, list[RunRecord]] = {}
+    for record in records:
+        groups.setdefault(_frozen(setting_of(record.config.to_dict())), []).append(record)
+    settings = {key: setting_of(members[0].config.to_dict()) for key, members in groups.items()}
+    setting_keys = _varying([_without_sparsity(s) for s in settings.values()])
+    rows = [_row(members, settings[key], setting_keys, settings) for key, members in groups.items()]
+    dense_of = {baseline_key(members[0].config.to_dict()): members for key, members in groups.items()
+                if members[0].is_dense}
+    for row in rows:
+        _fill(row, columns, task_classes, dense_of)
+    notes = []
+    if constant is not None:
+        reference = next(iter(dense_of.values()), None)
+        row = Row("constant predictor", "constant", {k: "" for k in setting_keys}, None, "-")
+        row.cells = {c.key: Cell([constant[c.key.split("/")[0]][c.key.split("/")[1]]]) for c in columns[:-2]}
+        row.cells["sparsity"] = Cell([])
+        row.cells["delta_t"] = Cell([_delta(constant, _mean_metrics(reference), task_classes)] if reference else [])
+        rows.append(row)
+        notes.append("constant predictor: the best constant output per task, fitted on the training labels; its "
+                     "Delta_T is against the mean of the first dense configuration's runs")
+    rows.sort(key=lambda r: (tuple(str(r.settings.get(k, "")) for k in setting_keys), KIND_ORDER[r.kind],
+                             r.target or 0.0, r.label))
+    _mark_best(rows, columns)
+    return Report(tasks, columns, rows, setting_keys, notes)
+
+
+def _varying(settings: list[dict]) -> list[str]:
+    keys = sorted({k for s in settings for k in s})
+    return [k for k in keys if len({repr(s.get(k)) for s in settings}) > 1]
+
+
+def _row(members: list[RunRecord], setting: dict, setting_keys: list[str], all_settings: dict) -> Row:
+    config = members[0].config
+    sparsity = config.sparsity
+    if not sparsity.enabled:
+        label, kind, target = "dense", "dense", None
+    else:
+        label, kind, target = sparsity.method or f"masks {sparsity.masks}", "sparse", sparsity.target
+        same_method = [s for s in all_settings.values() if s.get("sparsity.method") == sparsity.method]
+        differing = [k for k in _varying(same_method)
+                     if k.startswith("sparsity.") and k not in ("sparsity.target", "sparsity.method")]
+        if differing:
+            label += " (" + ", ".join(f"{k.removeprefix('sparsity.')}={setting.get(k)}" for k in differing) + ")"
+    init = "pretrained" if sparsity.from_checkpoint else "scratch"
+    return Row(label, kind, {k: setting.get(k) for k in setting_keys}, target, init, list(members))
+
+
+def _mean_metrics(runs: list[RunRecord]) -> dict:
+    return {t: {m: statistics.fmean(r.metrics[t][m] for r in runs) for m in values}
+            for t, values in runs[0].metrics.items()}
+
+
+def _delta(metrics: dict, baseline: dict, task_classes: dict) -> float:
+    from dsparse.tasks import delta_t
+
+    return delta_t(metrics, baseline, task_classes)
+
+
+def _fill(row: Row, columns: list[Column], task_classes: dict, dense_of: dict) -> None:
+    for column in columns[:-2]:
+        task, metric = column.key.split("/")
+        row.cells[column.key] = Cell([run.metrics[task][metric] for run in row.runs])
+    row.cells["sparsity"] = Cell([run.achieved_sparsity for run in row.runs])
+    dense = dense_of.get(baseline_key(row.runs[0].config.to_dict()))
+    if dense is None:
+        raise ValueError(f"no dense run with the configuration of {row.runs[0].name} (its config without the "
+                         "sparsity section); add the dense run of that configuration to the report")
+    deltas, fallback = [], False
+    for run in row.runs:
+        same_seed = [d for d in dense if d.seed == run.seed]
+        fallback |= not same_seed
+        deltas.append(_delta(run.metrics, same_seed[0].metrics if same_seed else _mean_metrics(dense), task_classes))
+    row.cells["delta_t"] = Cell(deltas)
+    if fallback:
+        row.notes.append("Delta_T partly against the mean of the dense runs (no dense run of that seed)")
+
+
+def _mark_best(rows: list[Row], columns: list[Column]) -> None:
+    blocks: dict[tuple, list[Row]] = {}
+    for row in rows:
+        if row.kind == "sparse":
+            blocks.setdefault((tuple(sorted(map(repr, row.settings.items()))), row.target), []).append(row)
+    for members in blocks.values():
+        for column in columns:
+            if column.higher_is_better is None or len(members) < 2:
+                continue
+            sign = 1.0 if column.higher_is_better else -1.0
+            best = max(members, key=lambda r: sign * r.cells[column.key].mean)
+            best.cells[column.key].best = True
+            for other in members:
+                if other is not best:
+                    other.cells[column.key].within_noise = within_noise(best.cells[column.key].values,
+                                                                        other.cells[column.key].values)
+
+
+def within_noise(a: list[float], b: list[float]) -> bool:
+    """Two-sided Welch t-test: True when p >= P_THRESHOLD (no evidence the means differ).
+    False when either side has fewer than 2 values (untestable)."""
+    if len(a) < 2 or len(b) < 2:
+        return False
+    from scipy import stats
+
+    if statistics.pvariance(a) == 0 and statistics.pvariance(b) == 0:
+        return statistics.fmean(a) == statistics.fmean(b)
+    return bool(stats.ttest_ind(a, b, equal_var=False).pvalue >= P_THRESHOLD)

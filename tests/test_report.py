@@ -1,0 +1,138 @@
+"""``dsparse report``: values equal the runs' summaries, Delta_T signs follow each metric's
+direction, seeds aggregate as checked by hand, best and seed-noise marks, refusals."""
+
+import json
+import statistics
+
+import pytest
+from scipy import stats
+
+from dsparse.config import load_config
+from dsparse.report import build_report, to_csv, to_latex, to_markdown, write_report
+from dsparse.report.table import within_noise
+
+TASKS = ["seg", "depth"]
+
+
+def metrics(miou, acc, abs_err, rel_err):
+    return {"seg": {"miou": miou, "pixel_acc": acc}, "depth": {"abs_err": abs_err, "rel_err": rel_err}}
+
+
+def write_run(root, name, seed, values, method=None, iterations=600, tasks=TASKS, dataset=None, **sparsity):
+    overrides = [f"seed={seed}", f"train.iterations={iterations}", f"tasks=[{', '.join(tasks)}]",
+                 f"output_dir={root / name}"]
+    if method:
+        overrides += [f"sparsity.method={method}", "sparsity.target=0.9"]
+        overrides += [f"sparsity.{k}={v}" for k, v in sparsity.items()]
+    config = load_config("synthetic_tiny", overrides)
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    summary = {"status": "complete", "final_metrics": values, "config": config.to_dict(),
+               "dataset": dataset or {"name": "synthetic", "splits": {"train": 4000}},
+               "sparsity": {"achieved": 0.9} if method else None}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture
+def runs(tmp_path):
+    dense = [metrics(0.40, 0.80, 0.50, 0.20), metrics(0.42, 0.82, 0.52, 0.22)]
+    disparse = [metrics(0.36, 0.78, 0.55, 0.21), metrics(0.38, 0.80, 0.56, 0.23)]
+    random = [metrics(0.30, 0.70, 0.60, 0.30), metrics(0.31, 0.71, 0.61, 0.31)]
+    paths = [write_run(tmp_path, f"dense{s}", s, dense[s]) for s in (0, 1)]
+    paths += [write_run(tmp_path, f"disparse{s}", s, disparse[s], "disparse") for s in (0, 1)]
+    paths += [write_run(tmp_path, f"random{s}", s, random[s], "random") for s in (0, 1)]
+    return paths, dense, disparse, random
+
+
+def delta_by_hand(run, base):
+    seg = ((run["seg"]["miou"] - base["seg"]["miou"]) / base["seg"]["miou"]
+           + (run["seg"]["pixel_acc"] - base["seg"]["pixel_acc"]) / base["seg"]["pixel_acc"]) / 2
+    depth = (-(run["depth"]["abs_err"] - base["depth"]["abs_err"]) / base["depth"]["abs_err"]
+             - (run["depth"]["rel_err"] - base["depth"]["rel_err"]) / base["depth"]["rel_err"]) / 2
+    return 100 * (seg + depth) / 2
+
+
+def test_values_seed_aggregation_and_delta_t_equal_hand_computation(runs):
+    paths, dense, disparse, random = runs
+    report = build_report(paths, constant=False)
+    rows = {row.label: row for row in report.rows}
+    assert [row.label for row in report.rows] == ["dense", "disparse", "random"]
+    cell = rows["disparse"].cells["seg/miou"]
+    assert cell.values == [0.36, 0.38] and cell.mean == pytest.approx(0.37)
+    assert cell.std == pytest.approx(statistics.stdev([0.36, 0.38]))
+    expected = [delta_by_hand(disparse[s], dense[s]) for s in (0, 1)]
+    assert rows["disparse"].cells["delta_t"].values == pytest.approx(expected)
+    assert rows["dense"].cells["delta_t"].values == pytest.approx([0.0, 0.0])
+    # lower abs_err is better: a depth error below dense counts positive
+    better_depth = metrics(0.40, 0.80, 0.40, 0.20)
+    assert delta_by_hand(better_depth, dense[0]) > 0
+    assert rows["random"].seeds == [0, 1] and rows["disparse"].cells["sparsity"].mean == pytest.approx(0.9)
+
+
+def test_best_is_bold_and_seed_noise_is_flagged_by_welch_t_test(runs):
+    paths, *_ = runs
+    report = build_report(paths, constant=False)
+    rows = {row.label: row for row in report.rows}
+    assert rows["disparse"].cells["seg/miou"].best and not rows["random"].cells["seg/miou"].best
+    assert rows["disparse"].cells["depth/abs_err"].best, "lower is better for errors"
+    p = stats.ttest_ind([0.36, 0.38], [0.30, 0.31], equal_var=False).pvalue
+    assert rows["random"].cells["seg/miou"].within_noise == (p >= 0.05)
+    assert within_noise([1.0, 1.2, 0.9], [1.05, 1.1, 1.0]) and not within_noise([1.0, 1.01], [2.0, 2.02])
+    assert not within_noise([1.0], [1.0, 2.0]), "one seed cannot be tested"
+    markdown = to_markdown(report)
+    assert "| disparse | scratch | 2 | **0.3700 ± 0.0141** |" in markdown
+    assert "seg miou ↑" in markdown and "depth abs_err ↓" in markdown and "Welch t-test" in markdown
+    assert r"\textbf{0.3700 $\pm$ 0.0141}" in to_latex(report)
+    assert "seg/miou_best" in to_csv(report).splitlines()[0]
+
+
+def test_settings_that_vary_become_columns_and_method_variants_get_labels(tmp_path):
+    values = metrics(0.4, 0.8, 0.5, 0.2)
+    paths = [write_run(tmp_path, f"dense{it}", 0, values, iterations=it) for it in (600, 2000)]
+    paths += [write_run(tmp_path, f"d{it}", 0, metrics(0.3, 0.7, 0.6, 0.3), "disparse", iterations=it)
+              for it in (600, 2000)]
+    paths.append(write_run(tmp_path, "dx", 0, metrics(0.35, 0.7, 0.6, 0.3), "disparse", score_init="xavier"))
+    report = build_report(paths, constant=False)
+    assert report.setting_keys == ["train.iterations"]
+    labels = [(row.label, row.settings["train.iterations"]) for row in report.rows]
+    assert labels == [("dense", 2000), ("disparse (score_init=model)", 2000), ("dense", 600),
+                      ("disparse (score_init=model)", 600), ("disparse (score_init=xavier)", 600)]
+    rows = {(r.label, r.settings["train.iterations"]): r for r in report.rows}
+    assert rows[("disparse (score_init=xavier)", 600)].cells["seg/miou"].best
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tasks": ["seg", "normal"]}, "train different tasks"),
+    ({"dataset": {"name": "other"}}, "used different datasets"),
+])
+def test_mismatched_runs_are_refused(tmp_path, change, message):
+    values = metrics(0.4, 0.8, 0.5, 0.2)
+    first = write_run(tmp_path, "a", 0, values)
+    other_values = {"seg": values["seg"], "normal": {}} if "tasks" in change else values
+    second = write_run(tmp_path, "b", 1, other_values, **change)
+    with pytest.raises(ValueError, match=message):
+        build_report([first, second], constant=False)
+
+
+def test_sparse_runs_without_their_dense_configuration_are_refused(tmp_path):
+    dense = write_run(tmp_path, "dense", 0, metrics(0.4, 0.8, 0.5, 0.2), iterations=600)
+    sparse = write_run(tmp_path, "sparse", 0, metrics(0.3, 0.8, 0.5, 0.2), "random", iterations=2000)
+    with pytest.raises(ValueError, match="no dense run with the configuration of sparse"):
+        build_report([dense, sparse], constant=False)
+
+
+def test_cli_writes_every_format_and_unfinished_runs_are_one_line_errors(runs, tmp_path, capsys):
+    from dsparse.cli import main
+
+    paths, *_ = runs
+    out = tmp_path / "out" / "table"
+    (tmp_path / "out").mkdir()
+    assert main(["report", *map(str, paths), "--no-constant", "--out", str(out)]) == 0
+    for suffix in (".md", ".csv", ".tex", ".png"):
+        assert out.with_name("table" + suffix).is_file()
+    assert "| dense |" in capsys.readouterr().out
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    assert main(["report", str(unfinished)]) == 2
+    assert "is not a finished run" in capsys.readouterr().err
