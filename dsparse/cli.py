@@ -25,27 +25,42 @@ import warnings
 from pathlib import Path
 
 
-def _setup_logging() -> None:
+def _setup_logging(quiet: bool = False) -> None:
+    """One logging setup for every verb: progress and info lines on stderr (``--quiet``:
+    warnings and errors only), so stdout carries only results (``--json``: one object)."""
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S",
+    level = logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format=f"%(asctime)s {prefix}%(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
+    logging.getLogger().setLevel(level)  # also when a handler was installed before (basicConfig then does nothing)
     for noisy in ("DeepSpeed", "deepspeed", "alembic", "mlflow", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _cmd_synth(args) -> None:
+def _say(args, text: str) -> None:
+    """Human-readable output on stdout; suppressed by ``--json`` (the result is printed as JSON instead)."""
+    if not args.json and _is_rank_zero():
+        print(text)
+
+
+def _is_rank_zero() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _cmd_synth(args) -> dict:
     from dsparse.data.synth.dataset import write_synthetic_dataset
 
     manifest = write_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val, size=args.size,
                                        seed=args.seed, shard_size=args.shard_size, num_procs=args.procs,
                                        overwrite=args.overwrite)
     counts = {split: info.num_samples for split, info in manifest.splits.items()}
-    print(f"wrote {counts} samples with tasks {manifest.tasks} to {args.out}")
+    _say(args, f"wrote {counts} samples with tasks {manifest.tasks} to {args.out}")
+    return {"out": args.out, "samples": counts, "tasks": manifest.tasks}
 
 
-def _cmd_convert(args) -> None:
+def _cmd_convert(args) -> dict:
     from dsparse.data.convert import CONVERTERS, convert
 
     options = {option.name.replace("-", "_"): getattr(args, option.name.replace("-", "_"))
@@ -54,40 +69,43 @@ def _cmd_convert(args) -> None:
                        shard_size=args.shard_size, on_error=args.on_error, overwrite=args.overwrite, **options)
     counts = {split: info.num_samples for split, info in manifest.splits.items()}
     shards = sum(len(info.shards) for info in manifest.splits.values())
-    print(f"wrote {counts} samples in {shards} shards with tasks {manifest.tasks} to {args.out}"
+    _say(args, f"wrote {counts} samples in {shards} shards with tasks {manifest.tasks} to {args.out}"
           + (f"; skipped {len(manifest.skipped)} bad sample(s) or source(s), listed in manifest.json"
              if manifest.skipped else ""))
     from dsparse.config import load_config
 
     preset = args.converter
     same_tasks = preset != "folders" and load_config(preset).tasks == manifest.tasks
-    print(f"train on it: dsparse train {preset} --set data.path={args.out}"
-          + ("" if same_tasks else f" --set \"tasks=[{', '.join(manifest.tasks)}]\""))
+    command = (f"dsparse train {preset} --set data.path={args.out}"
+               + ("" if same_tasks else f" --set \"tasks=[{', '.join(manifest.tasks)}]\""))
+    _say(args, f"train on it: {command}")
+    return {"out": args.out, "samples": counts, "shards": shards, "tasks": manifest.tasks,
+            "skipped": manifest.skipped, "train_command": command}
 
 
-def _cmd_check(args) -> None:
+def _cmd_check(args) -> dict:
     from dsparse.data.check import check_dataset
 
     report = check_dataset(args.data_dir, args.split)
     for problem in report.problems:
-        print(problem)
-    print(f"{report.num_samples} samples read, {len(report.problems)} problem(s)")
-    if not report.ok:
-        raise SystemExit(1)
+        _say(args, problem)
+    _say(args, f"{report.num_samples} samples read, {len(report.problems)} problem(s)")
+    args.exit_code = 0 if report.ok else 1
+    return {"samples": report.num_samples, "problems": report.problems, "ok": report.ok}
 
 
-def _cmd_train(args) -> None:
+def _cmd_train(args) -> dict:
     from dsparse.config import load_config
     from dsparse.train.trainer import train
 
     overrides = list(args.set) + ([f"sparsity.masks={args.masks}"] if args.masks else [])
     resume = "auto" if args.resume_or_start else args.resume
     summary = train(load_config(args.config, overrides), resume=resume, stop_after=args.stop_after)
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({k: summary[k] for k in ("status", "step", "samples_per_s", "mlflow_run_id")}))
+    _say(args, json.dumps({k: summary[k] for k in ("status", "step", "samples_per_s", "mlflow_run_id")}))
+    return summary
 
 
-def _cmd_prune(args) -> None:
+def _cmd_prune(args) -> dict:
     from dsparse.config import load_config
     from dsparse.models import parameter_users
     from dsparse.train.components import build_run_model, build_run_tasks
@@ -103,16 +121,17 @@ def _cmd_prune(args) -> None:
         overrides.append("sparsity.keep_first_dense=true")
     config = load_config(args.config, overrides)
     masks = prune_run(config, args.out)
-    if os.environ.get("RANK", "0") == "0":
-        from dsparse.data.manifest import load_manifest
+    from dsparse.data.manifest import load_manifest
 
-        model = build_run_model(config, build_run_tasks(config, load_manifest(config.data.path)))
-        print(masks.format_table(parameter_users(model)))
-        print(f"requested sparsity {args.sparsity:.4f}, achieved {masks.sparsity:.6f} "
-              f"({masks.num_kept} of {masks.num_total} weights kept); wrote {args.out}")
+    users = parameter_users(build_run_model(config, build_run_tasks(config, load_manifest(config.data.path))))
+    _say(args, masks.format_table(users))
+    _say(args, f"requested sparsity {args.sparsity:.4f}, achieved {masks.sparsity:.6f} "
+               f"({masks.num_kept} of {masks.num_total} weights kept); wrote {args.out}")
+    return {"out": args.out, "requested": args.sparsity, "achieved": masks.sparsity, "kept": masks.num_kept,
+            "total": masks.num_total, "layers": masks.layer_table(users)}
 
 
-def _cmd_eval(args) -> None:
+def _cmd_eval(args) -> dict:
     from dsparse.evaluation import evaluate_checkpoint
     from dsparse.train.evaluate import format_metrics_table
 
@@ -124,23 +143,28 @@ def _cmd_eval(args) -> None:
     result = evaluate_checkpoint(args.checkpoint, data_path=args.data, split=args.split, baseline=args.baseline,
                                  max_batches=args.max_batches)
     deltas = {"delta_t_%": result["delta_t"]} if "delta_t" in result else None
-    print(format_metrics_table(result["metrics"], deltas))
+    _say(args, format_metrics_table(result["metrics"], deltas))
     if args.out:
         from dsparse.io import write_text_atomic
 
         write_text_atomic(args.out, json.dumps(result, indent=2))
-        print(f"wrote {args.out}")
+        _say(args, f"wrote {args.out}")
+    return result
 
 
-def _cmd_export(args) -> None:
+def _cmd_export(args) -> dict:
     from dsparse.export import export_run
 
     report = export_run(args.run, args.out)
-    print(f"wrote {report.path}: {report.num_bytes / 2**20:.2f} MiB, {100 * report.ratio:.1f}% of the dense model's "
-          f"{report.dense_bytes / 2**20:.2f} MiB ({report.granularity} masks, sparsity {report.sparsity:.4f})")
+    _say(args, f"wrote {report.path}: {report.num_bytes / 2**20:.2f} MiB, {100 * report.ratio:.1f}% of the dense "
+               f"model's {report.dense_bytes / 2**20:.2f} MiB ({report.granularity} masks, sparsity "
+               f"{report.sparsity:.4f})")
+    import dataclasses
+
+    return dataclasses.asdict(report)
 
 
-def _cmd_sweep(args) -> None:
+def _cmd_sweep(args) -> dict:
     from dsparse.sweep.runner import run_sweep
     from dsparse.sweep.spec import load_sweep_spec
 
@@ -148,71 +172,84 @@ def _cmd_sweep(args) -> None:
     out = args.out or f"runs/sweeps/{spec.name}"
     rows = run_sweep(spec, out, address=args.address, resume=args.resume, storage=args.storage)
     unfinished = [row for row in rows if row["status"] != "complete"]
-    print(f"{len(rows)} trials: {len(rows) - len(unfinished)} complete"
+    _say(args, f"{len(rows)} trials: {len(rows) - len(unfinished)} complete"
           + "".join(f"; {row['trial']}: {row['status']}" for row in unfinished))
-    from dsparse.report import build_report, to_markdown, write_report
+    from dsparse.report import build_report, to_markdown, to_records, write_report
 
+    result = {"out": out, "trials": rows, "report": None}
     try:
         report = build_report(sweep=out)
     except ValueError as error:  # e.g. a learning-rate search without a dense trial: no Delta_T table
-        print(f"no comparison table: {error}")
+        _say(args, f"no comparison table: {error}")
     else:
-        print(to_markdown(report))
-        print("table: " + ", ".join(str(p) for p in write_report(report, Path(out) / "report")))
-    print(f"per trial: {Path(out) / 'results.csv'} and results.png")
+        _say(args, to_markdown(report))
+        _say(args, "table: " + ", ".join(str(p) for p in write_report(report, Path(out) / "report")))
+        result["report"] = to_records(report)
+    _say(args, f"per trial: {Path(out) / 'results.csv'} and results.png")
     from dsparse.config import config_from_dict
     from dsparse.tracking.mlflow_tracker import resolve_tracking_uri, ui_command
 
     uri = resolve_tracking_uri(config_from_dict(spec.base_config()).tracking)
-    print(f"MLflow (the sweep is the parent run, trials are child runs): {ui_command(uri)}")
+    _say(args, f"MLflow (the sweep is the parent run, trials are child runs): {ui_command(uri)}")
+    return result
 
 
-def _cmd_analyze(args) -> None:
+def _cmd_analyze(args) -> dict:
     from dsparse.analysis import analyze
 
     result = analyze(args.source, args.out, branch=args.branch, num_groups=args.groups, same_params=args.same_params,
                      config=args.config)
     final = result.source.final
     shared = final.shared_layers
-    print(f"{len(final.tasks)} tasks, {len(final.layers)} masked layers ({len(shared)} shared by two or more)"
+    _say(args, f"{len(final.tasks)} tasks, {len(final.layers)} masked layers ({len(shared)} shared by two or more)"
           + (f", {len(result.source.analyses)} checkpoints (dynamic run: per-task masks are the tasks' nominations "
              "at the latest update)" if result.source.dynamic else ""))
     if final.watershed:
-        print(f"watershed: {final.watershed} (mean IoU drops by {final.watershed_drop:.3f} from the layer before)")
+        _say(args, f"watershed: {final.watershed} (mean IoU drops by {final.watershed_drop:.3f} from the layer before)")
     for (a, b), value in final.pair_iou_matrix().items():
-        print(f"  {a}/{b}: mean IoU {value:.3f} over the layers both use")
+        _say(args, f"  {a}/{b}: mean IoU {value:.3f} over the layers both use")
     if result.plan is not None:
-        print(f"branched at {result.plan.branch_from}, groups {result.plan.groups}: {result.branched_config}")
-        print(f"train it: dsparse train {result.branched_config}")
-    print(f"wrote {len(result.paths)} files to {result.out_dir}"
+        _say(args, f"branched at {result.plan.branch_from}, groups {result.plan.groups}: {result.branched_config}")
+        _say(args, f"train it: dsparse train {result.branched_config}")
+    _say(args, f"wrote {len(result.paths)} files to {result.out_dir}"
           + (f"; logged to MLflow run {result.mlflow_run_id}" if result.mlflow_run_id else ""))
+    from dsparse.analysis.output import summarize
+
+    payload = summarize(result.source)
+    payload.update(files=[str(p) for p in result.paths], mlflow_run_id=result.mlflow_run_id,
+                   branch=None if result.plan is None else {"branch_from": result.plan.branch_from,
+                                                            "groups": result.plan.groups,
+                                                            "config": str(result.branched_config)})
+    return payload
 
 
-def _cmd_report(args) -> None:
-    from dsparse.report import build_report, to_markdown, write_report
+def _cmd_report(args) -> dict:
+    from dsparse.report import build_report, to_markdown, to_records, write_report
 
     report = build_report(args.runs, sweep=args.sweep, experiment=args.experiment, tracking_uri=args.tracking_uri,
                           constant=not args.no_constant)
-    print(to_markdown(report))
-    if args.out:
-        paths = write_report(report, args.out)
-        print("wrote " + ", ".join(str(p) for p in paths))
+    _say(args, to_markdown(report))
+    paths = write_report(report, args.out) if args.out else []
+    if paths:
+        _say(args, "wrote " + ", ".join(str(p) for p in paths))
+    return {"rows": to_records(report), "files": [str(p) for p in paths]}
 
 
-def _cmd_demo(args) -> None:
+def _cmd_demo(args) -> dict:
     from dsparse.demo import run_demo
 
-    run_demo(workdir=args.workdir, iterations=args.iterations, num_train=args.num_train)
+    return run_demo(workdir=args.workdir, iterations=args.iterations, num_train=args.num_train, show=not args.json)
 
 
-def _add_convert_parser(data) -> None:
+def _add_convert_parser(data, common) -> None:
     """``data convert NAME ...``: one sub-command per registered converter, with its options."""
     from dsparse.data.convert import CONVERTERS
 
-    convert = data.add_parser("convert", help="convert a real dataset into WebDataset shards (resumable)")
+    convert = data.add_parser("convert", parents=[common],
+                              help="convert a real dataset into WebDataset shards (resumable)")
     names = convert.add_subparsers(dest="converter", required=True)
     for name, converter in CONVERTERS.items():
-        sub = names.add_parser(name, help=converter.summary, description=converter.summary)
+        sub = names.add_parser(name, parents=[common], help=converter.summary, description=converter.summary)
         sub.add_argument("src", help="dataset YAML" if name == "folders" else "dataset root directory")
         sub.add_argument("out", help="output directory (new or empty; rerun the command to resume)")
         sub.add_argument("--split", nargs="+", default=None,
@@ -228,14 +265,29 @@ def _add_convert_parser(data) -> None:
         sub.set_defaults(func=_cmd_convert)
 
 
+def _common_flags(top_level: bool) -> argparse.ArgumentParser:
+    """``--quiet``, ``--json`` and ``--debug``, accepted before or after any verb."""
+    common = argparse.ArgumentParser(add_help=False)
+    default = False if top_level else argparse.SUPPRESS  # a verb's flag must not reset one given before it
+    common.add_argument("--quiet", "-q", action="store_true", default=default,
+                        help="no progress or info lines (warnings and errors only)")
+    common.add_argument("--json", action="store_true", default=default,
+                        help="print the final result as one JSON object on stdout (for scripts)")
+    common.add_argument("--debug", action="store_true", default=default,
+                        help="on an error, also print the full traceback (and a data-loader worker's)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dsparse", description=__doc__.split("\n")[0])
-    parser.add_argument("--debug", action="store_true", help="on an error, also print the full traceback "
-                        "(and a data-loader worker's)")
+    parser = argparse.ArgumentParser(prog="dsparse", description=__doc__.split("\n")[0],
+                                     parents=[_common_flags(top_level=True)])
+    common = _common_flags(top_level=False)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    data = verbs.add_parser("data", help="dataset tools").add_subparsers(dest="data_verb", required=True)
-    synth = data.add_parser("synth", help="render procedural multitask scenes into WebDataset shards")
+    data = verbs.add_parser("data", parents=[common], help="dataset tools")
+    data = data.add_subparsers(dest="data_verb", required=True)
+    synth = data.add_parser("synth", parents=[common],
+                            help="render procedural multitask scenes into WebDataset shards")
     synth.add_argument("--out", default="data/synthetic")
     synth.add_argument("--num-train", type=int, default=4000)
     synth.add_argument("--num-val", type=int, default=500)
@@ -245,13 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--procs", type=int, default=None, help="render processes (default: all cores)")
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     synth.set_defaults(func=_cmd_synth)
-    _add_convert_parser(data)
-    check = data.add_parser("check", help="decode every sample of a dataset and report problems")
+    _add_convert_parser(data, common)
+    check = data.add_parser("check", parents=[common], help="decode every sample of a dataset and report problems")
     check.add_argument("data_dir")
     check.add_argument("--split", nargs="+", default=None, help="splits to check (default: all)")
     check.set_defaults(func=_cmd_check)
 
-    train = verbs.add_parser("train", help="train one run from a YAML config")
+    train = verbs.add_parser("train", parents=[common], help="train one run from a YAML config")
     train.add_argument("config")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set train.iterations=100 (repeatable)")
@@ -266,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="checkpoint and exit after N steps of this invocation")
     train.set_defaults(func=_cmd_train)
 
-    prune = verbs.add_parser("prune", help="compute pruning masks for a run config and write a mask file")
+    prune = verbs.add_parser("prune", parents=[common],
+                             help="compute pruning masks for a run config and write a mask file")
     prune.add_argument("config")
     prune.add_argument("--method", required=True, help="disparse | snip | random | magnitude | lottery")
     prune.add_argument("--sparsity", type=float, required=True, help="fraction of prunable weights to prune")
@@ -281,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", default="masks.pt")
     prune.set_defaults(func=_cmd_prune)
 
-    evaluate = verbs.add_parser("eval", help="evaluate a checkpoint, optionally against a baseline run")
+    evaluate = verbs.add_parser("eval", parents=[common],
+                                help="evaluate a checkpoint, optionally against a baseline run")
     evaluate.add_argument("checkpoint", help="run directory or checkpoints/step-N directory")
     evaluate.add_argument("--data", default=None, help="dataset directory (default: the run's)")
     evaluate.add_argument("--split", default="val")
@@ -290,12 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="write the metrics as JSON here")
     evaluate.set_defaults(func=_cmd_eval)
 
-    export = verbs.add_parser("export", help="write a sparse run's kept blocks or weights as a compact model file")
+    export = verbs.add_parser("export", parents=[common],
+                              help="write a sparse run's kept blocks or weights as a compact model file")
     export.add_argument("run", help="run directory or checkpoints/step-N directory of a sparse run")
     export.add_argument("--out", required=True, help="the file to write (eval it with dsparse eval FILE)")
     export.set_defaults(func=_cmd_export)
 
-    sweep = verbs.add_parser("sweep", help="run a sweep spec with Ray Tune (local Ray by default)")
+    sweep = verbs.add_parser("sweep", parents=[common], help="run a sweep spec with Ray Tune (local Ray by default)")
     sweep.add_argument("spec")
     sweep.add_argument("--address", default=None, help="Ray cluster address (auto | ray://host:10001)")
     sweep.add_argument("--out", default=None, help="sweep directory (default runs/sweeps/NAME)")
@@ -304,8 +359,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray trial state and checkpoints: shared path or bucket URI (default OUT/ray)")
     sweep.set_defaults(func=_cmd_sweep)
 
-    analyze = verbs.add_parser("analyze", help="per-task mask IoU per layer, the watershed, density; optionally a "
-                               "branched model config")
+    analyze = verbs.add_parser("analyze", parents=[common],
+                               help="per-task mask IoU per layer, the watershed, density; optionally a branched "
+                                    "model config")
     analyze.add_argument("source", help="mask file (dsparse prune --out), run directory or checkpoint")
     analyze.add_argument("--out", default=None, help="output directory (default RUN/analysis or MASKFILE-analysis)")
     analyze.add_argument("--branch", action="store_true",
@@ -319,8 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--config", default=None, help="with --branch on a mask file: the run config it was made for")
     analyze.set_defaults(func=_cmd_analyze)
 
-    report = verbs.add_parser("report", help="paper-style table of finished runs: methods x task metrics, sparsity, "
-                              "Delta_T, seeds aggregated")
+    report = verbs.add_parser("report", parents=[common],
+                              help="paper-style table of finished runs: methods x task metrics, sparsity, Delta_T, "
+                                   "seeds aggregated")
     report.add_argument("runs", nargs="*", help="run directories (or their summary.json)")
     report.add_argument("--sweep", default=None, help="a sweep directory (dsparse sweep --out)")
     report.add_argument("--experiment", default=None, help="an MLflow experiment name")
@@ -330,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the dataset)")
     report.set_defaults(func=_cmd_report)
 
-    demo = verbs.add_parser("demo", help="synthetic data -> train tiny model on 5 tasks -> eval table")
+    demo = verbs.add_parser("demo", parents=[common],
+                            help="synthetic data -> train tiny model on 5 tasks -> eval table")
     demo.add_argument("--workdir", default=".")
     demo.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
     demo.add_argument("--num-train", type=int, default=4000)
@@ -338,32 +396,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(args, error: Exception, code: int) -> int:
+    if args.debug:
+        import traceback
+
+        traceback.print_exc()
+        print(getattr(error, "worker_traceback", ""), file=sys.stderr)
+    print(f"dsparse: error: {error}", file=sys.stderr)
+    if args.json and _is_rank_zero():
+        print(json.dumps({"error": str(error), "exit_code": code}))
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    _setup_logging(args.quiet)
+    args.exit_code = 0
     try:
-        args.func(args)
+        result = args.func(args)
     except ValueError as error:  # user errors: say what and how to fix, no traceback (unless --debug)
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-            print(getattr(error, "worker_traceback", ""), file=sys.stderr)
-        print(f"dsparse: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(args, error, 2)
     except RuntimeError as error:
         from dsparse.sweep.runner import SweepFailedError
         from dsparse.train.trainer import NonFiniteLossError
 
         if not isinstance(error, (SweepFailedError, NonFiniteLossError)):
             raise
-        if args.debug:
-            import traceback
-
-            traceback.print_exc()
-        print(f"dsparse: error: {error}", file=sys.stderr)  # the message says what to do
-        return 1
-    return 0
+        return _fail(args, error, 1)  # the message says what to do
+    if args.json and _is_rank_zero():
+        print(json.dumps(result, default=str))
+    return args.exit_code
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ class ModelConfig:
         if not self.head_dilations:
             raise ValueError("model.head_dilations must list at least one dilation")
         if self.branch_from not in ("layer1", "layer2", "layer3", "layer4"):
-            raise ValueError(f"model.branch_from must be one of layer1, layer2, layer3, layer4; got {self.branch_from!r}")
+            raise ValueError(f"model.branch_from must be one of layer1, layer2, layer3, layer4; "
+                             f"got {self.branch_from!r}")
 
 
 @dataclass

@@ -38,8 +38,10 @@ def comparison_table(trained: dict, trivial: dict, tasks) -> tuple[str, bool]:
     return "\n".join(lines), all_better
 
 
-def run_demo(workdir: str | Path = ".", iterations: int | None = None, num_train: int = 4000) -> dict:
-    """Run the whole demo in ``workdir``; returns the results (also written as JSON)."""
+def run_demo(workdir: str | Path = ".", iterations: int | None = None, num_train: int = 4000,
+             show: bool = True) -> dict:
+    """Run the whole demo in ``workdir``; returns the results (also written as JSON) and,
+    with ``show``, prints the table."""
     start = time.perf_counter()
     workdir = Path(workdir).resolve()
     data_dir = workdir / "data" / "synthetic"
@@ -66,6 +68,8 @@ def run_demo(workdir: str | Path = ".", iterations: int | None = None, num_train
                "mlflow_run_id": summary["mlflow_run_id"], "mlflow_tracking_uri": summary["mlflow_tracking_uri"]}
     (run_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
     (run_dir / "demo_results.md").write_text(table + "\n")
+    if not show:
+        return results
     print(f"\nValidation metrics, trained model vs trivial constant predictor ({run_dir}):\n")
     print(table)
     print(f"\nevery metric beats the trivial predictor: {'yes' if all_better else 'NO'}")

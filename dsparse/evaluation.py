@@ -15,6 +15,7 @@ from dsparse.tasks import delta_t
 from dsparse.distributed import device_and_backend
 from dsparse.export import is_export_file, load_sparse
 from dsparse.io import read_json
+from dsparse.progress import ProgressMeter
 from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
 from dsparse.train.components import build_run_model, build_run_tasks
@@ -101,7 +102,13 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
     device, _ = device_and_backend()
     spec = stream_spec(config.data, manifest, split, config.tasks, seed=config.seed, rank=0, world_size=1,
                        train=False)
-    metrics = evaluate(model.to(device), tasks, spec, device, max_batches)
+    if split not in manifest.splits:
+        raise ValueError(f"dataset {config.data.path} has no split {split!r}; it has {sorted(manifest.splits)}")
+    total = manifest.splits[split].num_samples
+    if max_batches is not None:
+        total = min(total, max_batches * config.data.eval_batch_size)
+    meter = ProgressMeter(f"evaluating on {split}", total, "samples")
+    metrics = evaluate(model.to(device), tasks, spec, device, max_batches, progress=meter)
     result = {"checkpoint": str(path), "data": config.data.path, "split": split, "metrics": metrics}
     if baseline_summary is not None:
         result["baseline"] = str(baseline)

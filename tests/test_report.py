@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from dsparse.config import load_config
-from dsparse.report import build_report, to_csv, to_latex, to_markdown, write_report
+from dsparse.report import build_report, to_csv, to_latex, to_markdown
 from dsparse.report.table import within_noise
 
 TASKS = ["seg", "depth"]

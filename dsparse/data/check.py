@@ -7,13 +7,12 @@ manifest's classes, and shards whose sample count differs from the manifest.
 
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsparse.data.manifest import load_manifest
 from dsparse.data.records import SampleError, decode_sample, read_shard
+from dsparse.progress import ProgressMeter
 
 
 @dataclass
@@ -36,8 +35,8 @@ def check_dataset(data_dir: str | Path, splits: list[str] | None = None, progres
     if unknown:
         raise ValueError(f"{data_dir} has no split(s) {unknown}; it has {sorted(manifest.splits)}")
     shards = [(split, shard) for split in wanted for shard in manifest.splits[split].shards]
-    start = time.perf_counter()
-    for done, (split, shard) in enumerate(shards, 1):
+    meter = ProgressMeter(f"checking {data_dir}", len(shards), "shards", enabled=progress)
+    for split, shard in shards:
         count = 0
         for raw in read_shard(str(Path(data_dir) / shard.name), skip_bad=True):
             try:
@@ -49,8 +48,5 @@ def check_dataset(data_dir: str | Path, splits: list[str] | None = None, progres
             report.problems.append(f"shard {shard.name} has {count} readable samples, manifest.json says "
                                    f"{shard.num_samples}")
         report.num_samples += count
-        if progress:
-            rate = report.num_samples / max(time.perf_counter() - start, 1e-9)
-            print(f"[dsparse data check] {done}/{len(shards)} shards, {rate:.0f} samples/s, "
-                  f"{len(report.problems)} problem(s)", file=sys.stderr, flush=True)
+        meter.add(1, f"{report.num_samples} samples, {len(report.problems)} problem(s)")
     return report

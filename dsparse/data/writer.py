@@ -32,14 +32,13 @@ import functools
 import hashlib
 import io
 import json
+import logging
 import math
 import multiprocessing
 import re
 import shutil
-import sys
 import tarfile
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from collections.abc import Callable, Mapping, Sequence
@@ -51,7 +50,10 @@ import numpy as np
 
 from dsparse.data.manifest import MANIFEST_NAME, NAME_PATTERN, Manifest, ShardInfo, SplitInfo
 from dsparse.io import atomic_path, write_text_atomic
+from dsparse.progress import ProgressMeter
 from dsparse.tasks.labels import IGNORE_INDEX, RGB, ClassLabel, DepthLabel, LabelError, LabelSpec
+
+log = logging.getLogger("dsparse.data")
 
 STATE_DIR = ".dsparse-writing"
 _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|KIB|MIB|GIB)\s*$", re.IGNORECASE)
@@ -271,23 +273,11 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 # -------------------------------------------------------------------- progress
-class _Progress:
-    """Counts finished samples (from any process) and prints rate and ETA to stderr."""
+class _Progress(ProgressMeter):
+    """A ProgressMeter fed with the sample counts worker processes put on a queue."""
 
-    def __init__(self, total: int, label: str, enabled: bool, every: float = 5.0) -> None:
-        self.total, self.label, self.enabled, self.every = total, label, enabled, every
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def add(self, count: int) -> None:
-        self.done += count
-        now = time.perf_counter()
-        if self.enabled and (now - self.last >= self.every or self.done >= self.total):
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            print(f"[dsparse data] {self.label}: {self.done}/{self.total} samples, {rate:.1f} samples/s, "
-                  f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
+    def __init__(self, total: int, label: str, enabled: bool) -> None:
+        super().__init__(label, total, "samples", enabled=enabled)
 
     def drain(self, queue, stop: threading.Event) -> None:
         while not stop.is_set() or not queue.empty():
@@ -532,8 +522,7 @@ def _run_jobs(out_dir: Path, jobs: list[_ShardJob], workers: int, progress: bool
     total = sum(len(job.samples) for job in todo)
     counter = _Progress(total, label, progress and total > 0)
     if progress and records:
-        print(f"[dsparse data] {label}: resuming, {len(records)} of {len(jobs)} shards already written",
-              file=sys.stderr, flush=True)
+        log.info("%s: resuming, %d of %d shards already written", label, len(records), len(jobs))
     if workers == 1 or len(todo) <= 1:
         global _progress_sink
         _progress_sink = counter.add
@@ -588,8 +577,7 @@ def _publish(out_dir: Path, record: dict) -> dict:
     """Record a written shard (after its tar is in place) and report its skipped samples."""
     write_text_atomic(_record_path(out_dir, record["name"]), json.dumps(record))
     for skipped in record["skipped"]:
-        print(f"[dsparse data] skipped {skipped['split']} sample {skipped['key']!r}: {skipped['error']}",
-              file=sys.stderr, flush=True)
+        log.warning("skipped %s sample %r: %s", skipped["split"], skipped["key"], skipped["error"])
     return record
 
 

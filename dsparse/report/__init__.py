@@ -16,12 +16,12 @@ import logging
 from pathlib import Path
 
 from dsparse.io import write_text_atomic
-from dsparse.report.render import to_csv, to_latex, to_markdown, to_png
+from dsparse.report.render import to_csv, to_latex, to_markdown, to_png, to_records
 from dsparse.report.runs import RunRecord, load_run, runs_of_experiment, runs_of_sweep
 from dsparse.report.table import Report, build_table, within_noise
 
 __all__ = ["Report", "RunRecord", "build_report", "collect_runs", "load_run", "to_csv", "to_latex", "to_markdown",
-           "to_png", "within_noise", "write_report"]
+           "to_png", "to_records", "within_noise", "write_report"]
 
 log = logging.getLogger("dsparse.report")
 

@@ -66,6 +66,18 @@ def to_markdown(report: Report) -> str:
     return "\n".join(lines + [""] + [f"- {note}" for note in notes(report)]) + "\n"
 
 
+def to_records(report: Report) -> list[dict]:
+    """The table as plain data (``--json``): per row its label, settings and per column
+    mean, std, values, best and within-noise flags."""
+    return [{"method": row.label, "kind": row.kind, "settings": row.settings, "init": row.init, "seeds": row.seeds,
+             "target": row.target, "notes": row.notes,
+             "columns": {c.key: {"mean": None if math.isnan(row.cells[c.key].mean) else row.cells[c.key].mean,
+                                 "std": row.cells[c.key].std, "values": row.cells[c.key].values,
+                                 "best": row.cells[c.key].best, "within_noise": row.cells[c.key].within_noise}
+                         for c in report.columns}}
+            for row in report.rows]
+
+
 def to_csv(report: Report) -> str:
     """Machine-readable: mean, std, n, best and within-noise flags per column."""
     buffer = io.StringIO()

@@ -89,7 +89,7 @@ class ElementApplier(MaskApplier):
         self._weights = prunable_parameters(model)
         for name, mask in masks.masks.items():
             weight = self._weights[name]
-            keep = self._keep[name] = mask.to(device=weight.device, dtype=weight.dtype)
+            self._keep[name] = mask.to(device=weight.device, dtype=weight.dtype)
             self._handles.append(weight.register_hook(lambda grad, name=name: self._mask(name, grad)))
 
     def _mask(self, name: str, grad: torch.Tensor) -> torch.Tensor:

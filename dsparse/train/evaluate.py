@@ -11,10 +11,12 @@ from dsparse.distributed import all_reduce_sum
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tasks: dict[str, Task], spec: StreamSpec, device: torch.device,
-             max_batches: int | None = None, input_dtype: torch.dtype = torch.float32) -> dict[str, dict[str, float]]:
+             max_batches: int | None = None, input_dtype: torch.dtype = torch.float32,
+             progress=None) -> dict[str, dict[str, float]]:
     """Metrics of every task over one pass of ``spec`` (identical on all ranks).
 
-    Must be called on every rank: the final all-reduce is collective.
+    Must be called on every rank: the final all-reduce is collective. ``progress`` (a
+    ``ProgressMeter``) counts the evaluated samples.
     """
     was_training = model.training
     model.eval()
@@ -23,6 +25,8 @@ def evaluate(model: torch.nn.Module, tasks: dict[str, Task], spec: StreamSpec, d
         outputs = model(batch["rgb"].to(device, input_dtype))
         for name, metric in metrics.items():
             metric.update(outputs[name].float(), batch[name].to(device))
+        if progress is not None:
+            progress.add(len(batch["rgb"]))
     results = {}
     for name, metric in metrics.items():
         metric.state = all_reduce_sum(metric.state.to(device))

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import time
 
+from dsparse.progress import format_duration
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+__all__ = ["Progress", "format_duration"]
 
 
 class Progress:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dsparse.analysis import analyze, analyze_masks, group_tasks, plan_branches, stage_of
+from dsparse.analysis import analyze_masks, group_tasks, plan_branches, stage_of
 from dsparse.sparsity.masks import MaskSet
 
 TASKS = ["seg", "depth", "normal"]

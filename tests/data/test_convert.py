@@ -323,9 +323,11 @@ def test_cli_convert_and_check(tmp_path, capsys):
     assert error.count("\n") == 0 and "already holds a dataset" in error
     shard = tmp_path / "out" / load_manifest(tmp_path / "out").splits["train"].shards[0].name
     shard.write_bytes(shard.read_bytes()[:1500])
-    with pytest.raises(SystemExit):
-        main(["data", "check", str(tmp_path / "out")])
+    assert main(["data", "check", str(tmp_path / "out")]) == 1
     assert "manifest.json says" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "out"), "--json", "--quiet"]) == 1
+    result = json.loads(capsys.readouterr().out)  # one JSON object, nothing else on stdout
+    assert result["ok"] is False and any("manifest.json says" in p for p in result["problems"])
 
 
 def test_cli_folders_prints_the_train_command_for_its_preset(tmp_path, capsys):

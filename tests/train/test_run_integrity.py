@@ -10,7 +10,6 @@ import socket
 import time
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from dsparse.cli import main
