@@ -205,7 +205,8 @@ def _cmd_analyze(args) -> dict:
           + (f", {len(result.source.analyses)} checkpoints (dynamic run: per-task masks are the tasks' nominations "
              "at the latest update)" if result.source.dynamic else ""))
     if final.watershed:
-        _say(args, f"watershed: {final.watershed} (mean IoU drops by {final.watershed_drop:.3f} from the layer before)")
+        _say(args, f"watershed: {final.watershed} (the mean IoU change point: {final.watershed_drop:.3f} lower from "
+                   "there on than before)")
     for (a, b), value in final.pair_iou_matrix().items():
         _say(args, f"  {a}/{b}: mean IoU {value:.3f} over the layers both use")
     if result.plan is not None:

@@ -8,10 +8,18 @@ where task relatedness drops most sharply, a natural point to stop sharing.
 ``analyze_masks`` turns one ``MaskSet`` into that picture: per layer (forward order) the IoU
 of every task pair's keep masks, the final mask's density, and the watershed.
 
-The watershed rule: over the layers that at least two tasks use, in forward order, take the
-mean IoU over the task pairs that use each layer; the watershed is the layer whose mean IoU
-is lowest *relative to the layer before it* (the largest drop ``iou[l-1] - iou[l]``). Ties go
-to the earlier layer; with fewer than two such layers there is none.
+The watershed rule: over the layers that at least two tasks use, in forward (module) order,
+take the mean IoU over the task pairs that use each layer. Split that sequence into an
+earlier and a later part, each fitted by its own mean, where the squared error is least (a
+least-squares change point): the watershed is the first layer of the later part, and the
+drop is the earlier part's mean minus the later part's. Ties go to the earlier split; with
+fewer than two such layers there is none.
+
+Why not the largest drop between two consecutive layers: module order interleaves layers
+that run in parallel (a ResNet block's 1x1 shortcut sits between its convolutions and the
+next block's), and a shortcut's IoU can be far above its neighbours', so the raw drop after
+it wins although agreement fell gradually before. A change point weighs every layer once
+and cannot be moved by one outlier.
 """
 
 from __future__ import annotations
@@ -36,8 +44,8 @@ class MaskAnalysis:
         layers: every masked layer, in forward (module) order.
         density: layer -> kept fraction of the final (voted) mask.
         iou: layer -> task pair -> IoU of the pair's keep masks, for the layers both use.
-        watershed: the layer with the sharpest drop of mean IoU, or None.
-        watershed_drop: that drop (mean IoU of the layer before minus the watershed's).
+        watershed: the first layer after the change point of mean IoU, or None.
+        watershed_drop: mean IoU of the layers before it minus that of the layers from it on.
     """
 
     tasks: list[str]
@@ -106,13 +114,16 @@ def analyze_masks(masks: MaskSet) -> MaskAnalysis:
 
 
 def find_watershed(analysis: MaskAnalysis) -> tuple[str | None, float | None]:
-    """The shared layer with the largest drop of mean IoU from the shared layer before it."""
+    """The least-squares change point of the shared layers' mean IoU (see the module docstring)."""
     shared = analysis.shared_layers
-    best, best_drop = None, None
-    for before, layer in zip(shared, shared[1:]):
-        drop = analysis.mean_iou(before) - analysis.mean_iou(layer)
-        if best_drop is None or drop > best_drop:
-            best, best_drop = layer, drop
+    values = [analysis.mean_iou(layer) for layer in shared]
+    best, best_error, best_drop = None, math.inf, None
+    for split in range(1, len(values)):
+        before, after = values[:split], values[split:]
+        mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
+        error = sum((v - mean_before) ** 2 for v in before) + sum((v - mean_after) ** 2 for v in after)
+        if error < best_error - 1e-12:
+            best, best_error, best_drop = shared[split], error, mean_before - mean_after
     return best, best_drop
 
 

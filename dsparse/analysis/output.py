@@ -50,8 +50,9 @@ def summarize(source: AnalysisSource) -> dict:
         "source": str(source.path), "step": source.steps[-1], "dynamic": source.dynamic, "tasks": final.tasks,
         "masks": final.meta,
         "watershed": {"layer": final.watershed, "drop": final.watershed_drop,
-                      "rule": "largest drop of the mean pairwise IoU between consecutive layers that at least two "
-                              "tasks use, in forward order; ties to the earlier layer"},
+                      "rule": "least-squares change point of the mean pairwise IoU over the layers at least two "
+                              "tasks use, in forward order: the first layer of the later part; drop = mean before "
+                              "minus mean from it on"},
         "pair_iou_before_watershed": _pairs(final.pair_iou_matrix(shared[:cut])),
         "pair_iou_from_watershed": _pairs(final.pair_iou_matrix(shared[cut:])),
         "density": final.density,

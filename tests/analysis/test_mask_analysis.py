@@ -25,8 +25,9 @@ def hand_built() -> MaskSet:
     """Three tasks over four shared layers and one head each:
     layer1: all identical (IoU 1); layer2: seg=depth, normal keeps one more (IoU 4/5 with both);
     layer3: seg/depth IoU 3/5, normal disjoint from both; layer4: seg/depth 1/7, normal disjoint.
-    Mean IoU: 1, (1 + 4/5 + 4/5)/3 = 13/15, (3/5)/3 = 1/5, (1/7)/3 = 1/21; the drops into each
-    layer are 2/15, 2/3 and 0.152, so the watershed is layer3."""
+    Mean IoU: 1, (1 + 4/5 + 4/5)/3 = 13/15, (3/5)/3 = 1/5, (1/7)/3 = 1/21. Two-level fits:
+    split before layer2 leaves 0.379 squared error, before layer3 0.0205, before layer4 0.368,
+    so the watershed is layer3, with levels 14/15 and 26/210."""
     per_task = {
         "seg": [bits(0, 1, 2), bits(0, 1, 2, 3), bits(0, 1, 2, 3), bits(0, 1, 2, 3)],
         "depth": [bits(0, 1, 2), bits(0, 1, 2, 3), bits(1, 2, 3, 4), bits(3, 4, 5, 6)],
@@ -49,7 +50,7 @@ def test_iou_per_layer_and_pair_density_and_watershed_match_hand_computation():
     assert analysis.iou[LAYERS[2]] == {("seg", "depth"): pytest.approx(3 / 5), ("seg", "normal"): 0.0,
                                        ("depth", "normal"): 0.0}
     assert analysis.mean_iou(LAYERS[3]) == pytest.approx(1 / 21)
-    assert analysis.watershed == LAYERS[2] and analysis.watershed_drop == pytest.approx(13 / 15 - 1 / 5)
+    assert analysis.watershed == LAYERS[2] and analysis.watershed_drop == pytest.approx(14 / 15 - (1 / 5 + 1 / 21) / 2)
     assert analysis.density[LAYERS[2]] == pytest.approx(0.8)  # 0-4 and 7-9 kept
     assert "heads.seg.weight" not in analysis.iou, "a layer one task uses has no pair"
 
@@ -64,6 +65,18 @@ def test_tasks_group_by_iou_after_the_watershed_and_branch_at_its_stage():
     with pytest.raises(ValueError, match="--groups must be between 1 and the number of tasks"):
         group_tasks(TASKS, {}, 4)
     assert stage_of("shared.stem.0.weight") == "stem" and stage_of("branches.1.layer4.0.conv2.weight") == "layer4"
+
+
+def test_one_parallel_outlier_does_not_move_the_watershed():
+    """A shortcut-like layer with high IoU inside the falling part (module order puts parallel
+    1x1 shortcuts between convolutions) must not make the layer after it the watershed."""
+    from dsparse.analysis import MaskAnalysis, find_watershed
+
+    layers = [f"l{i}" for i in range(8)]
+    levels = [0.95, 0.9, 0.92, 0.88, 0.2, 0.85, 0.1, 0.12]  # l5 is the outlier
+    iou = {layer: {("a", "b"): value} for layer, value in zip(layers, levels)}
+    analysis = MaskAnalysis(["a", "b"], layers, {layer: 0.5 for layer in layers}, iou)
+    assert find_watershed(analysis)[0] == "l4"
 
 
 def test_masks_without_task_masks_are_refused_in_one_line():
@@ -108,7 +121,7 @@ def test_cli_writes_csv_plots_and_summary_for_a_mask_file(tmp_path, capsys):
     for name in ("mask_iou.png", "mask_density.png"):
         assert (out_dir / name).read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out_dir / "analysis.json").read_text())
-    assert summary["watershed"]["layer"] == LAYERS[2] and "largest drop" in summary["watershed"]["rule"]
+    assert summary["watershed"]["layer"] == LAYERS[2] and "change point" in summary["watershed"]["rule"]
     assert "watershed: trunk.layer3.0.conv1.weight" in capsys.readouterr().out
     assert main(["analyze", str(path), "--branch"]) == 2
     assert "needs --config CONFIG" in capsys.readouterr().err
