@@ -228,7 +228,7 @@ def _cmd_report(args) -> dict:
     from dsparse.report import build_report, to_markdown, to_records, write_report
 
     report = build_report(args.runs, sweep=args.sweep, experiment=args.experiment, tracking_uri=args.tracking_uri,
-                          constant=not args.no_constant)
+                          constant=not args.no_constant, baselines=args.baseline)
     _say(args, to_markdown(report))
     paths = write_report(report, args.out) if args.out else []
     if paths:
@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", default=None, help="an MLflow experiment name")
     report.add_argument("--tracking-uri", default=None, help="MLflow store for --experiment (default as training)")
     report.add_argument("--out", default=None, help="also write OUT.md, OUT.csv, OUT.tex and OUT.png")
+    report.add_argument("--baseline", action="append", default=[], metavar="RUN",
+                        help="dense run every row's Delta_T is against, by seed (repeat per seed), e.g. to compare "
+                             "architectures against one reference")
     report.add_argument("--no-constant", action="store_true", help="leave out the constant-predictor row (it reads "
                         "the dataset)")
     report.set_defaults(func=_cmd_report)

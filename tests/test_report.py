@@ -136,3 +136,15 @@ def test_cli_writes_every_format_and_unfinished_runs_are_one_line_errors(runs, t
     unfinished.mkdir()
     assert main(["report", str(unfinished)]) == 2
     assert "is not a finished run" in capsys.readouterr().err
+
+
+def test_explicit_baselines_compare_other_configurations_by_seed(tmp_path):
+    dense = [write_run(tmp_path, f"dense{s}", s, metrics(0.4, 0.8, 0.5, 0.2 + 0.01 * s)) for s in (0, 1)]
+    wide = metrics(0.3, 0.7, 0.6, 0.3)
+    other = write_run(tmp_path, "narrow0", 0, wide, "disparse", iterations=999)  # no dense of its own config
+    report = build_report([other], constant=False, baselines=dense)
+    row = next(r for r in report.rows if r.kind == "sparse")
+    assert row.cells["delta_t"].values == pytest.approx([delta_by_hand(wide, metrics(0.4, 0.8, 0.5, 0.2))])
+    assert any("against the baseline runs dense0, dense1" in note for note in report.notes)
+    with pytest.raises(ValueError, match="baseline runs must be dense"):
+        build_report([dense[0]], constant=False, baselines=[other])

@@ -47,11 +47,13 @@ def collect_runs(runs=(), sweep: str | Path | None = None, experiment: str | Non
 
 
 def build_report(runs=(), sweep: str | Path | None = None, experiment: str | None = None,
-                 tracking_uri: str | None = None, constant: bool = True) -> Report:
+                 tracking_uri: str | None = None, constant: bool = True, baselines=()) -> Report:
     """The comparison table of the runs (see ``collect_runs``), with the constant
-    predictor's row when ``constant`` and the dense runs' dataset is readable."""
+    predictor's row when ``constant`` and the dense runs' dataset is readable; with
+    ``baselines`` (dense run directories), Delta_T of every row is against them, by seed."""
     records = collect_runs(runs, sweep, experiment, tracking_uri)
-    reference = next((r for r in records if r.is_dense), None)
+    baseline_records = [load_run(path) for path in baselines]
+    reference = next((r for r in baseline_records + records if r.is_dense), None)
     constant_metrics = None
     if constant and reference is not None:
         from dsparse.evaluation import constant_predictor_metrics
@@ -60,7 +62,7 @@ def build_report(runs=(), sweep: str | Path | None = None, experiment: str | Non
             constant_metrics = constant_predictor_metrics(reference.config)
         except (ValueError, OSError) as error:  # data moved or not mounted here: the table stands without it
             log.warning("no constant-predictor row: the data of %s cannot be read (%s)", reference.name, error)
-    return build_table(records, constant_metrics)
+    return build_table(records, constant_metrics, baseline_records or None)
 
 
 def write_report(report: Report, out: str | Path) -> list[Path]:

@@ -8,7 +8,9 @@ Rules, all stated in the rendered table's notes:
   value is the mean over them, with the sample standard deviation and the seed count.
 - Delta_T of a run is against the dense run of the same configuration (its config with
   the ``sparsity`` section removed) and the same seed; when that seed has no dense run,
-  against the mean metrics of the configuration's dense runs (noted in the row).
+  against the mean metrics of the configuration's dense runs (noted in the row). Given
+  explicit ``baselines`` (e.g. to compare architectures against one reference), every row
+  is compared with the baseline run of its seed instead.
 - Best: among the sparse rows of one block (the same non-method settings and requested
   sparsity), per column, in the metric's better direction.
 - Seed noise: a sparse row of the block is flagged when a two-sided Welch t-test of its
@@ -124,12 +126,15 @@ def check_comparable(records: list[RunRecord]) -> None:
         seen[key] = record.name
 
 
-def build_table(records: list[RunRecord], constant: dict | None = None) -> Report:
+def build_table(records: list[RunRecord], constant: dict | None = None,
+                baselines: list[RunRecord] | None = None) -> Report:
     """Group ``records`` into rows, compute every cell, mark the best and the ties.
 
     Args:
         records: finished runs on the same tasks and data.
         constant: metrics of the best constant predictor (a reference row), or None.
+        baselines: dense runs every row's Delta_T is taken against (by seed), instead of
+            the dense run of each row's own configuration; they are rows too.
 
     Raises:
         ValueError: mismatched runs (``check_comparable``), or a sparse configuration
@@ -139,6 +144,12 @@ def build_table(records: list[RunRecord], constant: dict | None = None) -> Repor
 
     if not records:
         raise ValueError("no runs to report")
+    if baselines:
+        sparse = [b.name for b in baselines if not b.is_dense]
+        if sparse:
+            raise ValueError(f"baseline runs must be dense; {sparse} are sparse")
+        known = {(b.name, b.seed) for b in baselines}
+        records = list(baselines) + [r for r in records if (r.name, r.seed) not in known]
     check_comparable(records)
     tasks = list(records[0].config.tasks)
     task_classes = {t: TASKS[t] for t in tasks}
@@ -154,6 +165,9 @@ def build_table(records: list[RunRecord], constant: dict | None = None) -> Repor
     rows = [_row(members, settings[key], setting_keys, settings) for key, members in groups.items()]
     dense_of = {baseline_key(members[0].config.to_dict()): members for key, members in groups.items()
                 if members[0].is_dense}
+    if baselines:
+        reference = list(baselines)
+        dense_of = {baseline_key(members[0].config.to_dict()): reference for members in groups.values()}
     for row in rows:
         _fill(row, columns, task_classes, dense_of)
     notes = []
@@ -166,6 +180,9 @@ def build_table(records: list[RunRecord], constant: dict | None = None) -> Repor
         rows.append(row)
         notes.append("constant predictor: the best constant output per task, fitted on the training labels; its "
                      "Delta_T is against the mean of the first dense configuration's runs")
+    if baselines:
+        notes.append("Delta_T of every row against the baseline runs " + ", ".join(b.name for b in baselines)
+                     + " (by seed)")
     rows.sort(key=lambda r: (tuple(str(r.settings.get(k, "")) for k in setting_keys), KIND_ORDER[r.kind],
                              r.target or 0.0, r.label))
     _mark_best(rows, columns)
