@@ -102,6 +102,8 @@ def branched_config(config: RunConfig, plan: BranchPlan, *, same_params: bool = 
     branched.model.branches = [list(group) for group in plan.groups]
     branched.model.branch_from = plan.branch_from
     branched.output_dir = config.output_dir.rstrip("/") + "-branched"
+    # a new run: never log into the analysed run's MLflow run (or its sweep's)
+    branched.tracking.run_id = branched.tracking.parent_run_id = branched.tracking.run_name = None
     if same_params:
         if task_channels is None:
             raise ValueError("same_params needs the tasks' output channels (task_channels)")

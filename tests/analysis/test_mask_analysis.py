@@ -125,3 +125,15 @@ def test_cli_writes_csv_plots_and_summary_for_a_mask_file(tmp_path, capsys):
     assert "watershed: trunk.layer3.0.conv1.weight" in capsys.readouterr().out
     assert main(["analyze", str(path), "--branch"]) == 2
     assert "needs --config CONFIG" in capsys.readouterr().err
+
+
+def test_branched_config_is_a_new_run_not_the_analysed_one():
+    """A sweep trial's config names its MLflow run; the branched run must get its own."""
+    from dsparse.analysis import branched_config
+    from dsparse.config import load_config
+
+    config = load_config("synthetic_tiny", ["tasks=[seg, depth, normal]", "tracking.run_id=abc",
+                                            "tracking.parent_run_id=parent", "tracking.run_name=trial-7"])
+    branched = branched_config(config, plan_branches(analyze_masks(hand_built()), num_groups=2))
+    assert (branched.tracking.run_id, branched.tracking.parent_run_id, branched.tracking.run_name) == (None,) * 3
+    assert branched.model.branches == [["seg", "depth"], ["normal"]] and branched.model.branch_from == "layer3"
