@@ -152,6 +152,21 @@ def _find_checkpoint(run_dir: Path, resume) -> Path | None:
     return Path(checkpoint) if checkpoint else None
 
 
+def _check_run_owner(tracking, run_uid: str) -> None:
+    """Refuse to start a run in an MLflow run another run directory owns (e.g. a config
+    copied from a sweep trial still naming the trial's ``tracking.run_id``)."""
+    if not tracking.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    from dsparse.tracking.mlflow_tracker import resolve_tracking_uri
+
+    owner = MlflowClient(resolve_tracking_uri(tracking)).get_run(tracking.run_id).data.tags.get("dsparse.run_uid")
+    if owner is not None and owner != run_uid:
+        raise ValueError(f"tracking.run_id {tracking.run_id} is the MLflow run of another run directory; a new run "
+                         "must not log into it: remove tracking.run_id (and parent_run_id) from the config")
+
+
 def _resume_point(run_dir: Path, resume) -> tuple[str | None, Path | None]:
     """``(problem, checkpoint)``: a resume verifies the latest checkpoint and falls back to
     the newest intact one, saying what it skipped."""
@@ -307,6 +322,8 @@ class Trainer:
             self.state.update(load_checkpoint(self.engine, checkpoint))
             _apply_schedule(self.engine, config)
             log.info("resumed from %s at step %d", checkpoint, self.state["step"])
+        if checkpoint is None and config.tracking.run_id:  # a fresh start told to log into an existing run
+            _on_rank_0(lambda: _check_run_owner(config.tracking, self.directory.run_uid))
         copied = broadcast_object(self.directory.copied_from if self.directory else None)
         if copied:  # a copied run directory continues in an MLflow run of its own
             self.state["mlflow_run_id"] = None

@@ -146,6 +146,18 @@ def test_a_copied_run_directory_gets_its_own_mlflow_run(tiny_dataset, tmp_path, 
     assert json.loads((copy / "run.json").read_text())["copied_from"] == str(original.resolve())
 
 
+def test_a_new_run_never_logs_into_the_mlflow_run_of_another_directory(tiny_dataset, tmp_path, tracking_uri):
+    """A config taken from a sweep trial names the trial's tracking.run_id."""
+    first = train(config(tiny_dataset, tmp_path / "trial", tracking_uri))
+    borrowed = config(tiny_dataset, tmp_path / "new", tracking_uri)
+    borrowed.tracking.run_id = first["mlflow_run_id"]
+    with pytest.raises(ValueError, match="is the MLflow run of another run directory; .* remove tracking.run_id"):
+        train(borrowed)
+    run = MlflowClient(tracking_uri).get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert len(MlflowClient(tracking_uri).get_metric_history(first["mlflow_run_id"], "train/loss")) == 4
+
+
 def test_cli_resume_mismatch_is_one_line(tiny_dataset, tmp_path, tracking_uri, capsys):
     import yaml
 
