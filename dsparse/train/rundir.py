@@ -169,7 +169,9 @@ def open_run_directory(config: RunConfig, fd: int | None, *, resuming: bool, ste
                                  f"Changeable on resume: {', '.join(RESUME_SAFE)}")
         copied_from = None
         here = str(path.resolve())
-        if identity is None or not resuming:
+        # The same directory keeps its identity, also when it starts again without a checkpoint
+        # (a sweep trial restarted before its first one): it is still the same run.
+        if identity is None:
             identity = {"run_uid": uuid.uuid4().hex, "path": here, "host": socket.gethostname(), "created": _now()}
         elif identity.get("path") != here:
             copied_from = identity.get("path")

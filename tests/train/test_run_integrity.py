@@ -158,6 +158,29 @@ def test_a_new_run_never_logs_into_the_mlflow_run_of_another_directory(tiny_data
     assert len(MlflowClient(tracking_uri).get_metric_history(first["mlflow_run_id"], "train/loss")) == 4
 
 
+def test_a_sweep_trial_restarted_before_its_first_checkpoint_keeps_its_mlflow_run(tiny_dataset, tmp_path,
+                                                                                   tracking_uri, monkeypatch):
+    """Ray restarts a failed trial with resume=auto; without a checkpoint it starts again in
+    the same directory and must keep logging into the trial's MLflow run."""
+    from dsparse.tasks.dense import DepthTask
+
+    client = MlflowClient(tracking_uri)
+    run_id = client.create_run(client.create_experiment("trial-restart")).info.run_id
+    trial = config(tiny_dataset, tmp_path / "trial", tracking_uri, checkpoint_interval=4)
+    trial.tracking.run_id = run_id
+    original = DepthTask.loss
+
+    def crash(self, pred, target):
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(DepthTask, "loss", crash)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        train(trial, resume="auto")
+    monkeypatch.setattr(DepthTask, "loss", original)
+    assert train(trial, resume="auto")["mlflow_run_id"] == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 def test_cli_resume_mismatch_is_one_line(tiny_dataset, tmp_path, tracking_uri, capsys):
     import yaml
 
