@@ -148,3 +148,36 @@ def test_explicit_baselines_compare_other_configurations_by_seed(tmp_path):
     assert any("against the baseline runs dense0, dense1" in note for note in report.notes)
     with pytest.raises(ValueError, match="baseline runs must be dense"):
         build_report([dense[0]], constant=False, baselines=[other])
+
+
+def test_dense_runs_ignore_their_inert_sparsity_keys_and_paths(tmp_path):
+    """A dense run's sparsity.* settings do nothing, and data paths differ by machine."""
+    a = write_run(tmp_path, "dense0", 0, metrics(0.4, 0.8, 0.5, 0.2))
+    b = write_run(tmp_path, "dense1", 1, metrics(0.42, 0.8, 0.5, 0.2))
+    summary = json.loads((b / "summary.json").read_text())
+    summary["config"]["data"]["path"] = "/elsewhere/synthetic"
+    summary["config"]["sparsity"]["target"] = 0.5
+    (b / "summary.json").write_text(json.dumps(summary))
+    sparse = write_run(tmp_path, "sparse0", 0, metrics(0.3, 0.8, 0.5, 0.2), "random")
+    report = build_report([a, b, sparse], constant=False)
+    dense_rows = [row for row in report.rows if row.kind == "dense"]
+    assert len(dense_rows) == 1 and dense_rows[0].seeds == [0, 1]
+    row = next(r for r in report.rows if r.kind == "sparse")
+    assert row.cells["delta_t"].values == pytest.approx([delta_by_hand(metrics(0.3, 0.8, 0.5, 0.2),
+                                                                       metrics(0.4, 0.8, 0.5, 0.2))])
+    assert not row.notes, "seed 0 has its dense run"
+
+
+def test_a_sweeps_sampled_keys_do_not_hide_its_dense_trial(tmp_path):
+    sweep = tmp_path / "sweep"
+    (sweep / "trials").mkdir(parents=True)
+    (sweep / "sweep.json").write_text(json.dumps({"name": "s", "search_keys": ["optimizer.lr"]}))
+    write_run(sweep / "trials", "dense", 0, metrics(0.4, 0.8, 0.5, 0.2), **{})
+    sparse = write_run(sweep / "trials", "sparse", 0, metrics(0.3, 0.8, 0.5, 0.2), "random")
+    summary = json.loads((sparse / "summary.json").read_text())
+    summary["config"]["optimizer"]["lr"] = 0.0123  # sampled: differs from the dense trial's
+    (sparse / "summary.json").write_text(json.dumps(summary))
+    report = build_report(sweep=sweep, constant=False)
+    row = next(r for r in report.rows if r.kind == "sparse")
+    assert row.cells["delta_t"].values == pytest.approx([delta_by_hand(metrics(0.3, 0.8, 0.5, 0.2),
+                                                                       metrics(0.4, 0.8, 0.5, 0.2))])

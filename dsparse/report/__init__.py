@@ -62,7 +62,10 @@ def build_report(runs=(), sweep: str | Path | None = None, experiment: str | Non
             constant_metrics = constant_predictor_metrics(reference.config)
         except (ValueError, OSError) as error:  # data moved or not mounted here: the table stands without it
             log.warning("no constant-predictor row: the data of %s cannot be read (%s)", reference.name, error)
-    return build_table(records, constant_metrics, baseline_records or None)
+    from dsparse.sweep.results import sampled_keys
+
+    return build_table(records, constant_metrics, baseline_records or None,
+                       ignore=sampled_keys(Path(sweep)) if sweep is not None else ())
 
 
 def write_report(report: Report, out: str | Path) -> list[Path]:

@@ -28,7 +28,11 @@ from dsparse.config import flatten
 from dsparse.report.runs import RunRecord
 
 IGNORED_KEYS = ("seed", "output_dir", "tracking.", "train.log_interval", "train.checkpoint_interval",
-                "train.keep_checkpoints", "train.threads", "data.num_workers", "data.eval_batch_size")
+                "train.keep_checkpoints", "train.threads", "data.num_workers", "data.eval_batch_size", "data.path",
+                "data.shard_url", "sparsity.masks", "sparsity.from_checkpoint")
+"""Keys that do not make runs different configurations: where things are (datasets are
+compared by identity, ``check_comparable``; mask files and trained weights differ per seed),
+logging, cadence and resources."""
 P_THRESHOLD = 0.05
 KIND_ORDER = {"constant": 0, "dense": 1, "sparse": 2}
 
@@ -85,10 +89,14 @@ class Report:
     notes: list[str]
 
 
-def setting_of(config_dict: dict) -> dict:
-    """The flattened config minus the keys that do not change results (``IGNORED_KEYS``)."""
-    return {k: v for k, v in flatten(config_dict).items()
-            if not any(k == key or (key.endswith(".") and k.startswith(key)) for key in IGNORED_KEYS)}
+def setting_of(config_dict: dict, ignore=()) -> dict:
+    """The flattened config minus the keys that do not change results (``IGNORED_KEYS`` and
+    ``ignore``); a dense run's ``sparsity.*`` keys have no effect and are left out too."""
+    flat = flatten(config_dict)
+    dense = flat.get("sparsity.method") is None and flat.get("sparsity.masks") is None
+    skipped = (*IGNORED_KEYS, *ignore, *(("sparsity.",) if dense else ()))
+    return {k: v for k, v in flat.items()
+            if not any(k == key or (key.endswith(".") and k.startswith(key)) for key in skipped)}
 
 
 def _frozen(setting: dict) -> tuple:
@@ -99,9 +107,23 @@ def _without_sparsity(setting: dict) -> dict:
     return {k: v for k, v in setting.items() if not k.startswith("sparsity.")}
 
 
-def baseline_key(config_dict: dict) -> tuple:
-    """Equal for a run and the dense run of its configuration (any seed)."""
-    return _frozen(_without_sparsity(setting_of(config_dict)))
+def baseline_key(config_dict: dict, ignore=()) -> tuple:
+    """Equal for a run and the dense run of its configuration (any seed); ``ignore`` adds
+    keys to leave out (a sweep's sampled keys: its dense trials sample other values)."""
+    return _frozen(_without_sparsity(setting_of(config_dict, ignore)))
+
+
+def pick_baseline(config_dict: dict, seed: int, dense: list[tuple[dict, int, dict]], ignore=()):
+    """The metrics ``Delta_T`` of a run is taken against, from ``dense`` runs given as
+    ``(config dict, seed, final metrics)``: the dense run of the same configuration and seed,
+    else the mean of that configuration's dense runs. Returns ``(metrics, same_seed)``, or
+    None when the configuration has no dense run."""
+    key = baseline_key(config_dict, ignore)
+    matching = [(s, metrics) for config, s, metrics in dense if baseline_key(config, ignore) == key]
+    if not matching:
+        return None
+    same_seed = [metrics for s, metrics in matching if s == seed]
+    return (same_seed[0], True) if same_seed else (_mean_metrics([m for _, m in matching]), False)
 
 
 def check_comparable(records: list[RunRecord]) -> None:
@@ -127,7 +149,7 @@ def check_comparable(records: list[RunRecord]) -> None:
 
 
 def build_table(records: list[RunRecord], constant: dict | None = None,
-                baselines: list[RunRecord] | None = None) -> Report:
+                baselines: list[RunRecord] | None = None, ignore=()) -> Report:
     """Group ``records`` into rows, compute every cell, mark the best and the ties.
 
     Args:
@@ -135,6 +157,8 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
         constant: metrics of the best constant predictor (a reference row), or None.
         baselines: dense runs every row's Delta_T is taken against (by seed), instead of
             the dense run of each row's own configuration; they are rows too.
+        ignore: config keys left out when finding a row's dense configuration (a sweep's
+            sampled keys).
 
     Raises:
         ValueError: mismatched runs (``check_comparable``), or a sparse configuration
@@ -163,16 +187,13 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
     settings = {key: setting_of(members[0].config.to_dict()) for key, members in groups.items()}
     setting_keys = _varying([_without_sparsity(s) for s in settings.values()])
     rows = [_row(members, settings[key], setting_keys, settings) for key, members in groups.items()]
-    dense_of = {baseline_key(members[0].config.to_dict()): members for key, members in groups.items()
-                if members[0].is_dense}
-    if baselines:
-        reference = list(baselines)
-        dense_of = {baseline_key(members[0].config.to_dict()): reference for members in groups.values()}
+    dense_runs = list(baselines) if baselines else [r for r in records if r.is_dense]
     for row in rows:
-        _fill(row, columns, task_classes, dense_of)
+        _fill(row, columns, task_classes, dense_runs, ignore, any_config=bool(baselines))
     notes = []
     if constant is not None:
-        reference = next(iter(dense_of.values()), None)
+        reference = [r for r in dense_runs if baseline_key(r.config.to_dict()) ==
+                     baseline_key(dense_runs[0].config.to_dict())] if dense_runs else None
         row = Row("constant predictor", "constant", {k: "" for k in setting_keys}, None, "-")
         row.cells = {c.key: Cell([constant[c.key.split("/")[0]][c.key.split("/")[1]]]) for c in columns[:-2]}
         row.cells["sparsity"] = Cell([])
@@ -210,9 +231,10 @@ def _row(members: list[RunRecord], setting: dict, setting_keys: list[str], all_s
     return Row(label, kind, {k: setting.get(k) for k in setting_keys}, target, init, list(members))
 
 
-def _mean_metrics(runs: list[RunRecord]) -> dict:
-    return {t: {m: statistics.fmean(r.metrics[t][m] for r in runs) for m in values}
-            for t, values in runs[0].metrics.items()}
+def _mean_metrics(runs: list) -> dict:
+    """Mean metrics of runs (``RunRecord``s or their ``metrics`` dicts)."""
+    metrics = [r.metrics if isinstance(r, RunRecord) else r for r in runs]
+    return {t: {m: statistics.fmean(one[t][m] for one in metrics) for m in values} for t, values in metrics[0].items()}
 
 
 def _delta(metrics: dict, baseline: dict, task_classes: dict) -> float:
@@ -221,20 +243,22 @@ def _delta(metrics: dict, baseline: dict, task_classes: dict) -> float:
     return delta_t(metrics, baseline, task_classes)
 
 
-def _fill(row: Row, columns: list[Column], task_classes: dict, dense_of: dict) -> None:
+def _fill(row: Row, columns: list[Column], task_classes: dict, dense_runs: list[RunRecord], ignore,
+          any_config: bool) -> None:
     for column in columns[:-2]:
         task, metric = column.key.split("/")
         row.cells[column.key] = Cell([run.metrics[task][metric] for run in row.runs])
     row.cells["sparsity"] = Cell([run.achieved_sparsity for run in row.runs])
-    dense = dense_of.get(baseline_key(row.runs[0].config.to_dict()))
-    if dense is None:
-        raise ValueError(f"no dense run with the configuration of {row.runs[0].name} (its config without the "
-                         "sparsity section); add the dense run of that configuration to the report")
     deltas, fallback = [], False
     for run in row.runs:
-        same_seed = [d for d in dense if d.seed == run.seed]
-        fallback |= not same_seed
-        deltas.append(_delta(run.metrics, same_seed[0].metrics if same_seed else _mean_metrics(dense), task_classes))
+        config = run.config.to_dict()
+        candidates = [(config if any_config else d.config.to_dict(), d.seed, d.metrics) for d in dense_runs]
+        picked = pick_baseline(config, run.seed, candidates, ignore)
+        if picked is None:
+            raise ValueError(f"no dense run with the configuration of {run.name} (its config without the sparsity "
+                             "section); add the dense run of that configuration, or compare with --baseline RUN")
+        deltas.append(_delta(run.metrics, picked[0], task_classes))
+        fallback |= not picked[1]
     row.cells["delta_t"] = Cell(deltas)
     if fallback:
         row.notes.append("Delta_T partly against the mean of the dense runs (no dense run of that seed)")

@@ -1,5 +1,6 @@
 """The results of a sweep: one row per trial (from its ``summary.json``) with Delta_T
-against the dense trial of the same configuration and seed, as ``results.csv`` and a plot.
+against the dense trial of the same configuration and seed (``dsparse.report.table.pick_baseline``,
+which ``dsparse report`` uses too), as ``results.csv`` and a plot.
 The comparison table across seeds is ``dsparse report --sweep`` (``dsparse.report``)."""
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ def results_table(out_dir: Path) -> list[dict]:
     """
     summaries = {path.parent.name: json.loads(path.read_text())
                  for path in sorted((out_dir / "trials").glob("*/summary.json"))}
-    rows = [_finished_row(name, summary, summaries) for name, summary in summaries.items()]
+    ignore = sampled_keys(out_dir)
+    rows = [_finished_row(name, summary, summaries, ignore) for name, summary in summaries.items()]
     for trial_dir in sorted((out_dir / "trials").glob("*/config.yaml")):
         if trial_dir.parent.name not in summaries:
             rows.append(_unfinished_row(trial_dir.parent))
@@ -48,19 +50,26 @@ def _describe(name: str, config, status: str) -> dict:
             "seed": config.seed}
 
 
-def _finished_row(name: str, summary: dict, summaries: dict[str, dict]) -> dict:
-    from dsparse.report.table import baseline_key
+def sampled_keys(out_dir: Path) -> list[str]:
+    """The config keys a sweep samples (``search``), recorded in ``OUT/sweep.json``: its dense
+    trials sample other values, so they are left out when matching a trial to its dense one."""
+    state = Path(out_dir) / "sweep.json"
+    return json.loads(state.read_text()).get("search_keys", []) if state.is_file() else []
+
+
+def _finished_row(name: str, summary: dict, summaries: dict[str, dict], ignore=()) -> dict:
+    from dsparse.report.table import pick_baseline
     from dsparse.tasks import delta_t
 
     config = config_from_dict(summary["config"])
     tasks = _tasks(config)
-    dense = [s for s in summaries.values() if s.get("sparsity") is None
-             and baseline_key(s["config"]) == baseline_key(summary["config"])
-             and s["config"]["seed"] == summary["config"]["seed"]]
+    dense = [(config_from_dict(s["config"]).to_dict(), s["config"]["seed"], s["final_metrics"])
+             for s in summaries.values() if not config_from_dict(s["config"]).sparsity.enabled]
+    picked = pick_baseline(config.to_dict(), config.seed, dense, ignore)
     row = _describe(name, config, "complete")
     row["achieved"] = (summary.get("sparsity") or {}).get("achieved", 0.0)
     row.update({f"{t}/{task.key_metric}": summary["final_metrics"][t][task.key_metric] for t, task in tasks.items()})
-    row["delta_t"] = delta_t(summary["final_metrics"], dense[0]["final_metrics"], tasks) if dense else None
+    row["delta_t"] = delta_t(summary["final_metrics"], picked[0], tasks) if picked else None
     return row
 
 

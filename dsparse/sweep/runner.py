@@ -172,7 +172,8 @@ def _parent_run(spec: SweepSpec, tracking, out_dir: Path, resume: bool) -> RunTr
     state_file = out_dir / "sweep.json"
     run_id = json.loads(state_file.read_text())["mlflow_parent_run_id"] if resume and state_file.is_file() else None
     parent = RunTracker(tracking, spec.name, run_id=run_id)
-    write_text_atomic(state_file, json.dumps({"name": spec.name, "mlflow_parent_run_id": parent.run_id}))
+    write_text_atomic(state_file, json.dumps({"name": spec.name, "mlflow_parent_run_id": parent.run_id,
+                                              "search_keys": sorted(spec.search)}))
     return parent
 
 
