@@ -197,6 +197,9 @@ def _cmd_sweep(args) -> dict:
 def _cmd_analyze(args) -> dict:
     from dsparse.analysis import analyze
 
+    if not args.branch and (args.groups is not None or args.same_params or args.config):
+        raise ValueError("--groups, --same-params and --config shape the branched config: add --branch")
+
     result = analyze(args.source, args.out, branch=args.branch, num_groups=args.groups, same_params=args.same_params,
                      config=args.config)
     final = result.source.final

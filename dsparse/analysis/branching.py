@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from dsparse.analysis.masks import MaskAnalysis
 from dsparse.config import RunConfig
 
 BRANCHABLE = ("layer1", "layer2", "layer3", "layer4")
+log = logging.getLogger("dsparse.analysis")
 
 
 @dataclass
@@ -98,10 +101,22 @@ def branched_config(config: RunConfig, plan: BranchPlan, *, same_params: bool = 
     if sorted(t for g in plan.groups for t in g) != sorted(config.tasks):
         raise ValueError(f"the masks' tasks {sorted(t for g in plan.groups for t in g)} differ from the run config's "
                          f"{sorted(config.tasks)}; analyse masks made for this config")
+    if config.sparsity.masks is not None and config.sparsity.method is None:
+        raise ValueError(f"the analysed run trained with the mask file {config.sparsity.masks}, which fits the shared "
+                         "model only; set sparsity.method in the config (--config) so the branched model is pruned "
+                         "anew")
     branched = copy.deepcopy(config)
     branched.model.branches = [list(group) for group in plan.groups]
     branched.model.branch_from = plan.branch_from
-    branched.output_dir = config.output_dir.rstrip("/") + "-branched"
+    branched.sparsity.masks = None  # masks and trained weights of the shared model do not fit the branched one
+    if branched.sparsity.from_checkpoint is not None:
+        log.warning("the branched model trains from scratch: the shared model's weights (%s) do not fit it",
+                    branched.sparsity.from_checkpoint)
+        branched.sparsity.from_checkpoint = None
+    run = Path(config.output_dir)
+    # beside the run; a sweep trial's goes beside the sweep's trials, never among them
+    branched.output_dir = str(run.parent.parent / "branched" / run.name if run.parent.name == "trials"
+                              else run.with_name(run.name + "-branched"))
     # a new run: never log into the analysed run's MLflow run (or its sweep's)
     branched.tracking.run_id = branched.tracking.parent_run_id = branched.tracking.run_name = None
     if same_params:

@@ -12,8 +12,9 @@ The watershed rule: over the layers that at least two tasks use, in forward (mod
 take the mean IoU over the task pairs that use each layer. Split that sequence into an
 earlier and a later part, each fitted by its own mean, where the squared error is least (a
 least-squares change point): the watershed is the first layer of the later part, and the
-drop is the earlier part's mean minus the later part's. Ties go to the earlier split; with
-fewer than two such layers there is none.
+drop is the earlier part's mean minus the later part's. Only splits where agreement falls
+count (a rise or a flat line has no watershed); ties go to the earlier split. Layers kept
+dense by the method (every task keeps all of them, IoU 1 by construction) are left out.
 
 Why not the largest drop between two consecutive layers: module order interleaves layers
 that run in parallel (a ResNet block's 1x1 shortcut sits between its convolutions and the
@@ -33,6 +34,7 @@ import torch
 from dsparse.sparsity.masks import MaskSet
 
 Pair = tuple[str, str]
+DATA_FREE_CRITERIA = ("magnitude", "random")
 
 
 @dataclass
@@ -104,8 +106,14 @@ def analyze_masks(masks: MaskSet) -> MaskAnalysis:
                          "analyze masks of a DiSparse run (static: its mask file; dynamic: its checkpoints)")
     if len(masks.task_masks) < 2:
         raise ValueError(f"mask analysis compares tasks, but these masks have one task: {list(masks.task_masks)}")
+    criterion = masks.meta.get("criterion")
+    if criterion in DATA_FREE_CRITERIA:
+        raise ValueError(f"these masks were scored by {criterion!r}, which gives every task the same score: their "
+                         "per-task masks differ only by which weights each task uses, so their IoU says nothing "
+                         "about how related the tasks are; analyse masks scored from data (snip, grad_w2)")
     density = {fqn: _density(mask) for fqn, mask in masks.masks.items()}
-    iou = masks.task_mask_iou()
+    dense = set(masks.meta.get("dense_layers") or ())
+    iou = {fqn: pairs for fqn, pairs in masks.task_mask_iou().items() if fqn not in dense}
     analysis = MaskAnalysis(list(masks.task_masks), list(masks.masks), density, iou,
                             meta={k: masks.meta.get(k) for k in ("method", "criterion", "sparsity_achieved",
                                                                  "granularity", "block")})
@@ -122,7 +130,7 @@ def find_watershed(analysis: MaskAnalysis) -> tuple[str | None, float | None]:
         before, after = values[:split], values[split:]
         mean_before, mean_after = sum(before) / len(before), sum(after) / len(after)
         error = sum((v - mean_before) ** 2 for v in before) + sum((v - mean_after) ** 2 for v in after)
-        if error < best_error - 1e-12:
+        if mean_before > mean_after and error < best_error - 1e-12:
             best, best_error, best_drop = shared[split], error, mean_before - mean_after
     return best, best_drop
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from dsparse.analysis.masks import MaskAnalysis
 from dsparse.analysis.sources import AnalysisSource
 from dsparse.io import write_text_atomic
 from dsparse.plots import pyplot, save_png
+
+log = logging.getLogger("dsparse.analysis")
 
 
 def write_analysis(source: AnalysisSource, out_dir: str | Path, extra: dict | None = None) -> list[Path]:
@@ -67,7 +70,7 @@ def _pairs(matrix: dict) -> dict:
 
 def _title(source: AnalysisSource) -> str:
     meta = source.final.meta
-    what = f"{meta.get('method')}, sparsity {meta.get('sparsity_achieved', 0):.2f}"
+    what = f"{meta.get('method')}, sparsity {meta.get('sparsity_achieved') or 0:.2f}"
     return what + (f", step {source.steps[-1]}" if source.steps[-1] is not None else "")
 
 
@@ -135,8 +138,14 @@ def log_analysis_to_mlflow(source: AnalysisSource, paths: list[Path]) -> str | N
     config = load_config(source.run_dir / "config.yaml")
     if not config.tracking.enabled:
         return None
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(config.tracking))
-    for path in paths:
-        client.log_artifact(source.mlflow_run_id, str(path), "analysis")
-    client.set_tag(source.mlflow_run_id, "analysis.watershed", str(source.final.watershed))
+    uri = source.mlflow_tracking_uri or resolve_tracking_uri(config.tracking)
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        for path in paths:
+            client.log_artifact(source.mlflow_run_id, str(path), "analysis")
+        client.set_tag(source.mlflow_run_id, "analysis.watershed", str(source.final.watershed))
+    except Exception as error:  # the files are written; a store out of reach must not lose them
+        log.warning("analysis not logged to MLflow run %s at %s (%s); the files are in %s", source.mlflow_run_id,
+                    uri, (str(error).splitlines() or [""])[0], paths[0].parent)
+        return None
     return source.mlflow_run_id

@@ -38,6 +38,7 @@ class AnalysisSource:
     run_dir: Path | None = None
     mlflow_run_id: str | None = None
     dynamic: bool = False
+    mlflow_tracking_uri: str | None = None
 
     @property
     def final(self) -> MaskAnalysis:
@@ -72,7 +73,15 @@ def load_analysis_source(path: str | Path) -> AnalysisSource:
         analyses.append(analyze_masks(masks))
         steps.append(json.loads((checkpoint / STATE_FILE).read_text())["step"])
     if not analyses:
+        method = masks.meta.get("method")
+        if method != "disparse_dynamic":
+            raise ValueError(f"run {path} ({method}) grows weights by one joint score or at random, so it has no "
+                             "per-task masks to compare; analyse a disparse or disparse_dynamic run")
         raise ValueError(f"run {path} has no checkpoint after a mask update yet (dynamic runs record the tasks' "
                          "choices at each update); analyse a later checkpoint")
     state = json.loads((latest / STATE_FILE).read_text())
-    return AnalysisSource(path, steps, analyses, run_dir, state.get("mlflow_run_id"), dynamic)
+    source = AnalysisSource(path, steps, analyses, run_dir, state.get("mlflow_run_id"), dynamic)
+    summary = run_dir / "summary.json" if run_dir else None
+    if summary is not None and summary.is_file():  # the store the run logged to, wherever we run from
+        source.mlflow_tracking_uri = json.loads(summary.read_text()).get("mlflow_tracking_uri")
+    return source

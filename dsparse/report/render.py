@@ -46,9 +46,10 @@ def notes(report: Report) -> list[str]:
         "mean ± sample standard deviation over the seeds (one run: no ±); ↑/↓ the better direction",
         "bold: best sparse row of its block (same settings and requested sparsity); "
         f"≈: not different from the best by a two-sided Welch t-test (p ≥ {P_THRESHOLD}, needs 2+ seeds in both)",
-        "Delta_T: against the dense run of the same configuration and seed (DESIGN.md section 7)",
+        *([] if report.baselines else
+          ["Delta_T: against the dense run of the same configuration and seed (DESIGN.md section 7)"]),
         *report.notes,
-        *{f"{row.label}: {note}" for row in report.rows for note in row.notes},
+        *dict.fromkeys(f"{row.label}: {note}" for row in report.rows for note in row.notes),
     ]
 
 

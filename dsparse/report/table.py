@@ -87,6 +87,8 @@ class Report:
     rows: list[Row]
     setting_keys: list[str]
     notes: list[str]
+    baselines: list[str] = field(default_factory=list)
+    """Names of explicit baseline runs (``--baseline``), if any."""
 
 
 def setting_of(config_dict: dict, ignore=()) -> dict:
@@ -207,7 +209,7 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
     rows.sort(key=lambda r: (tuple(str(r.settings.get(k, "")) for k in setting_keys), KIND_ORDER[r.kind],
                              r.target or 0.0, r.label))
     _mark_best(rows, columns)
-    return Report(tasks, columns, rows, setting_keys, notes)
+    return Report(tasks, columns, rows, setting_keys, notes, [b.name for b in baselines or ()])
 
 
 def _varying(settings: list[dict]) -> list[str]:

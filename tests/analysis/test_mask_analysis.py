@@ -137,3 +137,39 @@ def test_branched_config_is_a_new_run_not_the_analysed_one():
     branched = branched_config(config, plan_branches(analyze_masks(hand_built()), num_groups=2))
     assert (branched.tracking.run_id, branched.tracking.parent_run_id, branched.tracking.run_name) == (None,) * 3
     assert branched.model.branches == [["seg", "depth"], ["normal"]] and branched.model.branch_from == "layer3"
+
+
+def test_no_watershed_where_agreement_rises_or_stays():
+    from dsparse.analysis import MaskAnalysis, find_watershed
+
+    layers = ["l0", "l1", "l2", "l3"]
+    for levels in ([0.2, 0.2, 0.8, 0.8], [0.5] * 4):
+        iou = {layer: {("a", "b"): value} for layer, value in zip(layers, levels)}
+        assert find_watershed(MaskAnalysis(["a", "b"], layers, dict.fromkeys(layers, 0.5), iou)) == (None, None)
+
+
+def test_dense_layers_are_left_out_and_data_free_scores_are_refused():
+    masks = hand_built()
+    masks.meta["dense_layers"] = [LAYERS[0]]
+    analysis = analyze_masks(masks)
+    assert LAYERS[0] not in analysis.iou and LAYERS[0] in analysis.density
+    masks.meta["criterion"] = "magnitude"
+    with pytest.raises(ValueError, match="scored by 'magnitude', which gives every task the same score"):
+        analyze_masks(masks)
+
+
+def test_branched_runs_of_sweep_trials_land_beside_the_trials_and_drop_shared_masks(tmp_path):
+    from dsparse.analysis import branched_config
+    from dsparse.config import load_config
+
+    plan = plan_branches(analyze_masks(hand_built()), num_groups=2)
+    trial = tmp_path / "sweep" / "trials" / "seed=0_method=disparse"
+    config = load_config("synthetic_tiny", ["tasks=[seg, depth, normal]", f"output_dir={trial}",
+                                            "sparsity.method=disparse", "sparsity.masks=/m.pt",
+                                            "sparsity.from_checkpoint=/dense"])
+    branched = branched_config(config, plan)
+    assert branched.output_dir == str(tmp_path / "sweep" / "branched" / "seed=0_method=disparse")
+    assert branched.sparsity.masks is None and branched.sparsity.from_checkpoint is None
+    masks_only = load_config("synthetic_tiny", ["tasks=[seg, depth, normal]", "sparsity.masks=/m.pt"])
+    with pytest.raises(ValueError, match="fits the shared model only; set sparsity.method"):
+        branched_config(masks_only, plan)
