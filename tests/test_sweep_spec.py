@@ -62,6 +62,8 @@ def test_task_subsets_are_grid_values(tmp_path):
     ({"grid": {"sparsity.target": [0.5, 1.5]}}, r"sparsity.target must be in \(0, 1\)"),
     ({"grid": {"tasks": [["seg", "albedo"]]}}, r"unknown task\(s\) \['albedo'\]"),
     ({"grid": {"seed": []}}, "grid.seed must be a non-empty list"),
+    ({"grid": {"sparsity.method": ["snip"], "sparsity": [{"method": "random"}]}},
+     r"grid sets \['sparsity.method'\] twice"),
     ({"search": {"optimizer.lr": {"gauss": [0, 1]}}}, "search.optimizer.lr must be one of"),
     ({"mode": "best"}, "mode must be min or max"),
     ({"resources": {"workers": 0}}, "resources.workers must be >= 1"),

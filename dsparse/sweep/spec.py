@@ -167,8 +167,11 @@ class SweepSpec:
         for values in itertools.product(*(self.grid[k] for k in keys)):
             point = {}
             for key, value in zip(keys, values):
-                point.update({f"{key}.{sub}": v for sub, v in value.items()} if isinstance(value, dict)
-                             else {key: value})
+                entries = {f"{key}.{sub}": v for sub, v in value.items()} if isinstance(value, dict) else {key: value}
+                twice = sorted(set(entries) & set(point))
+                if twice:
+                    raise ValueError(f"grid sets {twice} twice (in {key!r} and another grid key); set each key once")
+                point.update(entries)
             points.append(point)
         return points
 
