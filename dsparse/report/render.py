@@ -13,20 +13,23 @@ from dsparse.report.table import P_THRESHOLD, Cell, Report
 ARROWS = {True: "↑", False: "↓", None: ""}
 
 
-def _number(value: float, key: str) -> str:
-    if key == "delta_t":
-        return f"{value:+.2f}"
-    if key == "sparsity":
-        return f"{value:.3f}"
-    return f"{value:.2f}" if abs(value) >= 10 else f"{value:.4f}"
+def column_decimals(report: Report) -> dict[str, int]:
+    """Decimals per column, the same in every row: 2 for Delta_T and for metrics reaching
+    10 (angles, percentages), 3 for sparsity, else 4."""
+    decimals = {}
+    for column in report.columns:
+        means = [abs(row.cells[column.key].mean) for row in report.rows if row.cells[column.key].values]
+        decimals[column.key] = {"delta_t": 2, "sparsity": 3}.get(column.key, 2 if max(means, default=0) >= 10 else 4)
+    return decimals
 
 
-def cell_text(cell: Cell, key: str, pm: str = "±") -> str:
+def cell_text(cell: Cell, key: str, decimals: int, pm: str = "±") -> str:
     if not cell.values:
         return "-"
-    text = _number(cell.mean, key)
+    sign = "+" if key == "delta_t" else ""
+    text = f"{cell.mean:{sign}.{decimals}f}"
     if cell.std is not None and key != "sparsity":
-        text += f" {pm} {_number(cell.std, key).lstrip('+')}"
+        text += f" {pm} {cell.std:.{decimals}f}"
     return text
 
 
@@ -54,13 +57,13 @@ def notes(report: Report) -> list[str]:
 
 
 def to_markdown(report: Report) -> str:
-    header = _header(report)
+    header, decimals = _header(report), column_decimals(report)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report.rows:
         cells = []
         for column in report.columns:
             cell = row.cells[column.key]
-            text = cell_text(cell, column.key)
+            text = cell_text(cell, column.key, decimals[column.key])
             text = f"**{text}**" if cell.best else text + (" ≈" if cell.within_noise else "")
             cells.append(text)
         lines.append("| " + " | ".join(_lead(report, row) + cells) + " |")
@@ -103,13 +106,14 @@ def _latex_escape(text: str) -> str:
 
 def to_latex(report: Report) -> str:
     header = [_latex_escape(h) for h in _header(report, latex=True)]
+    decimals = column_decimals(report)
     lines = [r"\begin{tabular}{" + "l" * (len(header) - len(report.columns)) + "r" * len(report.columns) + "}",
              r"\toprule", " & ".join(header) + r" \\", r"\midrule"]
     for row in report.rows:
         cells = []
         for column in report.columns:
             cell = row.cells[column.key]
-            text = cell_text(cell, column.key, pm=r"$\pm$")
+            text = cell_text(cell, column.key, decimals[column.key], pm=r"$\pm$")
             text = rf"\textbf{{{text}}}" if cell.best else text + (r"$^{\approx}$" if cell.within_noise else "")
             cells.append(text)
         lines.append(" & ".join([_latex_escape(t) for t in _lead(report, row)] + cells) + r" \\")
@@ -121,10 +125,10 @@ def to_png(report: Report, path: str | Path) -> Path:
     from dsparse.plots import pyplot, save_png
 
     plt = pyplot()
-    header = _header(report)
+    header, decimals = _header(report), column_decimals(report)
     body = []
     for row in report.rows:
-        body.append(_lead(report, row) + [cell_text(row.cells[c.key], c.key)
+        body.append(_lead(report, row) + [cell_text(row.cells[c.key], c.key, decimals[c.key])
                                           + (" ≈" if row.cells[c.key].within_noise else "") for c in report.columns])
     width = max(8.0, 1.25 * len(header))
     figure, axis = plt.subplots(figsize=(width, 0.3 * (len(body) + 1)))
