@@ -122,8 +122,13 @@ def test_killed_worker_resumes_the_trial_from_its_checkpoint(tiny_spec, tmp_path
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
             if list((tmp_path / "sweep" / "trials").glob("*/checkpoints/latest")):
-                for process in psutil.process_iter(["cmdline"]):
-                    if "RayTrainWorker" in " ".join(process.info["cmdline"] or []):
+                ours = psutil.Process().children(recursive=True)  # never another Ray's workers on this machine
+                for process in ours:
+                    try:
+                        command = " ".join(process.cmdline())
+                    except psutil.Error:  # exited meanwhile
+                        continue
+                    if "RayTrainWorker" in command:
                         process.send_signal(signal.SIGKILL)
                         killed.append(process.pid)
                         return
