@@ -114,8 +114,9 @@ def plot_density(analysis: MaskAnalysis, path: Path, title: str = "") -> Path:
 def plot_iou_over_training(source: AnalysisSource, path: Path) -> Path:
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(5.5, 3.5))
+    matrices = [a.pair_iou_matrix() for a in source.analyses]
     for pair in source.final.pairs:
-        values = [a.pair_iou_matrix().get(pair, math.nan) for a in source.analyses]
+        values = [matrix.get(pair, math.nan) for matrix in matrices]
         axis.plot(source.steps, values, marker="o", label=f"{pair[0]} / {pair[1]}")
     axis.set_xlabel("training step (checkpoint)")
     axis.set_ylabel("mean IoU of nominations")

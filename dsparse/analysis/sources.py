@@ -15,7 +15,8 @@ from pathlib import Path
 from dsparse.analysis.masks import MaskAnalysis, analyze_masks
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state
-from dsparse.train.checkpoint import STATE_FILE, checkpoint_problem, resolve_checkpoint
+from dsparse.train.checkpoint import (STATE_FILE, checkpoint_problem, checkpoint_step, published_checkpoints,
+                                      resolve_checkpoint)
 
 
 @dataclass
@@ -63,15 +64,15 @@ def load_analysis_source(path: str | Path) -> AnalysisSource:
     if masks is None:
         raise ValueError(f"{path} is a dense run: it has no masks to analyse")
     dynamic = "num_updates" in masks.meta
-    candidates = sorted(p for p in latest.parent.glob("step-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
-                        and p.name <= latest.name and checkpoint_problem(p) is None) if dynamic else [latest]
+    candidates = [p for p in published_checkpoints(latest.parent)
+                  if p.name <= latest.name and checkpoint_problem(p) is None] if dynamic else [latest]
     steps, analyses = [], []
     for checkpoint in candidates:
         masks = checkpoint_masks(read_sparsifier_state(checkpoint))
         if dynamic and not masks.task_masks:
             continue  # before the first update: random ERK masks, no task has chosen yet
         analyses.append(analyze_masks(masks))
-        steps.append(json.loads((checkpoint / STATE_FILE).read_text())["step"])
+        steps.append(checkpoint_step(checkpoint))
     if not analyses:
         method = masks.meta.get("method")
         if method != "disparse_dynamic":

@@ -16,13 +16,16 @@ def results_table(out_dir: Path) -> list[dict]:
     """One row per trial, written to ``results.csv`` (and plotted to ``results.png``).
 
     Finished trials carry their final key metrics and Delta_T against the dense trial of
-    the same task set and seed. Unfinished ones (stopped early by the scheduler, failed,
+    the same configuration and seed. Unfinished ones (stopped early by the scheduler, failed,
     or interrupted) are listed with their status and last validation metrics.
     """
     summaries = {path.parent.name: json.loads(path.read_text())
                  for path in sorted((out_dir / "trials").glob("*/summary.json"))}
     ignore = sampled_keys(out_dir)
-    rows = [_finished_row(name, summary, summaries, ignore) for name, summary in summaries.items()]
+    configs = {name: config_from_dict(summary["config"]) for name, summary in summaries.items()}
+    dense = [(config.to_dict(), config.seed, summaries[name]["final_metrics"])
+             for name, config in configs.items() if not config.sparsity.enabled]
+    rows = [_finished_row(name, configs[name], summary, dense, ignore) for name, summary in summaries.items()]
     for trial_dir in sorted((out_dir / "trials").glob("*/config.yaml")):
         if trial_dir.parent.name not in summaries:
             rows.append(_unfinished_row(trial_dir.parent))
@@ -57,14 +60,12 @@ def sampled_keys(out_dir: Path) -> list[str]:
     return json.loads(state.read_text()).get("search_keys", []) if state.is_file() else []
 
 
-def _finished_row(name: str, summary: dict, summaries: dict[str, dict], ignore=()) -> dict:
+def _finished_row(name: str, config, summary: dict, dense: list, ignore=()) -> dict:
+    """A finished trial's row; ``dense`` lists the dense trials as ``pick_baseline`` takes them."""
     from dsparse.report.table import pick_baseline
     from dsparse.tasks import delta_t
 
-    config = config_from_dict(summary["config"])
     tasks = _tasks(config)
-    dense = [(config_from_dict(s["config"]).to_dict(), s["config"]["seed"], s["final_metrics"])
-             for s in summaries.values() if not config_from_dict(s["config"]).sparsity.enabled]
     picked = pick_baseline(config.to_dict(), config.seed, dense, ignore)
     row = _describe(name, config, "complete")
     row["achieved"] = (summary.get("sparsity") or {}).get("achieved", 0.0)

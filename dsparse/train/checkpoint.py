@@ -149,6 +149,11 @@ def _is_published(path: Path) -> bool:
     return path.is_dir() and re.fullmatch(r"step-\d{8}", path.name) is not None
 
 
+def published_checkpoints(directory: Path) -> list[Path]:
+    """The ``step-N`` checkpoints of a directory, oldest first (set-aside ones excluded)."""
+    return sorted(p for p in Path(directory).glob("step-*") if _is_published(p))
+
+
 def _prune(directory: Path, keep: int) -> None:
     tags = sorted(p for p in directory.glob("step-*") if _is_published(p))
     for old in tags[:-keep]:
