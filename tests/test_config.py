@@ -38,6 +38,10 @@ def test_overrides_are_parsed_as_yaml():
     ({"train": {"iterations": "many"}}, "train.iterations must be of type int"),
     ({"data": {"batch_sise": 3}}, r"unknown config key\(s\) \['batch_sise'\] in section 'data'"),
     ({"tasks": []}, "at least one task"),
+    ({"tasks": ["seg", "depth"], "model": {"branches": [["seg"], ["seg", "edge"]]}},
+     r"model.branches must split tasks \['seg', 'depth'\] into groups: \['seg'\] are in two groups; "
+     r"\['edge'\] are not in tasks; \['depth'\] are in no group"),
+    ({"model": {"branch_from": "layer9"}}, "model.branch_from must be one of layer1, layer2, layer3, layer4"),
     ({"tasks": ["seg", "seg"]}, "lists a task twice"),
     ({"tasks": ["seg", "albedo"]}, r"unknown task\(s\) \['albedo'\]; known tasks: \['depth', 'edge'"),
     ({"tasks": ["seg"], "task_weights": {"sge": 2}}, r"unknown task\(s\) \['sge'\]"),

@@ -125,6 +125,8 @@ def test_cli_writes_csv_plots_and_summary_for_a_mask_file(tmp_path, capsys):
     assert "watershed: trunk.layer3.0.conv1.weight" in capsys.readouterr().out
     assert main(["analyze", str(path), "--branch"]) == 2
     assert "needs --config CONFIG" in capsys.readouterr().err
+    assert main(["analyze", str(path), "--groups", "2"]) == 2
+    assert "add --branch" in capsys.readouterr().err
 
 
 def test_branched_config_is_a_new_run_not_the_analysed_one():
