@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -201,8 +202,14 @@ def install_checkpoint(source: Path, directory: Path) -> Path | None:
 
 
 def load_checkpoint(engine, path: Path) -> dict:
-    """Restore engine state from a checkpoint directory; returns its client state."""
+    """Restore engine state from a checkpoint directory; returns its client state.
+
+    DeepSpeed reads its files through ``engine.checkpoint_engine.load``, which unpickles
+    anything; it is pointed at :func:`read_checkpoint_file` first, so a resume runs no code
+    a checkpoint carries (a crafted file is refused naming it).
+    """
     path = Path(path)
+    engine.checkpoint_engine.load = read_checkpoint_file
     loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
     if loaded is None or CLIENT_KEY not in client_state:
@@ -210,14 +217,58 @@ def load_checkpoint(engine, path: Path) -> dict:
     return client_state[CLIENT_KEY]
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds something other than tensors and plain values (code would run
+    to read it), or cannot be read at all."""
+
+
+def _deepspeed_record_types() -> list[type]:
+    """The DeepSpeed classes its ZeRO partitions hold: plain records (a loss scale, the ZeRO
+    stage, a parameter's offset and size in the flat buffer); building them runs no code of
+    the file's choosing. Everything else in a checkpoint is tensors, numbers, strings and
+    containers, which ``weights_only`` reads without an allow-list."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def read_checkpoint_file(path: str | Path, map_location=None):
+    """``torch.load(weights_only=True)`` of one checkpoint file (never a full unpickle).
+
+    Raises:
+        UnsafeCheckpointError: in one line, naming the file and, for a crafted file, the
+            callable it tried to reach (e.g. ``posix.system``).
+    """
+    try:
+        with torch.serialization.safe_globals(_deepspeed_record_types()):
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(error))
+        what = f"it references {found.group(1)}" if found else "it holds pickled objects"
+        raise UnsafeCheckpointError(
+            f"refusing checkpoint file {path}: {what}, which is not a tensor or plain value; reading it would run "
+            "code from the file. dsparse never unpickles checkpoints: use a run written by dsparse, from a source "
+            "you trust") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise UnsafeCheckpointError(f"checkpoint file {path} cannot be read ({type(error).__name__}: {reason}); "
+                                    "it is damaged or not written by dsparse") from None
+
+
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Model state dict of a checkpoint, without DeepSpeed (for eval and export)."""
+    """Model state dict of a checkpoint, without DeepSpeed (for eval, export, pruning,
+    analysis): read by :func:`read_checkpoint_file`, so no code in the file runs."""
     path = Path(path)
     files = sorted(path.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise ValueError(f"{path} is not a dsparse checkpoint (no mp_rank_*_model_states.pt); "
                          "pass a run directory or one of its checkpoints/step-* directories")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    state = read_checkpoint_file(files[0])
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        raise UnsafeCheckpointError(f"checkpoint file {files[0]} holds no model weights ('module'); it is not "
+                                    "written by dsparse")
     return state["module"]
 
 
