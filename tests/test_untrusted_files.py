@@ -95,3 +95,27 @@ def test_a_zero_1_run_resumes_through_the_safe_loader(trained_run, tmp_path):
 
     summary = train(load_config(str(run / "config.yaml"), [f"output_dir={run}"]), resume=True)
     assert summary["status"] == "complete" and summary["step"] == 4
+
+
+def test_a_manifest_with_a_shard_name_the_writer_never_makes_is_refused(tiny_dataset, tmp_path):
+    import json
+
+    from dsparse.data.manifest import load_manifest
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["name"] = "x; touch PWNED_$(id -u); true .tar"
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"shard name 'x; touch .* must be train-NNNNNN.tar"):
+        load_manifest(data)
+
+
+def test_a_pipe_command_gets_each_shard_name_quoted():
+    from dsparse.data.loader import StreamSpec
+
+    spec = StreamSpec(data_dir="/data", split="train", shards=[], labels={}, batch_size=1, shard_url="pipe:aws s3 cp s3://b/{name} -")
+    assert spec.url({"name": "train-000001.tar"}) == "pipe:aws s3 cp s3://b/train-000001.tar -"
+    assert spec.url({"name": "a b;c.tar"}) == "pipe:aws s3 cp s3://b/'a b;c.tar' -"
+    plain = StreamSpec(data_dir="/data", split="train", shards=[], labels={}, batch_size=1, shard_url="/mnt/shards/{name}")
+    assert plain.url({"name": "a b.tar"}) == "/mnt/shards/a b.tar"

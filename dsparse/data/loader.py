@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,9 +81,11 @@ class StreamSpec:
 
     def url(self, shard: dict) -> str:
         """Where shard ``shard`` is read from: ``shard_url`` with ``{name}`` filled in, else
-        the file in ``data_dir``."""
+        the file in ``data_dir``. A ``pipe:`` command gets the name shell-quoted (the
+        manifest already allows only ``split-NNNNNN.tar``; this holds if that ever widens)."""
         if self.shard_url:
-            return self.shard_url.format(name=shard["name"])
+            name = shlex.quote(shard["name"]) if self.shard_url.startswith("pipe:") else shard["name"]
+            return self.shard_url.format(name=name)
         return str(Path(self.data_dir) / shard["name"])
 
 

@@ -148,8 +148,9 @@ class Manifest:
             if not NAME_PATTERN.match(split):
                 raise ValueError(f"split name {split!r} must be letters, digits and '_'")
             for shard in info.shards:
-                if not isinstance(shard.name, str) or "/" in shard.name or not shard.name.endswith(".tar"):
-                    raise ValueError(f"split {split!r}: shard name {shard.name!r} must be a .tar file name")
+                if not isinstance(shard.name, str) or not re.fullmatch(rf"{split}-\d{{6,}}\.tar", shard.name):
+                    raise ValueError(f"split {split!r}: shard name {shard.name!r} must be {split}-NNNNNN.tar (as "
+                                     "dsparse writes them); this manifest was not written by dsparse or was edited")
                 if not _positive_int(shard.num_samples):
                     raise ValueError(f"split {split!r}: shard {shard.name} has num_samples "
                                      f"{shard.num_samples!r}; it must be a positive integer")
