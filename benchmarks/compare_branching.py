@@ -42,7 +42,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     root = Path(args.runs) / f"g{args.groups or 'tasks'}"
     result = analyze(args.analyse, root / "analysis", branch=True, num_groups=args.groups, same_params=True,
-                     log_to_mlflow=False)
+                     log_to_mlflow=False, overwrite=True)  # this script's own working directory
     raw = yaml.safe_load(result.branched_config.read_text())
     branched_dirs = []
     for shared in map(load_run, args.shared):
@@ -61,7 +61,7 @@ def main() -> None:
     title = (f"Branched at {result.plan.branch_from} (watershed {result.plan.watershed}), groups "
              f"{result.plan.groups}, trunk width {raw['model']['base_width']} vs {shared_config.model.base_width}; "
              f"parameters {sizes[1]:,} vs {sizes[0]:,} shared; {machine_tag()}, {today()}")
-    paths = write_report(report, result_path(f"branching-g{args.groups or 'tasks'}", "", args.out))
+    paths = write_report(report, result_path(f"branching-g{args.groups or 'tasks'}", "", args.out), overwrite=True)
     result_path(f"branching-g{args.groups or 'tasks'}", ".md", args.out).write_text(
         f"{title}\n\n{to_markdown(report)}")
     print(f"{title}\n\n{to_markdown(report)}\nwrote " + ", ".join(map(str, paths)))

@@ -79,7 +79,7 @@ def main() -> None:
     name = f"methods-{'-'.join(methods[1:])}-{args.sparsity}"
     title = (f"Methods at sparsity {args.sparsity}, config {args.config}, seeds {args.seeds}, "
              f"{args.iterations or 'preset'} iterations, {machine_tag()}, {today()}")
-    paths = write_report(report, result_path(name, "", args.out))
+    paths = write_report(report, result_path(name, "", args.out), overwrite=True)
     print(f"{title}\n\n{to_markdown(report)}\nwrote " + ", ".join(map(str, paths)))
 
 

@@ -120,7 +120,7 @@ def _cmd_prune(args) -> dict:
     if args.keep_first_dense:
         overrides.append("sparsity.keep_first_dense=true")
     config = load_config(args.config, overrides)
-    masks = prune_run(config, args.out)
+    masks = prune_run(config, args.out, overwrite=args.overwrite)
     from dsparse.data.manifest import load_manifest
 
     users = parameter_users(build_run_model(config, build_run_tasks(config, load_manifest(config.data.path))))
@@ -135,7 +135,13 @@ def _cmd_eval(args) -> dict:
     from dsparse.evaluation import evaluate_checkpoint
     from dsparse.train.evaluate import format_metrics_table
 
+    if args.max_batches is not None and args.max_batches < 1:
+        raise ValueError(f"--max-batches must be at least 1, got {args.max_batches} (leave it out to evaluate the "
+                         "whole split)")
     if args.out:  # fail before the evaluation, not after it
+        from dsparse.io import check_output_file
+
+        check_output_file(args.out, args.overwrite)
         try:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -155,7 +161,7 @@ def _cmd_eval(args) -> dict:
 def _cmd_export(args) -> dict:
     from dsparse.export import export_run
 
-    report = export_run(args.run, args.out)
+    report = export_run(args.run, args.out, overwrite=args.overwrite)
     _say(args, f"wrote {report.path}: {report.num_bytes / 2**20:.2f} MiB, {100 * report.ratio:.1f}% of the dense "
                f"model's {report.dense_bytes / 2**20:.2f} MiB ({report.granularity} masks, sparsity "
                f"{report.sparsity:.4f})")
@@ -183,7 +189,7 @@ def _cmd_sweep(args) -> dict:
         _say(args, f"no comparison table: {error}")
     else:
         _say(args, to_markdown(report))
-        _say(args, "table: " + ", ".join(str(p) for p in write_report(report, Path(out) / "report")))
+        _say(args, "table: " + ", ".join(str(p) for p in write_report(report, Path(out) / "report", overwrite=True)))
         result["report"] = to_records(report)
     _say(args, f"per trial: {Path(out) / 'results.csv'} and results.png")
     from dsparse.config import config_from_dict
@@ -201,7 +207,7 @@ def _cmd_analyze(args) -> dict:
         raise ValueError("--groups, --same-params and --config shape the branched config: add --branch")
 
     result = analyze(args.source, args.out, branch=args.branch, num_groups=args.groups, same_params=args.same_params,
-                     config=args.config)
+                     config=args.config, overwrite=args.overwrite)
     final = result.source.final
     shared = final.shared_layers
     _say(args, f"{len(final.tasks)} tasks, {len(final.layers)} masked layers ({len(shared)} shared by two or more)"
@@ -228,12 +234,14 @@ def _cmd_analyze(args) -> dict:
 
 
 def _cmd_report(args) -> dict:
-    from dsparse.report import build_report, to_markdown, to_records, write_report
+    from dsparse.report import build_report, check_report_out, to_markdown, to_records, write_report
 
+    if args.out:  # refused before the runs are read
+        check_report_out(args.out, args.overwrite)
     report = build_report(args.runs, sweep=args.sweep, experiment=args.experiment, tracking_uri=args.tracking_uri,
                           constant=not args.no_constant, baselines=args.baseline)
     _say(args, to_markdown(report))
-    paths = write_report(report, args.out) if args.out else []
+    paths = write_report(report, args.out, overwrite=args.overwrite) if args.out else []
     if paths:
         _say(args, "wrote " + ", ".join(str(p) for p in paths))
     return {"rows": to_records(report), "files": [str(p) for p in paths]}
@@ -336,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--block", type=int, default=None, help="block side for --granularity block: 16 | 32 | 64")
     prune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prune.add_argument("--out", default="masks.pt")
+    prune.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     prune.set_defaults(func=_cmd_prune)
 
     evaluate = verbs.add_parser("eval", parents=[common],
@@ -346,12 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--baseline", default=None, help="dense baseline run dir or JSON, adds Delta_T")
     evaluate.add_argument("--max-batches", type=int, default=None)
     evaluate.add_argument("--out", default=None, help="write the metrics as JSON here")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     evaluate.set_defaults(func=_cmd_eval)
 
     export = verbs.add_parser("export", parents=[common],
                               help="write a sparse run's kept blocks or weights as a compact model file")
     export.add_argument("run", help="run directory or checkpoints/step-N directory of a sparse run")
     export.add_argument("--out", required=True, help="the file to write (eval it with dsparse eval FILE)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.set_defaults(func=_cmd_export)
 
     sweep = verbs.add_parser("sweep", parents=[common], help="run a sweep spec with Ray Tune (local Ray by default)")
@@ -376,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: one per task)")
     analyze.add_argument("--same-params", action="store_true",
                          help="with --branch: lower the trunk width until the branched model is no larger")
+    analyze.add_argument("--overwrite", action="store_true",
+                         help="replace the files of an earlier analysis in the output directory")
     analyze.add_argument("--config", default=None, help="with --branch on a mask file: the run config it was made for")
     analyze.set_defaults(func=_cmd_analyze)
 
@@ -387,6 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", default=None, help="an MLflow experiment name")
     report.add_argument("--tracking-uri", default=None, help="MLflow store for --experiment (default as training)")
     report.add_argument("--out", default=None, help="also write OUT.md, OUT.csv, OUT.tex and OUT.png")
+    report.add_argument("--overwrite", action="store_true", help="replace existing OUT.* files")
     report.add_argument("--baseline", action="append", default=[], metavar="RUN",
                         help="dense run every row's Delta_T is against, by seed (repeat per seed), e.g. to compare "
                              "architectures against one reference")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dsparse.config import config_from_dict
-from dsparse.io import atomic_path, load_tensor_file
+from dsparse.io import atomic_path, check_output_file, load_tensor_file
 from dsparse.models import prunable_parameters
 from dsparse.sparsity.block_layers import BlockSparseLayer, BlockSparseConv2d, BlockSparseLinear
 from dsparse.sparsity.block_layout import BlockLayout
@@ -49,16 +49,18 @@ class ExportReport:
         return self.num_bytes / self.dense_bytes
 
 
-def export_run(run: str | Path, out: str | Path) -> ExportReport:
+def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> ExportReport:
     """Write the latest checkpoint of sparse run ``run`` as a sparse model file ``out``.
 
     Raises:
-        ValueError: no checkpoint, a dense run, or an unreadable config or data manifest.
+        ValueError: ``out`` exists (without ``overwrite``) or is a directory, no checkpoint,
+            a dense run, or an unreadable config or data manifest.
     """
     from dsparse.evaluation import run_config_of  # evaluation imports this module
     from dsparse.data.manifest import load_manifest
     from dsparse.train.components import build_run_model, build_run_tasks
 
+    check_output_file(out, overwrite)
     checkpoint = resolve_checkpoint(run)
     config = run_config_of(checkpoint)
     state = read_sparsifier_state(checkpoint)

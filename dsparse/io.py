@@ -15,7 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "load_tensor_file", "read_json", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "check_output_dir", "check_output_file", "load_tensor_file", "read_json",
+           "write_bytes_atomic", "write_text_atomic"]
 
 
 def _file_mode() -> int:
@@ -45,6 +46,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def check_output_file(path: str | Path, overwrite: bool, option: str = "--out") -> Path:
+    """Refuse, before any work, a file target that exists (unless ``overwrite``) or is a
+    directory: nothing a user has is replaced without being asked.
+
+    Raises:
+        ValueError: in one line, naming the option, the path and the fix.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory; name the file to write (e.g. {path / 'NAME'})")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ValueError(f"{option} {path} exists; pass --overwrite to replace it, or choose another {option}")
+    return path
+
+
+def check_output_dir(path: str | Path, overwrite: bool, option: str = "--out") -> Path:
+    """Refuse, before any work, a directory target that is a file, or that holds files
+    (unless ``overwrite``, which lets the writer replace the files it writes there)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is a file; name a directory to write into")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ValueError(f"{option} {path} is not empty; pass --overwrite to replace the files written there, or "
+                         f"choose another {option}")
+    return path
 
 
 def load_tensor_file(path: str | Path, what: str, fix: str):

@@ -17,6 +17,7 @@ from dsparse.analysis.branching import BranchPlan, branched_config, group_tasks,
 from dsparse.analysis.masks import MaskAnalysis, analyze_masks, find_watershed
 from dsparse.analysis.output import log_analysis_to_mlflow, write_analysis
 from dsparse.analysis.sources import AnalysisSource, load_analysis_source
+from dsparse.io import check_output_dir
 
 __all__ = ["AnalysisResult", "AnalysisSource", "BranchPlan", "MaskAnalysis", "analyze", "analyze_masks",
            "branched_config", "find_watershed", "group_tasks", "load_analysis_source", "plan_branches", "stage_of"]
@@ -34,7 +35,7 @@ class AnalysisResult:
 
 def analyze(path: str | Path, out_dir: str | Path | None = None, *, branch: bool = False,
             num_groups: int | None = None, same_params: bool = False, config: str | Path | None = None,
-            log_to_mlflow: bool = True) -> AnalysisResult:
+            log_to_mlflow: bool = True, overwrite: bool = False) -> AnalysisResult:
     """Analyse a mask file or run, write the files, and optionally a branched run config.
 
     Args:
@@ -47,20 +48,22 @@ def analyze(path: str | Path, out_dir: str | Path | None = None, *, branch: bool
         config: the run config the masks were made for (needed with ``branch`` for a mask
             file; a run's own ``config.yaml`` is used otherwise).
         log_to_mlflow: attach the files to the run's MLflow run when it was tracked.
+        overwrite: replace the files of an earlier analysis in ``out_dir`` (a non-empty
+            ``out_dir`` is refused otherwise, before anything is computed).
 
     Raises:
         ValueError: in one line, for inputs that cannot be analysed or branched.
     """
     source = load_analysis_source(path)
+    run_config = _run_config(source, config) if branch else None
     if out_dir is None:
         out_dir = source.run_dir / "analysis" if source.run_dir else source.path.with_name(source.path.name +
                                                                                          "-analysis")
-    out_dir = Path(out_dir)
+    out_dir = check_output_dir(out_dir, overwrite)
     result = AnalysisResult(source, out_dir)
     extra = {}
     if branch:
         result.plan = plan_branches(source.final, num_groups)
-        run_config = _run_config(source, config)
         channels = _task_channels(run_config) if same_params else None
         branched = branched_config(run_config, result.plan, same_params=same_params, task_channels=channels)
         from dsparse.config import dump_config

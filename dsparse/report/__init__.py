@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dsparse.io import write_text_atomic
+from dsparse.io import check_output_file, write_text_atomic
 from dsparse.report.render import to_csv, to_latex, to_markdown, to_png, to_records
 from dsparse.report.runs import RunRecord, load_run, runs_of_experiment, runs_of_sweep
 from dsparse.report.table import Report, build_table, within_noise
 
-__all__ = ["Report", "RunRecord", "build_report", "collect_runs", "load_run", "to_csv", "to_latex", "to_markdown",
+__all__ = ["Report", "RunRecord", "build_report", "check_report_out", "collect_runs", "load_run", "to_csv", "to_latex", "to_markdown",
            "to_png", "to_records", "within_noise", "write_report"]
 
 log = logging.getLogger("dsparse.report")
@@ -68,12 +68,19 @@ def build_report(runs=(), sweep: str | Path | None = None, experiment: str | Non
                        ignore=sampled_keys(Path(sweep)) if sweep is not None else ())
 
 
-def write_report(report: Report, out: str | Path) -> list[Path]:
-    """Write ``OUT.md``, ``OUT.csv``, ``OUT.tex`` and ``OUT.png`` (``out`` without a suffix)."""
+REPORT_SUFFIXES = (".md", ".csv", ".tex", ".png")
+
+
+def check_report_out(out: str | Path, overwrite: bool = False) -> list[Path]:
+    """The files ``write_report(report, out)`` writes; refused before any work when one
+    exists (unless ``overwrite``) or is a directory."""
     out = Path(out)
-    paths = []
-    for suffix, text in ((".md", to_markdown(report)), (".csv", to_csv(report)), (".tex", to_latex(report))):
-        paths.append(out.with_name(out.name + suffix))
-        write_text_atomic(paths[-1], text)
-    paths.append(to_png(report, out.with_name(out.name + ".png")))
-    return paths
+    return [check_output_file(out.with_name(out.name + suffix), overwrite) for suffix in REPORT_SUFFIXES]
+
+
+def write_report(report: Report, out: str | Path, overwrite: bool = False) -> list[Path]:
+    """Write ``OUT.md``, ``OUT.csv``, ``OUT.tex`` and ``OUT.png`` (``out`` without a suffix)."""
+    markdown, csv, latex, png = check_report_out(out, overwrite)
+    for path, text in ((markdown, to_markdown(report)), (csv, to_csv(report)), (latex, to_latex(report))):
+        write_text_atomic(path, text)
+    return [markdown, csv, latex, to_png(report, png)]

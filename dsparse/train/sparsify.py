@@ -18,6 +18,7 @@ from dsparse.config import RunConfig
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.manifest import load_manifest
 from dsparse.distributed import init_distributed, is_main
+from dsparse.io import check_output_file
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.method import MaskInputs, get_method
 from dsparse.sparsity.prune import StaticMethod
@@ -50,8 +51,10 @@ def run_sparsifier(config: RunConfig, tasks: dict[str, Task], manifest: dict, ra
     return build_sparsifier(config.sparsity, mask_inputs(config, tasks, manifest, rank, world_size), run_dir=run_dir)
 
 
-def prune_run(config: RunConfig, out: str | Path) -> MaskSet:
-    """Library entry point behind ``dsparse prune``: masks for a run config, saved to ``out``."""
+def prune_run(config: RunConfig, out: str | Path, overwrite: bool = False) -> MaskSet:
+    """Library entry point behind ``dsparse prune``: masks for a run config, saved to ``out``
+    (an existing ``out`` is refused before any work unless ``overwrite``)."""
+    check_output_file(out, overwrite)
     if not config.sparsity.enabled:
         raise ValueError("no pruning method given: pass --method (or set sparsity.method in the config)")
     method = config.sparsity.method

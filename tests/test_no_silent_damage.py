@@ -1,0 +1,112 @@
+"""Nothing of the user's is replaced unasked, and what cannot be meant is refused (issue 19):
+every verb that writes refuses an existing target without ``--overwrite``, before any work,
+in one line."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from dsparse.cli import main
+from dsparse.config import config_from_dict
+from dsparse.train.trainer import train
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def sparse_run(tiny_dataset, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("damage") / "run"
+    train(config_from_dict({
+        "tasks": ["seg", "depth"], "output_dir": str(run_dir),
+        "data": {"path": str(tiny_dataset), "batch_size": 4, "eval_batch_size": 8, "num_workers": 0,
+                 "crop_size": 24},
+        "model": {"arch": "resnet18", "base_width": 4, "head_dilations": [1, 2]},
+        "optimizer": {"name": "adam", "lr": 0.003}, "schedule": {"name": "constant"},
+        "train": {"iterations": 2, "eval_interval": 2, "log_interval": 2, "checkpoint_interval": 2,
+                  "eval_batches": 1},
+        "tracking": {"enabled": False},
+        "sparsity": {"method": "disparse", "target": 0.5, "num_batches": 1}}))
+    return run_dir
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dsparse: error:"), err
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+@pytest.fixture
+def existing(tmp_path):
+    def make(name, text="hand-written, keep me"):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+    return make
+
+
+def test_prune_refuses_an_existing_out_file_and_a_directory(sparse_run, tmp_path, existing, capsys):
+    config = str(sparse_run / "config.yaml")
+    target = existing("masks.pt")
+    assert main(["prune", config, "--method", "random", "--sparsity", "0.5", "--out", str(target)]) == 2
+    _one_line_error(capsys, "exists", "--overwrite")
+    assert target.read_text() == "hand-written, keep me"
+    assert main(["prune", config, "--method", "random", "--sparsity", "0.5", "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "is a directory")
+    assert main(["prune", config, "--method", "random", "--sparsity", "0.5", "--out", str(target),
+                 "--overwrite"]) == 0
+    assert target.read_bytes() != b"hand-written, keep me"
+
+
+def test_export_refuses_an_existing_file_the_runs_own_masks_and_a_directory(sparse_run, tmp_path, existing,
+                                                                          capsys):
+    target = existing("model.pt")
+    own_masks = (sparse_run / "masks.pt").read_bytes()
+    for out in (target, sparse_run / "masks.pt"):
+        assert main(["export", str(sparse_run), "--out", str(out)]) == 2
+        _one_line_error(capsys, "exists", "--overwrite")
+    assert target.read_text() == "hand-written, keep me"
+    assert (sparse_run / "masks.pt").read_bytes() == own_masks
+    assert main(["export", str(sparse_run), "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "is a directory")
+
+
+def test_eval_refuses_an_existing_out_file_and_a_directory_before_evaluating(sparse_run, tmp_path, existing, capsys,
+                                                                           caplog):
+    target = existing("metrics.json")
+    assert main(["eval", str(sparse_run), "--out", str(target)]) == 2
+    _one_line_error(capsys, "exists", "--overwrite")
+    assert target.read_text() == "hand-written, keep me"
+    assert "evaluating" not in caplog.text, "the refusal must come before the evaluation"
+    assert main(["eval", str(sparse_run), "--out", str(tmp_path)]) == 2
+    _one_line_error(capsys, "is a directory")
+
+
+def test_report_refuses_to_replace_a_hand_written_file(sparse_run, tmp_path, existing, capsys):
+    notes = existing("notes.md")
+    assert main(["report", str(sparse_run), "--no-constant", "--out", str(tmp_path / "notes")]) == 2
+    _one_line_error(capsys, "notes.md exists", "--overwrite")
+    assert notes.read_text() == "hand-written, keep me"
+
+
+def test_analyze_refuses_a_non_empty_directory_and_a_file(sparse_run, tmp_path, existing, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(sparse_run, run)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "mask_iou.csv").write_text("mine")
+    assert main(["analyze", str(run), "--out", str(out)]) == 2
+    _one_line_error(capsys, "is not empty", "--overwrite")
+    assert (out / "mask_iou.csv").read_text() == "mine"
+    assert main(["analyze", str(run), "--out", str(existing("afile"))]) == 2
+    _one_line_error(capsys, "is a file")
+    assert main(["analyze", str(run)]) == 0  # its own default directory, new
+    capsys.readouterr()
+    assert main(["analyze", str(run)]) == 2  # again: the first analysis is kept
+    _one_line_error(capsys, "analysis is not empty")
+    assert main(["analyze", str(run), "--overwrite"]) == 0
