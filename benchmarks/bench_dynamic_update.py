@@ -43,7 +43,8 @@ def measure(args, tasks, granularity: str) -> dict[str, float]:
     model = bench_model(args, tasks)
     config = config_from_dict({"tasks": TASKS, "data": {"batch_size": args.batch},
                                "sparsity": {"method": args.method, "target": 0.9, "interval": 2, "end": 1.0,
-                                            "alpha0": 0.5, "granularity": granularity, "block": args.block}})
+                                            "alpha0": 0.5, "granularity": granularity,
+                                            **({"block": args.block} if granularity == "block" else {})}})
     sparsifier = build_sparsifier(config.sparsity, MaskInputs(tasks, config.sparsity, seed=0, total_steps=10**6))
     model = sparsifier.prepare(model)
     engine = _build_engine(config, model, torch.device("cpu"))

@@ -120,6 +120,9 @@ def _cmd_prune(args) -> dict:
     if args.keep_first_dense:
         overrides.append("sparsity.keep_first_dense=true")
     config = load_config(args.config, overrides)
+    if args.block is not None and config.sparsity.granularity != "block":
+        raise ValueError(f"--block {args.block} sets the block of block masks; add --granularity block (the config "
+                         "asks for element masks)")
     masks = prune_run(config, args.out, overwrite=args.overwrite)
     from dsparse.data.manifest import load_manifest
 
@@ -135,9 +138,6 @@ def _cmd_eval(args) -> dict:
     from dsparse.evaluation import evaluate_checkpoint
     from dsparse.train.evaluate import format_metrics_table
 
-    if args.max_batches is not None and args.max_batches < 1:
-        raise ValueError(f"--max-batches must be at least 1, got {args.max_batches} (leave it out to evaluate the "
-                         "whole split)")
     if args.out:  # fail before the evaluation, not after it
         from dsparse.io import check_output_file
 

@@ -207,7 +207,8 @@ class SparsityConfig:
     """global (one ranking over all layers per task) | layerwise."""
     keep_first_dense: bool | None = None
     """Keep the first convolution dense (still counted in the sparsity denominator).
-    None = on for dynamic methods, off for static ones (as in DESIGN.md)."""
+    None = on for dynamic methods and for block masks, off for static element masks (see
+    ``first_conv_dense``)."""
     from_checkpoint: str | None = None
     """Prune a trained model: load these weights first (lottery: take masks from them,
     then train from the initial weights)."""
@@ -253,6 +254,9 @@ class SparsityConfig:
             raise ValueError(f"sparsity.granularity must be element or block, got {self.granularity!r}")
         if self.block not in (16, 32, 64):
             raise ValueError(f"sparsity.block must be 16, 32 or 64, got {self.block!r}")
+        if self.granularity == "element" and self.block != 32:
+            raise ValueError(f"sparsity.block={self.block} has no effect with element masks; add "
+                             "sparsity.granularity=block (--granularity block) or leave the block out")
         from dsparse.sparsity.criteria import CRITERIA
 
         if self.pretrained_criterion not in CRITERIA:
@@ -272,6 +276,15 @@ class SparsityConfig:
     @property
     def enabled(self) -> bool:
         return self.method is not None or self.masks is not None
+
+    def first_conv_dense(self, dynamic: bool) -> bool:
+        """Whether the stem convolution stays dense: ``keep_first_dense`` when set, else on
+        for dynamic methods (as RigL does) and for block masks (the 3-channel stem is a
+        handful of blocks, and pruning them all cuts the network off from its input), off
+        for static element masks (the original DiSparse code prunes the stem)."""
+        if self.keep_first_dense is not None:
+            return self.keep_first_dense
+        return dynamic or self.granularity == "block"
 
 
 @dataclass

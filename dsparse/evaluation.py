@@ -80,6 +80,10 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
     Returns:
         ``{"checkpoint", "data", "split", "metrics", "delta_t"?}``.
     """
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"--max-batches must be at least 1, got {max_batches!r} (leave it out to evaluate the "
+                         "whole split)")
     if is_export_file(checkpoint):  # a sparse model from `dsparse export`: block-sparse layers
         path = Path(checkpoint)
         model, config = load_sparse(path)

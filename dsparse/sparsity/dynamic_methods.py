@@ -53,8 +53,7 @@ class DynamicMethod(Method):
         self.check(inputs.settings)
         settings = inputs.settings
         weights = prunable_parameters(unwrap_model(model))
-        keep_dense = True if settings.keep_first_dense is None else settings.keep_first_dense
-        dense = [first_conv(model)] if keep_dense else []
+        dense = [first_conv(model)] if settings.first_conv_dense(dynamic=True) else []
         shapes = {n: tuple(w.shape) for n, w in weights.items()}
         counts = erk_counts(shapes, 1.0 - settings.target, power=settings.erk_power, dense=dense)
         units = mask_units(settings.granularity, settings.block, shapes)

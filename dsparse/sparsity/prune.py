@@ -98,7 +98,8 @@ class StaticMethod(Method):
         scored = xavier_copy(model, inputs.seed) if settings.score_init == "xavier" else model
         return self.masks(scored, inputs.tasks, batches, sparsity=settings.target, criterion=criterion,
                           num_batches=settings.num_batches, scope=settings.scope,
-                          keep_first_dense=bool(settings.keep_first_dense), task_weights=dict(inputs.task_weights),
+                          keep_first_dense=settings.first_conv_dense(dynamic=False),
+                          task_weights=dict(inputs.task_weights),
                           seed=inputs.seed, pretrained=pretrained, granularity=settings.granularity,
                           block=settings.block)
 

@@ -17,6 +17,7 @@ them, and the applier that enforces them.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +32,14 @@ from dsparse.sparsity.appliers import BlockApplier, ElementApplier, MaskApplier,
 from dsparse.sparsity.block_layers import BlockSparseLayer
 from dsparse.sparsity.blocks import BlockUnits, MaskUnits, mask_units
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.method import MaskInputs, Method, get_method
+from dsparse.sparsity.method import MaskInputs, Method, first_conv, get_method
 from dsparse.sparsity.optim_state import OptimizerState, bind_optimizer
 
 __all__ = ["MASKS_FILE", "STATE_FILE", "MaskState", "MaskedSparsifier", "Sparsifier", "build_sparsifier",
-           "check_granularity", "checkpoint_masks", "read_sparsifier_state", "swap_sparse_layers"]
+           "check_granularity", "check_target_count", "checkpoint_masks", "empty_layers", "read_sparsifier_state",
+           "swap_sparse_layers"]
+
+log = logging.getLogger("dsparse.sparsity")
 
 MASKS_FILE = "masks.pt"
 """The masks a run starts from, in its run directory (static runs: the masks of the run)."""
@@ -119,6 +123,7 @@ class MaskedSparsifier(Sparsifier):
         self._given = masks
         self._resumed = False
         self.state: MaskState | None = None
+        self.empty_layers: list[str] = []
 
     @property
     def masks(self) -> MaskSet:
@@ -132,8 +137,10 @@ class MaskedSparsifier(Sparsifier):
             resolve_kernel(settings.kernel, next(unwrap_model(model).parameters()).device)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        masks = self._given if self._given is not None else self.method.initial_masks(model, self.inputs)
         settings = self.inputs.settings
+        if self._given is None:
+            check_target_count(settings.target, prunable_parameters(unwrap_model(model)))
+        masks = self._given if self._given is not None else self.method.initial_masks(model, self.inputs)
         check_granularity(masks, settings, "the masks")
         weights = prunable_parameters(unwrap_model(model))
         users = parameter_users(model)
@@ -141,6 +148,9 @@ class MaskedSparsifier(Sparsifier):
         applier = (BlockApplier(model, masks, units, settings.kernel) if isinstance(units, BlockUnits)
                    else ElementApplier(model, masks))
         self.state = MaskState(model, masks, applier, None, self.inputs, {n: users[n] for n in weights}, units)
+        self.empty_layers = empty_layers(masks)
+        if self.empty_layers and not self._resumed:
+            warn_empty_layers(self.empty_layers, masks, self.state.users, first_conv(unwrap_model(model)))
         if not self._resumed and self.run_dir is not None:
             if is_main():
                 masks.save(self.run_dir / MASKS_FILE)
@@ -183,7 +193,11 @@ class MaskedSparsifier(Sparsifier):
         meta = self.masks.meta
         tracker.log_params({f"masks.{key}": meta.get(key) for key in  # as derived, beside the config
                             ("method", "criterion", "scope", "keep_ratio", "sparsity_achieved")})
-        tracker.log_metrics({"sparsity/achieved": self.masks.sparsity, "sparsity/keep_ratio": meta["keep_ratio"]}, 0)
+        tracker.log_metrics({"sparsity/achieved": self.masks.sparsity, "sparsity/keep_ratio": meta["keep_ratio"],
+                             "sparsity/empty_layers": len(self.empty_layers)}, 0)
+        if self.empty_layers:
+            tracker.set_tags({"sparsity.empty_layers": ", ".join(self.empty_layers)[:5000],
+                              "sparsity.cut_off_tasks": ", ".join(cut_off_tasks(self.empty_layers, self.state.users))})
         table = run_dir / "mask_layers.txt"
         table.write_text(self.masks.format_table(self.state.users) + "\n")
         tracker.log_artifact(table)
@@ -194,10 +208,50 @@ class MaskedSparsifier(Sparsifier):
                   "requested": meta.get("sparsity_requested"), "achieved": self.masks.sparsity,
                   "keep_ratio": meta.get("keep_ratio"),
                   "granularity": meta.get("granularity", "element"), "block": meta.get("block"),
-                  "pruned_nonzeros": count_pruned_nonzeros(self.state.applier.weights(), self.masks)}
+                  "pruned_nonzeros": count_pruned_nonzeros(self.state.applier.weights(), self.masks),
+                  "empty_layers": empty_layers(self.masks),
+                  "cut_off_tasks": cut_off_tasks(empty_layers(self.masks), self.state.users)}
         if self.method is not None:
             result.update(self.method.summary(self.state))
         return result
+
+
+def check_target_count(target: float, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse a target that keeps no weight or prunes none of the model's prunable weights
+    (both would train "complete" with nothing meant: an empty network, or a dense one).
+
+    Raises:
+        ValueError: naming the counts and the targets that make sense for this model.
+    """
+    total = sum(w.numel() for w in weights.values())
+    keep = round((1.0 - target) * total)
+    if keep == 0 or keep == total:
+        raise ValueError(f"sparsity.target {target} {'keeps none' if keep == 0 else 'prunes none'} of the model's "
+                         f"{total:,} prunable weights (round((1 - target) x {total:,}) = {keep:,}); use a target "
+                         f"between {1.5 / total:.2g} and {1 - 1.5 / total:.9g}")
+
+
+def empty_layers(masks: MaskSet) -> list[str]:
+    """The masked layers that keep no weight at all."""
+    return [fqn for fqn, mask in masks.masks.items() if not bool(mask.any())]
+
+
+def cut_off_tasks(empty: list[str], users: dict[str, frozenset[str]]) -> list[str]:
+    """Tasks some of whose own layers (used by that task alone, e.g. its head) keep no
+    weight: everything after such a layer is a constant, so the task predicts from biases."""
+    return sorted({task for fqn in empty if len(users.get(fqn, ())) == 1 for task in users[fqn]})
+
+
+def warn_empty_layers(layers: list[str], masks: MaskSet, users: dict[str, frozenset[str]], stem: str) -> None:
+    """Say loudly that whole layers are gone: a layer on the only path to a head (the stem
+    above all, or a task's own head) makes what follows it a constant."""
+    tasks = cut_off_tasks(layers, users)
+    log.warning("WARNING: %d of %d masked layers keep no weight: %s.%s%s Recorded as sparsity.empty_layers in "
+                "summary.json and MLflow. Lower sparsity.target, or use smaller blocks or element masks%s",
+                len(layers), len(masks.masks), ", ".join(layers),
+                " The stem is empty: the network never sees its input." if stem in layers else "",
+                f" Task(s) {', '.join(tasks)} lose a layer of their own: they predict constants." if tasks else "",
+                ", or keep the stem dense (sparsity.keep_first_dense=true)" if stem in layers else "")
 
 
 def check_granularity(masks: MaskSet, settings: SparsityConfig, where: str) -> None:

@@ -181,7 +181,8 @@ def test_block_and_element_appliers_train_alike_given_the_same_masks(tmp_path):
     for label, model, given, granularity in (("element", element_model, element_masks, "element"),
                                              ("block", reference, masks, "block")):
         given.save(tmp_path / f"{label}.pt")
-        config = SparsityConfig(masks=str(tmp_path / f"{label}.pt"), granularity=granularity, block=16)
+        config = SparsityConfig(masks=str(tmp_path / f"{label}.pt"), granularity=granularity,
+                                **({"block": 16} if granularity == "block" else {}))
         sparsifier = build_sparsifier(config, MaskInputs(tasks, config))
         model = sparsifier.prepare(model)
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01, weight_decay=0.01)
@@ -253,7 +254,8 @@ def test_growth_from_the_training_step_equals_growth_from_its_own_pass(method, g
     rounding of the joint gradient (1e-4 of each layer's largest score)."""
     tasks = build_tasks(TASKS, num_classes=10)
     weights = {"seg": 1.0, "normal": 3.0, "depth": 2.0, "keypoint": 7.0, "edge": 0.5}
-    settings = SparsityConfig(method=method, target=0.8, interval=1, end=1.0, granularity=granularity, block=16)
+    settings = SparsityConfig(method=method, target=0.8, interval=1, end=1.0, granularity=granularity,
+                              block=16 if granularity == "block" else 32)
     sparsifier = build_sparsifier(settings, MaskInputs(tasks, settings, task_weights=weights, total_steps=10))
     model = sparsifier.prepare(tiny_model(tasks))
     batch = make_batches(1)[0]
