@@ -162,3 +162,29 @@ def test_block_masks_keep_the_stem_dense_and_empty_layers_are_loud_and_recorded(
     mlflow_run = client.get_run(summary["mlflow_run_id"])
     assert mlflow_run.data.metrics["sparsity/empty_layers"] == len(empty)
     assert mlflow_run.data.tags["sparsity.empty_layers"].split(", ") == empty
+
+
+def test_analyze_of_a_copied_run_never_logs_into_the_originals_mlflow_run(tiny_dataset, tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from dsparse.analysis import analyze
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    original = tmp_path / "original"
+    summary = train(config_from_dict({
+        "tasks": ["seg", "depth"], "output_dir": str(original),
+        "data": {"path": str(tiny_dataset), "batch_size": 4, "num_workers": 0, "crop_size": 24},
+        "model": {"arch": "resnet18", "base_width": 4, "head_dilations": [1, 2]},
+        "train": {"iterations": 1, "eval_interval": 1, "log_interval": 1, "checkpoint_interval": 1,
+                  "eval_batches": 1},
+        "tracking": {"uri": uri, "experiment": "tests"},
+        "sparsity": {"method": "disparse", "target": 0.5, "num_batches": 1}}))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    result = analyze(copy)
+    assert result.mlflow_run_id is None
+    assert "is a copy of" in caplog.text
+    tags = MlflowClient(uri).get_run(summary["mlflow_run_id"]).data.tags
+    assert "analysis.watershed" not in tags and not MlflowClient(uri).list_artifacts(summary["mlflow_run_id"],
+                                                                                      "analysis")
+    assert analyze(original).mlflow_run_id == summary["mlflow_run_id"]  # the original itself still logs

@@ -167,14 +167,13 @@ def open_run_directory(config: RunConfig, fd: int | None, *, resuming: bool, ste
                 raise ValueError(f"--resume cannot change {listed} (the checkpoint was trained with the first "
                                  f"values); resume with those, or start a new run (another output_dir). "
                                  f"Changeable on resume: {', '.join(RESUME_SAFE)}")
-        copied_from = None
         here = str(path.resolve())
+        copied_from = original_of(path)
         # The same directory keeps its identity, also when it starts again without a checkpoint
         # (a sweep trial restarted before its first one): it is still the same run.
         if identity is None:
             identity = {"run_uid": uuid.uuid4().hex, "path": here, "host": socket.gethostname(), "created": _now()}
-        elif identity.get("path") != here:
-            copied_from = identity.get("path")
+        elif copied_from is not None:
             log.warning("%s is a copy of the run directory %s: it continues in its own MLflow run", here, copied_from)
             identity = {"run_uid": uuid.uuid4().hex, "path": here, "host": socket.gethostname(), "created": _now(),
                         "copied_from": copied_from}
@@ -188,6 +187,21 @@ def open_run_directory(config: RunConfig, fd: int | None, *, resuming: bool, ste
         release_lock(fd)
         raise
     return RunDirectory(path, identity["run_uid"], copied_from, changes, fd)
+
+
+def original_of(path: str | Path) -> str | None:
+    """The run directory ``path`` was copied from (its ``run.json`` names another path), or
+    None for the original itself. Read-only: analysis and training decide copies alike."""
+    identity = _read_identity(Path(path))
+    if identity is None or identity.get("path") == str(Path(path).resolve()):
+        return None
+    return identity.get("path")
+
+
+def run_uid_of(path: str | Path) -> str | None:
+    """The identity of a run directory (``run.json``), which its MLflow run carries as the
+    ``dsparse.run_uid`` tag."""
+    return (_read_identity(Path(path)) or {}).get("run_uid")
 
 
 def _read_identity(path: Path) -> dict | None:
