@@ -109,3 +109,14 @@ def test_a_cluster_sweep_after_a_local_one_in_the_same_process_is_refused(tmp_pa
     monkeypatch.setattr(runner, "_started_local_ray", True)
     with pytest.raises(ValueError, match="start a new process"):
         runner.run_sweep(load_sweep_spec(write_spec(tmp_path)), tmp_path / "sweep", address="127.0.0.1:1")
+
+
+def test_a_grid_of_a_million_trials_is_refused_at_once_naming_the_count(tmp_path):
+    spec = write_spec(tmp_path, grid={"seed": list(range(1000)), "train.iterations": list(range(1, 1001))})
+    with pytest.raises(ValueError, match=r"1,000,000 trials .* max_trials"):
+        load_sweep_spec(spec)
+
+
+def test_an_empty_grid_is_refused_instead_of_running_one_trial_silently(tmp_path):
+    with pytest.raises(ValueError, match=r"grid: \{\} lists no keys"):
+        load_sweep_spec(write_spec(tmp_path, grid={}))

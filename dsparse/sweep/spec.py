@@ -19,6 +19,7 @@ A spec is YAML (``sweeps/*.yaml``)::
     mode: max
     max_failures: 2
     scheduler: null                      # or {asha: {grace_period: 200, reduction_factor: 3}}
+    max_trials: 10000                    # a larger grid is refused on load, naming its count
 
 Every grid point is validated as a full run config when the spec is loaded, so a typo in a
 key fails before any cluster time is spent. The ranking ``metric`` is ``delta_t`` (computed
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,6 +100,9 @@ class SweepSpec:
     max_failures: int = 1
     scheduler: dict | None = None
     name: str = "sweep"
+    max_trials: int = 10_000
+    """A larger grid is refused when the spec loads (a typo such as ``seed: [0..999]`` x
+    another long list would otherwise expand for minutes); raise it for a real giant sweep."""
 
     def __post_init__(self):
         if self.mode not in ("min", "max"):
@@ -106,6 +112,12 @@ class SweepSpec:
         for key, values in self.grid.items():
             if not isinstance(values, list) or not values:
                 raise ValueError(f"grid.{key} must be a non-empty list of values, got {values!r}")
+        trials = math.prod(len(values) for values in self.grid.values()) * self.num_samples
+        if trials > self.max_trials:
+            sizes = " x ".join(f"{key} ({len(values)})" for key, values in self.grid.items())
+            raise ValueError(f"the grid makes {trials:,} trials ({sizes}"
+                             f"{f' x num_samples ({self.num_samples})' if self.num_samples > 1 else ''}), above "
+                             f"max_trials ({self.max_trials:,}); shorten the lists, or raise max_trials in the spec")
         for key, distribution in self.search.items():
             if not isinstance(distribution, dict) or len(distribution) != 1 or \
                     next(iter(distribution)) not in DISTRIBUTIONS:
@@ -150,11 +162,13 @@ class SweepSpec:
         base = self.base_config()
         base_method = (base.get("sparsity") or {}).get("method")
         base_method = self.overrides.get("sparsity.method", base_method)
-        points = []
+        points, seen = [], set()
         for point in self._combinations():
             if point.get("sparsity.method", base_method) is None:
                 point = {k: v for k, v in point.items() if not k.startswith("sparsity.") or k == "sparsity.method"}
-            if point not in points:
+            key = json.dumps(point, sort_keys=True, default=str)  # values may be lists: not hashable themselves
+            if key not in seen:
+                seen.add(key)
                 points.append(point)
         return points
 
@@ -243,6 +257,9 @@ def load_sweep_spec(path: str | Path) -> SweepSpec:
     unknown = sorted(set(resources) - {f.name for f in dataclasses.fields(Resources)})
     if unknown:
         raise ValueError(f"unknown resources key(s) {unknown}; known: workers, cpus_per_worker, gpus_per_worker")
+    if "grid" in raw and not raw["grid"] and not raw.get("search"):
+        raise ValueError(f"grid: {{}} lists no keys in {path}, so the sweep would run the base config once; list "
+                         "values per key (e.g. seed: [0, 1]), or remove 'grid' to run that one trial on purpose")
     raw.setdefault("name", path.stem)
     spec = SweepSpec(resources=Resources(**resources), **raw)
     spec.validate_trials()
