@@ -307,8 +307,11 @@ def _pad(array: np.ndarray, crop_size: int, fill) -> np.ndarray:
 
 def collate(samples: list[dict], labels: dict[str, LabelSpec], rgb_mean, rgb_std) -> dict:
     """Stack decoded samples into the batch layout the tasks expect; the image is
-    normalised with the dataset's per-channel statistics from the manifest."""
-    rgb = torch.from_numpy(np.stack([s["rgb"] for s in samples])).permute(0, 3, 1, 2).float() / 255.0
+    normalised with the dataset's per-channel statistics from the manifest. The image is
+    made contiguous NCHW: the permuted view is channels-last, which would carry through the
+    network, and oneDNN's conv weight gradient corrupts the heap on some channels-last shapes
+    (tests/data/test_loader.py)."""
+    rgb = torch.from_numpy(np.stack([s["rgb"] for s in samples])).permute(0, 3, 1, 2).contiguous().float() / 255.0
     mean = torch.tensor(rgb_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(rgb_std, dtype=torch.float32).view(1, 3, 1, 1)
     batch = {"__key__": [s["__key__"] for s in samples], "rgb": (rgb - mean) / std}

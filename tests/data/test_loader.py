@@ -322,3 +322,28 @@ def test_a_data_error_in_a_loader_worker_is_one_line(tiny_dataset, tmp_path):
     message = str(caught.value)
     assert "\n" not in message and f"'val_00000001' in shard {name} has no 'depth.png'" in message
     assert "Traceback" in caught.value.worker_traceback
+
+
+def test_batches_are_contiguous_nchw(tiny_dataset):
+    """The image came out as a channels-last view (NHWC permuted): oneDNN's conv weight
+    gradient then corrupts the heap on some shapes (a 1x1 stride-2 shortcut with 4 input
+    channels: `corrupted double-linked list` in every width-4 sweep trial)."""
+    batch = next(TrainBatches(spec_for(tiny_dataset, batch_size=4)))
+    assert batch["rgb"].is_contiguous()
+
+
+def test_a_width_4_model_trains_on_loader_batches(tiny_dataset, tmp_path):
+    """The crash above, end to end: one training step of the width-4 model the sweep tests
+    use, in a child process so that heap corruption fails this test and not the suite."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "dsparse", "--quiet", "train", "synthetic_tiny",
+               *[arg for setting in (f"data.path={tiny_dataset}", "data.batch_size=4", "data.num_workers=0",
+                                     "model.base_width=4", "model.head_dilations=[1, 2]", "train.iterations=2",
+                                     "train.eval_interval=2", "train.checkpoint_interval=2",
+                                     f"output_dir={tmp_path / 'run'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}")
+                 for arg in ("--set", setting)]]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
