@@ -35,8 +35,11 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import re
 import shutil
+import signal
+import sys
 import tarfile
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -208,9 +211,23 @@ class _ShardStats:
 _progress_sink: Callable[[int], None] | None = None  # counts finished samples, in any process
 
 
-def _init_worker(queue) -> None:
+def _init_worker(queue, parent_pid: int) -> None:
     global _progress_sink
     _progress_sink = queue.put
+    die_with_parent(parent_pid)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this worker process when its parent dies (Linux): after a
+    ``kill -9`` of the parent, pool workers would otherwise keep encoding shards for nobody,
+    and keep multiprocessing's resource tracker alive, for as long as the work lasts."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(1)
 
 
 class _EmptyShard(Exception):
@@ -538,7 +555,7 @@ def _run_jobs(out_dir: Path, jobs: list[_ShardJob], workers: int, progress: bool
     drainer = threading.Thread(target=counter.drain, args=(queue, stop), daemon=True)
     drainer.start()
     executor = ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker,
-                                   initargs=(queue,))
+                                   initargs=(queue, os.getpid()))
     finished = False
     try:
         futures = [executor.submit(_write_shard, job) for job in todo]

@@ -444,3 +444,30 @@ def test_more_classes_than_an_8_bit_label_holds_is_refused_up_front(tmp_path):
     with pytest.raises(ValueError, match="300 classes; at most 255"):
         write_dataset(tmp_path / "out", {"train": [("a", sample)]}, info, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_writer_processes_die_with_a_killed_parent(tmp_path):
+    """kill -9 of `dsparse data convert` (or synth) left its workers and the resource
+    tracker running for more than ten minutes."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    command = [sys.executable, "-m", "dsparse", "--quiet", "data", "synth", "--out", str(tmp_path / "data"),
+               "--num-train", "4000", "--num-val", "8", "--size", "64", "--shard-size", "20", "--procs", "2"]
+    parent = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(psutil.Process(parent.pid).children(recursive=True)) < 3:
+            time.sleep(0.2)  # two workers and the resource tracker
+        children = psutil.Process(parent.pid).children(recursive=True)
+        assert len(children) >= 3, "the writer never started its workers"
+        time.sleep(1.0)  # the workers are encoding shards
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        _, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, f"still running 20 s after their parent was killed: {[p.cmdline()[:3] for p in alive]}"
+    finally:
+        for process in psutil.Process().children(recursive=True):
+            process.kill()
