@@ -13,7 +13,7 @@ from dsparse.data.loader import stream_spec
 from dsparse.data.manifest import load_manifest
 from dsparse.tasks import delta_t
 from dsparse.distributed import device_and_backend
-from dsparse.export import is_export_file, load_sparse
+from dsparse.export import load_sparse
 from dsparse.io import read_json
 from dsparse.progress import ProgressMeter
 from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
@@ -84,7 +84,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
                                     or max_batches < 1):
         raise ValueError(f"--max-batches must be at least 1, got {max_batches!r} (leave it out to evaluate the "
                          "whole split)")
-    if is_export_file(checkpoint):  # a sparse model from `dsparse export`: block-sparse layers
+    if Path(checkpoint).is_file():  # a sparse model from `dsparse export` (runs and checkpoints are directories)
         path = Path(checkpoint)
         model, config = load_sparse(path)
     else:

@@ -14,6 +14,7 @@ zeros (nothing to skip).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from dsparse.sparsity.blocks import block_grid
 from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
 
-__all__ = ["ExportReport", "export_run", "is_export_file", "load_sparse"]
+__all__ = ["ExportReport", "export_run", "load_sparse"]
 
 FORMAT = "dsparse-sparse-model"
 VERSION = 1
@@ -98,17 +99,6 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Exp
     return ExportReport(out, out.stat().st_size, dense_bytes, masks.sparsity, masks.meta.get("granularity", "element"))
 
 
-def is_export_file(path: str | Path) -> bool:
-    path = Path(path)
-    if not path.is_file():
-        return False
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return False
-    return isinstance(payload, dict) and payload.get("format") == FORMAT
-
-
 def load_sparse(path: str | Path, model: torch.nn.Module | None = None):
     """The model of an exported file, with block-sparse layers for block masks.
 
@@ -129,6 +119,7 @@ def load_sparse(path: str | Path, model: torch.nn.Module | None = None):
         raise ValueError(f"{path} is not a sparse model exported by `dsparse export`")
     if payload.get("version") != VERSION:
         raise ValueError(f"{path} has export version {payload.get('version')!r}; this dsparse reads {VERSION}")
+    _check_entries(payload, path)
     config = config_from_dict(payload["config"])
     if model is None:
         from dsparse.train.components import build_configured_model
@@ -175,6 +166,57 @@ def _block_layer(dense: torch.nn.Module, entry: dict) -> BlockSparseLayer:
     with torch.no_grad():
         layer.blocks.copy_(entry["blocks"])
     return layer
+
+
+def _check_entries(payload: dict, path: Path) -> None:
+    """Refuse, in one line naming the layer, a file whose sparse entries do not describe the
+    weight they claim (a hand-edited or damaged file): block positions outside the block
+    grid or repeated, a block count that differs from the positions, a bit mask or value
+    count that does not fit the weight."""
+    def damaged(fqn, what):
+        return ValueError(f"{path} is damaged or was edited: {fqn}: {what}; write it again with "
+                          f"`dsparse export RUN --out FILE`")
+
+    if not isinstance(payload.get("sparse"), dict) or not isinstance(payload.get("dense"), dict):
+        raise ValueError(f"{path} is damaged or was edited: it lacks its sparse or dense weights; write it again "
+                         f"with `dsparse export RUN --out FILE`")
+    for fqn, entry in payload["sparse"].items():
+        try:
+            shape, kind = tuple(int(n) for n in entry["shape"]), entry["kind"]
+            if kind == "block":
+                rows, cols, blocks, block = entry["slot_rows"], entry["slot_cols"], entry["blocks"], int(entry["block"])
+            else:
+                bits, values = entry["bits"], entry["values"]
+        except (KeyError, TypeError, ValueError) as error:
+            raise damaged(fqn, f"entry lacks or garbles {error}") from None
+        if kind == "element":
+            numel = math.prod(shape)
+            if bits.dtype != torch.uint8 or bits.numel() != (numel + 7) // 8:
+                raise damaged(fqn, f"its bit mask holds {bits.numel()} bytes, a weight of {shape} needs "
+                                   f"{(numel + 7) // 8}")
+            kept = int(np.unpackbits(bits.numpy(), count=numel).sum())
+            if values.numel() != kept:
+                raise damaged(fqn, f"its bit mask keeps {kept} weights but {values.numel()} values are stored")
+            continue
+        if kind != "block":
+            raise damaged(fqn, f"unknown kind {kind!r}")
+        try:
+            grid = block_grid(list(shape), block).grid
+        except ValueError as error:
+            raise damaged(fqn, str(error)) from None
+        if rows.dim() != 1 or rows.shape != cols.shape or rows.dtype.is_floating_point or cols.dtype.is_floating_point:
+            raise damaged(fqn, "its block positions are not two integer lists of one length")
+        if tuple(blocks.shape) != (rows.numel(), block, block):
+            raise damaged(fqn, f"{rows.numel()} block positions but blocks of shape {tuple(blocks.shape)} (want "
+                               f"{(rows.numel(), block, block)})")
+        outside = (rows < 0) | (rows >= grid[0]) | (cols < 0) | (cols >= grid[1])
+        if bool(outside.any()):
+            index = int(outside.nonzero()[0])
+            raise damaged(fqn, f"block position ({int(rows[index])}, {int(cols[index])}) is outside its "
+                               f"{grid[0]}x{grid[1]} block grid")
+        flat = rows.to(torch.int64) * grid[1] + cols.to(torch.int64)
+        if flat.unique().numel() != flat.numel():
+            raise damaged(fqn, f"{flat.numel() - flat.unique().numel()} block position(s) are listed twice")
 
 
 def _check_model_matches(model: torch.nn.Module, payload: dict, path: Path) -> None:

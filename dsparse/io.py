@@ -9,14 +9,21 @@ no temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "check_output_dir", "check_output_file", "load_tensor_file", "read_json",
+__all__ = ["DiskFullError", "atomic_path", "check_output_dir", "check_output_file", "load_tensor_file", "read_json",
            "write_bytes_atomic", "write_text_atomic"]
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(ValueError):
+    """The disk (or quota) filled while writing a file; nothing was published."""
 
 
 def _file_mode() -> int:
@@ -43,9 +50,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.fsync(file.fileno())
         os.chmod(temporary, _file_mode())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
+        full = _out_of_space(error, path.parent)  # before the partial file is removed
         temporary.unlink(missing_ok=True)
+        if full:
+            raise DiskFullError(f"no space left on the device (or quota) writing {path}; nothing was written: free "
+                                f"space there or write elsewhere") from error
         raise
+
+
+def _out_of_space(error: BaseException, directory: Path) -> bool:
+    """Whether a failed write failed for want of space: by its errno, or, for writers that
+    lose it (torch.save reports a full disk as `unexpected pos`), by the space left."""
+    if isinstance(error, OSError) and error.errno in _FULL:
+        return True
+    if not isinstance(error, (OSError, RuntimeError)):
+        return False
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 1 << 20
 
 
 def check_output_file(path: str | Path, overwrite: bool, option: str = "--out") -> Path:

@@ -108,3 +108,77 @@ def test_cli_export_reports_sizes_and_refuses_bad_input(runs, tmp_path, capsys):
     narrower = config_from_dict({**config.to_dict(), "model": {**config.to_dict()["model"], "base_width": 8}})
     with pytest.raises(ValueError, match="exported from another model"):
         load_sparse(tmp_path / "a.pt", model=build_run_model(narrower, tasks))
+
+
+def _edited(source, target, edit):
+    payload = torch.load(source, weights_only=True)
+    edit(payload["sparse"])
+    torch.save(payload, target)
+    return target
+
+
+def _first_block_entry(sparse):
+    return next(entry for entry in sparse.values() if entry["kind"] == "block" and entry["slot_rows"].numel() > 1)
+
+
+def _repeat_first_block(sparse):
+    entry = _first_block_entry(sparse)
+    entry["slot_rows"][1], entry["slot_cols"][1] = entry["slot_rows"][0].item(), entry["slot_cols"][0].item()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: _first_block_entry(s)["slot_rows"].__setitem__(0, 999), r"block position \(999, .* is outside"),
+    (lambda s: _first_block_entry(s).update(blocks=_first_block_entry(s)["blocks"][1:]), "block positions but blocks"),
+    (_repeat_first_block, "listed twice"),
+    (lambda s: _first_block_entry(s).pop("slot_cols"), "lacks or garbles"),
+])
+def test_an_edited_block_export_is_refused_in_one_line(runs, tmp_path, capsys, edit, message):
+    """Hand-edited files crashed with an IndexError traceback or loaded silently wrong."""
+    run_dir, _ = runs["block"]
+    export_run(run_dir, tmp_path / "model.pt")
+    edited = _edited(tmp_path / "model.pt", tmp_path / "edited.pt", edit)
+    with pytest.raises(ValueError, match=message):
+        load_sparse(edited)
+    assert main(["eval", str(edited), "--max-batches", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "is damaged or was edited" in error and len(error.splitlines()) == 1
+
+
+def test_an_edited_element_export_is_refused(runs, tmp_path):
+    run_dir, _ = runs["element"]
+    export_run(run_dir, tmp_path / "model.pt")
+    entry = lambda s: next(iter(s.values()))  # noqa: E731
+    edited = _edited(tmp_path / "model.pt", tmp_path / "edited.pt",
+                     lambda s: entry(s).update(values=entry(s)["values"][1:]))
+    with pytest.raises(ValueError, match="values are stored"):
+        load_sparse(edited)
+
+
+def test_a_truncated_export_says_it_cannot_be_read(runs, tmp_path, capsys):
+    """It said `no checkpoint found`, as if the user had named the wrong path."""
+    run_dir, _ = runs["block"]
+    export_run(run_dir, tmp_path / "model.pt")
+    data = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    assert main(["eval", str(tmp_path / "cut.pt")]) == 2
+    error = capsys.readouterr().err
+    assert "cannot be read" in error and "no checkpoint found" not in error
+
+
+def test_a_full_disk_during_export_is_one_line_and_leaves_no_file(runs, tmp_path, capsys):
+    """torch's writer reported a full disk as `unexpected pos` (a RuntimeError traceback)."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        run_dir, _ = runs["block"]
+        assert main(["export", str(run_dir), "--out", str(small / "model.pt")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "no space left" in error and len(error.splitlines()) == 1
+        assert list(small.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(small)])

@@ -33,3 +33,15 @@ def test_published_files_get_the_default_permissions(tmp_path):
     os.umask(umask)
     write_text_atomic(tmp_path / "shared.json", "{}")
     assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path):
+    import errno
+
+    from dsparse.io import DiskFullError, atomic_path
+
+    with pytest.raises(DiskFullError, match=r"no space left .* writing .*out\.pt; nothing was written"):
+        with atomic_path(tmp_path / "out.pt") as temporary:
+            temporary.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []

@@ -195,6 +195,8 @@ def load_manifest(data_dir: str | Path) -> Manifest:
         ValueError: in one line naming the file, if it is missing (no dataset, or a write
             that did not finish), not JSON, or inconsistent.
     """
+    if Path(data_dir).is_file():
+        raise ValueError(f"{data_dir} is a file; pass the dataset directory, the one that holds {MANIFEST_NAME}")
     path = Path(data_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ValueError(f"no {MANIFEST_NAME} in {data_dir}: not a dsparse dataset, or its writing did not "

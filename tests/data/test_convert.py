@@ -339,3 +339,13 @@ def test_cli_folders_prints_the_train_command_for_its_preset(tmp_path, capsys):
     assert line == f'train on it: dsparse train folders --set data.path={tmp_path / "out"} --set "tasks=[seg, depth, edge]"'
     config = load_config("folders", [f"data.path={tmp_path / 'out'}", "tasks=[seg, depth, edge]"])
     assert config.tasks == ["seg", "depth", "edge"]
+
+
+def test_data_check_of_a_file_names_the_directory_it_wants(tmp_path, capsys):
+    """It suggested `dsparse data synth --out FILE`, which cannot write over a file."""
+    from dsparse.cli import main
+
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(["data", "check", str(tmp_path / "notes.txt")]) == 2
+    error = capsys.readouterr().err
+    assert "is a file; pass the dataset directory" in error and "data synth" not in error
