@@ -3,7 +3,8 @@
 Every file dsparse publishes (masks, shards, checkpoint pointers, summaries, sweep state)
 goes through here: write a temporary file in the same directory, flush it to disk, then
 ``os.replace`` it over the target. A crash or an exception leaves the target untouched and
-no temporary file behind.
+no temporary file behind; a kill leaves one, named with the host and pid of its writer,
+which the next write of the same target removes once that pid is gone.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +36,34 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def _remove_orphans(directory: Path, owner: str) -> None:
+    """Delete temporary files of this target left by writers on this host that died (a
+    ``kill -9`` mid-write): their names carry the writer's pid. Live writers' files stay."""
+    try:
+        entries = [entry for entry in os.scandir(directory) if entry.name.startswith(owner)
+                   and entry.name.endswith(".tmp")]
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry.name[len(owner):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit it is fsynced and renamed to
@@ -41,7 +71,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     (``torch.save``, ``tarfile.open``). The parent directory is created if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    owner = f".{path.name}.{_HOST}."
+    _remove_orphans(path.parent, owner)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f"{owner}{os.getpid()}.", suffix=".tmp")
     os.close(handle)
     temporary = Path(name)
     try:

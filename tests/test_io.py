@@ -45,3 +45,22 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path):
             temporary.write_bytes(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    """kill -9 during a write left a hidden `.NAME.*.tmp` forever; a live writer's stays."""
+    import os
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    orphan = tmp_path / f".masks.pt.{host}.{dead.pid}.x1.tmp"
+    live = tmp_path / f".masks.pt.{host}.{os.getpid()}.x2.tmp"
+    other = tmp_path / f".other.pt.{host}.{dead.pid}.x3.tmp"
+    for path in (orphan, live, other):
+        path.write_bytes(b"partial")
+    write_bytes_atomic(tmp_path / "masks.pt", b"whole")
+    assert not orphan.exists() and live.exists() and other.exists()
+    assert (tmp_path / "masks.pt").read_bytes() == b"whole"

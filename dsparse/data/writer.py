@@ -53,6 +53,7 @@ import numpy as np
 
 from dsparse.data.manifest import MANIFEST_NAME, NAME_PATTERN, Manifest, ShardInfo, SplitInfo
 from dsparse.io import atomic_path, write_text_atomic
+from dsparse.locks import LOCK_FILE, acquire_lock, release_lock
 from dsparse.progress import ProgressMeter
 from dsparse.tasks.labels import IGNORE_INDEX, RGB, ClassLabel, DepthLabel, LabelError, LabelSpec
 
@@ -389,8 +390,7 @@ def _samples_per_shard(shard_size, num_samples: int, bytes_per_sample: float, mi
     return max(1, min(by_bytes, math.ceil(num_samples / min_shards)))
 
 
-def _prepare_directory(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | None:
-    """Check the output directory; return a matching unfinished plan, if any."""
+def _check_writable(out_dir: Path) -> None:
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".{STATE_DIR}.probe"
@@ -399,6 +399,10 @@ def _prepare_directory(out_dir: Path, fingerprint: str, overwrite: bool) -> dict
     except OSError as error:
         raise DatasetWriteError(f"cannot write to {out_dir} ({error.strerror or error}); "
                                 "choose a directory you can write to") from None
+
+
+def _prepare_directory(out_dir: Path, fingerprint: str, overwrite: bool) -> dict | None:
+    """Check the (locked) output directory; return a matching unfinished plan, if any."""
     for leftover in out_dir.glob(".*.tmp"):  # from a write that was killed or stopped mid-shard
         leftover.unlink()
     state, manifest_path = out_dir / STATE_DIR, out_dir / MANIFEST_NAME
@@ -468,7 +472,8 @@ def write_dataset(
 
     Raises:
         ValueError: bad arguments. DatasetWriteError: a bad sample (``on_error="stop"``),
-            an unwritable or occupied directory; shards finished so far are kept.
+            an unwritable or occupied directory; shards finished so far are kept. ValueError:
+            another process is writing into ``out_dir`` (a lock on ``out_dir/.lock``).
     """
     if on_error not in ("stop", "skip"):
         raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
@@ -479,6 +484,21 @@ def write_dataset(
     specs = _specs(info)
     out_dir = Path(out_dir)
     fingerprint = _fingerprint(info, splits, load, [shard_size, min_shards, on_error])
+    _check_writable(out_dir)
+    lock = acquire_lock(out_dir, "dataset directory", "wait for that write to finish (rerun this command then to "
+                        "resume or check it), or write into another directory")
+    try:
+        manifest = _write_locked(out_dir, splits, info, load, specs, fingerprint, overwrite, workers, progress,
+                                 shard_size, min_shards, on_error)
+        if lock is not None:  # a finished dataset carries no lock file (a later writer finds the manifest)
+            (out_dir / LOCK_FILE).unlink(missing_ok=True)
+        return manifest
+    finally:
+        release_lock(lock)
+
+
+def _write_locked(out_dir, splits, info, load, specs, fingerprint, overwrite, workers, progress, shard_size,
+                  min_shards, on_error) -> Manifest:
     plan = _prepare_directory(out_dir, fingerprint, overwrite)
     encoder = _Encoder(list(info.tasks), specs, len(info.classes) or None, None)
     if plan is None:

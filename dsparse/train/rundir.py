@@ -20,7 +20,6 @@ results without an error. So:
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import logging
 import os
@@ -31,10 +30,10 @@ from pathlib import Path
 
 from dsparse.config import RunConfig, dump_config, flatten, load_config
 from dsparse.io import write_text_atomic
+from dsparse.locks import acquire_lock, release_lock
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
 IDENTITY_FILE = "run.json"
 HISTORY_FILE = "config-history.jsonl"
 CONFIG_FILE = "config.yaml"
@@ -72,64 +71,6 @@ class RunDirectory:
         """Clear the holder line (a clean exit) and drop the lock."""
         release_lock(self._lock_fd)
         self._lock_fd = None
-
-
-def release_lock(fd: int | None) -> None:
-    """Clear the holder line and drop a lock this process holds (a no-op otherwise)."""
-    if fd is None or fd not in _HELD:
-        return
-    _HELD.discard(fd)
-    try:
-        os.ftruncate(fd, 0)
-    finally:
-        os.close(fd)  # closing the descriptor drops the flock
-
-
-_HELD: set[int] = set()  # lock descriptors of this process, closed in forked children
-
-
-def _close_in_child() -> None:
-    """A forked child (a DataLoader worker) must not keep the run directory locked after the
-    trainer dies, so it closes its copies of the lock descriptors."""
-    for fd in list(_HELD):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_close_in_child)
-
-
-def acquire_lock(path: Path) -> int | None:
-    """Hold ``path/.lock`` exclusively; raise ValueError naming the holder if taken.
-
-    Returns None (with a warning) on a filesystem without ``flock`` support.
-    """
-    lock = path / LOCK_FILE
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise ValueError(f"run directory {path} is in use by {holder}; wait for that run to finish, or "
-                         "choose another output_dir (e.g. --set output_dir=runs/NEW)") from None
-    except OSError as error:  # e.g. ENOLCK on a network filesystem without flock
-        os.close(fd)
-        log.warning("cannot lock %s (%s); continuing without a lock: do not start a second run there", lock,
-                    error.strerror or error)
-        return None
-    _HELD.add(fd)
-    previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
-    if previous:
-        log.warning("run directory %s was last held by %s, which ended without releasing it (crashed or "
-                    "killed); taking it over", path, previous)
-    me = f"pid {os.getpid()} on host {socket.gethostname()} (since {_now()})"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, me.encode(), 0)
-    return fd
 
 
 def _now() -> str:

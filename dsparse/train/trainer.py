@@ -50,7 +50,8 @@ from dsparse.train.components import build_run_model, build_run_tasks
 from dsparse.train.evaluate import evaluate, format_metrics_table
 from dsparse.train.optim import build_optimizer, build_scheduler, lr_factor
 from dsparse.train.progress import Progress, format_duration
-from dsparse.train.rundir import RunDirectory, lock_run_directory, open_run_directory, release_lock
+from dsparse.locks import release_lock
+from dsparse.train.rundir import RunDirectory, lock_run_directory, open_run_directory
 from dsparse.train.sparsify import run_sparsifier
 
 log = logging.getLogger("dsparse.train")

@@ -471,3 +471,23 @@ def test_writer_processes_die_with_a_killed_parent(tmp_path):
     finally:
         for process in psutil.Process().children(recursive=True):
             process.kill()
+
+
+def test_a_second_write_into_a_directory_being_written_is_refused(tmp_path):
+    """Two `data convert` runs into one directory interleaved their files (and each removed
+    the other's temporary shards); the second now stops at once, naming the first."""
+    from dsparse.locks import acquire_lock, release_lock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = acquire_lock(out, "dataset directory", "wait")  # as a running write holds it
+    try:
+        with pytest.raises(ValueError, match=r"dataset directory .* is in use by pid \d+ on host"):
+            write_synthetic_dataset(out, num_train=12, num_val=4, size=SIZE, seed=0, shard_size=6,
+                                    num_procs=1, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [".lock"], "the refused write wrote something"
+    finally:
+        release_lock(held)
+    write_synthetic_dataset(out, num_train=12, num_val=4, size=SIZE, seed=0, shard_size=6, num_procs=1,
+                            progress=False)
+    assert (out / "manifest.json").is_file()

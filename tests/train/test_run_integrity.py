@@ -336,7 +336,7 @@ def lock_then_fork_a_worker(config_dict, ready, worker_pid):
 
 
 def test_a_forked_loader_worker_does_not_keep_a_dead_runs_directory_locked(tiny_dataset, tmp_path, tracking_uri):
-    from dsparse.train.rundir import acquire_lock, release_lock
+    from dsparse.locks import acquire_lock, release_lock
 
     run_dir = tmp_path / "run"
     raw = tiny_config(tiny_dataset, run_dir, tracking_uri)
