@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsparse.config import RunConfig, load_config
+from dsparse.config import RunConfig
 from dsparse.data.loader import stream_spec
 from dsparse.data.manifest import load_manifest
 from dsparse.tasks import delta_t
@@ -17,17 +17,9 @@ from dsparse.export import load_sparse
 from dsparse.io import read_json
 from dsparse.progress import ProgressMeter
 from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
-from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
+from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint, run_config_of
 from dsparse.train.components import build_run_model, build_run_tasks
 from dsparse.train.evaluate import evaluate
-
-
-def run_config_of(checkpoint: Path) -> RunConfig:
-    """The resolved config saved beside a run's checkpoints."""
-    for candidate in (checkpoint.parent.parent / "config.yaml", checkpoint / "config.yaml"):
-        if candidate.is_file():
-            return load_config(candidate)
-    raise ValueError(f"cannot find the run's config.yaml next to checkpoint {checkpoint}")
 
 
 def load_baseline(path: str | Path) -> dict:

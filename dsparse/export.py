@@ -28,7 +28,7 @@ from dsparse.sparsity.block_layers import BlockSparseLayer, BlockSparseConv2d, B
 from dsparse.sparsity.block_layout import BlockLayout
 from dsparse.sparsity.blocks import block_grid
 from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
-from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
+from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint, run_config_of
 
 __all__ = ["ExportReport", "export_run", "load_sparse"]
 
@@ -57,7 +57,6 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Exp
         ValueError: ``out`` exists (without ``overwrite``) or is a directory, no checkpoint,
             a dense run, or an unreadable config or data manifest.
     """
-    from dsparse.evaluation import run_config_of  # evaluation imports this module
     from dsparse.data.manifest import load_manifest
     from dsparse.train.components import build_run_model, build_run_tasks
 

@@ -9,6 +9,7 @@ Run directories (``dsparse.train.rundir``) and dataset directories being written
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import fcntl
 import logging
@@ -16,7 +17,7 @@ import os
 import socket
 from pathlib import Path
 
-__all__ = ["LOCK_FILE", "acquire_lock", "release_lock"]
+__all__ = ["LOCK_FILE", "acquire_lock", "holding_lock", "release_lock"]
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +82,17 @@ def release_lock(fd: int | None) -> None:
         os.ftruncate(fd, 0)
     finally:
         os.close(fd)  # closing the descriptor drops the flock
+
+
+@contextlib.contextmanager
+def holding_lock(path: Path, what: str, fix: str, *, remove_when_done: bool = False):
+    """``acquire_lock`` for the body of a ``with``, released however it ends. With
+    ``remove_when_done`` the lock file goes too when the body succeeds (a finished dataset
+    carries none; a later writer finds the manifest instead)."""
+    fd = acquire_lock(path, what, fix)
+    try:
+        yield fd
+        if remove_when_done and fd is not None:
+            (Path(path) / LOCK_FILE).unlink(missing_ok=True)
+    finally:
+        release_lock(fd)

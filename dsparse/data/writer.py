@@ -53,7 +53,7 @@ import numpy as np
 
 from dsparse.data.manifest import MANIFEST_NAME, NAME_PATTERN, Manifest, ShardInfo, SplitInfo
 from dsparse.io import atomic_path, write_text_atomic
-from dsparse.locks import LOCK_FILE, acquire_lock, release_lock
+from dsparse.locks import holding_lock
 from dsparse.progress import ProgressMeter
 from dsparse.tasks.labels import IGNORE_INDEX, RGB, ClassLabel, DepthLabel, LabelError, LabelSpec
 
@@ -485,42 +485,30 @@ def write_dataset(
     out_dir = Path(out_dir)
     fingerprint = _fingerprint(info, splits, load, [shard_size, min_shards, on_error])
     _check_writable(out_dir)
-    lock = acquire_lock(out_dir, "dataset directory", "wait for that write to finish (rerun this command then to "
-                        "resume or check it), or write into another directory")
-    try:
-        manifest = _write_locked(out_dir, splits, info, load, specs, fingerprint, overwrite, workers, progress,
-                                 shard_size, min_shards, on_error)
-        if lock is not None:  # a finished dataset carries no lock file (a later writer finds the manifest)
-            (out_dir / LOCK_FILE).unlink(missing_ok=True)
+    with holding_lock(out_dir, "dataset directory", "wait for that write to finish (rerun this command then to "
+                      "resume or check it), or write into another directory", remove_when_done=True):
+        plan = _prepare_directory(out_dir, fingerprint, overwrite)
+        encoder = _Encoder(list(info.tasks), specs, len(info.classes) or None, None)
+        if plan is None:
+            image_size, bytes_per_sample = _probe(splits, load, encoder)
+            plan = {"fingerprint": fingerprint, "image_size": list(image_size),
+                    "samples_per_shard": {split: _samples_per_shard(shard_size, len(samples), bytes_per_sample,
+                                                                    min_shards)
+                                          for split, samples in splits.items()}}
+            write_text_atomic(out_dir / STATE_DIR / "plan.json", json.dumps(plan, indent=2))
+        encoder.image_size = tuple(plan["image_size"])
+        jobs = [
+            _ShardJob(str(out_dir), split, f"{split}-{index:06d}.tar", list(samples[start:start + per_shard]),
+                      encoder, load, on_error)
+            for split, samples in splits.items()
+            for per_shard in [plan["samples_per_shard"][split]]
+            for index, start in enumerate(range(0, len(samples), per_shard))
+        ]
+        records = _run_jobs(out_dir, jobs, workers, progress, label=info.name)
+        manifest = _manifest(info, specs, plan, jobs, records)
+        write_text_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
+        shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
         return manifest
-    finally:
-        release_lock(lock)
-
-
-def _write_locked(out_dir, splits, info, load, specs, fingerprint, overwrite, workers, progress, shard_size,
-                  min_shards, on_error) -> Manifest:
-    plan = _prepare_directory(out_dir, fingerprint, overwrite)
-    encoder = _Encoder(list(info.tasks), specs, len(info.classes) or None, None)
-    if plan is None:
-        image_size, bytes_per_sample = _probe(splits, load, encoder)
-        plan = {"fingerprint": fingerprint, "image_size": list(image_size),
-                "samples_per_shard": {split: _samples_per_shard(shard_size, len(samples), bytes_per_sample,
-                                                                min_shards)
-                                      for split, samples in splits.items()}}
-        write_text_atomic(out_dir / STATE_DIR / "plan.json", json.dumps(plan, indent=2))
-    encoder.image_size = tuple(plan["image_size"])
-    jobs = [
-        _ShardJob(str(out_dir), split, f"{split}-{index:06d}.tar", list(samples[start:start + per_shard]),
-                  encoder, load, on_error)
-        for split, samples in splits.items()
-        for per_shard in [plan["samples_per_shard"][split]]
-        for index, start in enumerate(range(0, len(samples), per_shard))
-    ]
-    records = _run_jobs(out_dir, jobs, workers, progress, label=info.name)
-    manifest = _manifest(info, specs, plan, jobs, records)
-    write_text_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
-    shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
-    return manifest
 
 
 def _specs(info: DatasetInfo) -> dict[str, LabelSpec]:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from dsparse.config import RunConfig, load_config
 from dsparse.distributed import barrier, is_main
 from dsparse.io import write_text_atomic
 
@@ -270,6 +271,14 @@ def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
         raise UnsafeCheckpointError(f"checkpoint file {files[0]} holds no model weights ('module'); it is not "
                                     "written by dsparse")
     return state["module"]
+
+
+def run_config_of(checkpoint: Path) -> RunConfig:
+    """The resolved config saved beside a run's checkpoints."""
+    for candidate in (checkpoint.parent.parent / "config.yaml", checkpoint / "config.yaml"):
+        if candidate.is_file():
+            return load_config(candidate)
+    raise ValueError(f"cannot find the run's config.yaml next to checkpoint {checkpoint}")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
