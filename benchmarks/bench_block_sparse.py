@@ -3,7 +3,7 @@
 Both sides run in this process on the same inputs, one after the other, with the thread
 count fixed. The baseline is what element masks cost today: the dense op on a masked
 weight (``F.linear(x, w * mask)`` / ``F.conv2d``), whose backward computes the full
-weight gradient. The block side is ``dsparse.sparsity.block_layers`` (PyTorch path:
+weight gradient. The block side is ``dsparse.sparsity.block.layers`` (PyTorch path:
 gathers, batched matmuls over kept blocks, im2col for convolutions).
 
 1. A 1024x1024 Linear at batch 4096, and every distinct conv shape of the ResNet-34 trunk
@@ -31,9 +31,9 @@ from bench_model import bench_tasks, fake_batch, random_block_mask, trunk_conv_s
 from dsparse.config import SparsityConfig
 from dsparse.models import build_model
 from dsparse.sparsity import MaskInputs, build_sparsifier
-from dsparse.sparsity.block_layers import block_sparse_from_dense
-from dsparse.sparsity.block_layout import BlockLayout
-from dsparse.sparsity.blocks import block_grid
+from dsparse.sparsity.block.layers import block_sparse_from_dense
+from dsparse.sparsity.block.layout import BlockLayout
+from dsparse.sparsity.block.geometry import block_grid
 from peak_memory import peak_rss_mib, reset_peak_rss
 from results_io import RESULTS_DIR, machine_tag, publish, result_path, today
 from timing import interleaved_median_times, median_time

@@ -94,8 +94,8 @@ def sparse_times(conv: nn.Conv2d, x: torch.Tensor, block: int, sparsity: float, 
         block_sparse_input_grad,
         block_sparse_weight_grad,
     )
-    from dsparse.sparsity.block_layers import block_sparse_from_dense
-    from dsparse.sparsity.blocks import block_grid
+    from dsparse.sparsity.block.layers import block_sparse_from_dense
+    from dsparse.sparsity.block.geometry import block_grid
 
     layer = block_sparse_from_dense(conv, block, random_block_mask(block_grid(conv.weight.shape, block).grid,
                                                                    sparsity), "triton")
@@ -138,7 +138,7 @@ def flops(conv: nn.Conv2d, x: torch.Tensor) -> float:
 
 def layout_rebuild_seconds(device: str) -> tuple[float, float]:
     """(build from a mask, reassign after a mask change) for a 512x4608 weight at 90%, block 32."""
-    from dsparse.sparsity.block_layout import BlockLayout
+    from dsparse.sparsity.block.layout import BlockLayout
 
     mask = random_block_mask((16, 144), 0.9).to(device)
     changed = random_block_mask((16, 144), 0.9, seed=1).to(device)

@@ -24,9 +24,9 @@ import torch
 from dsparse.config import config_from_dict
 from dsparse.io import atomic_path, check_output_file, load_tensor_file
 from dsparse.models import prunable_parameters
-from dsparse.sparsity.block_layers import BlockSparseLayer, BlockSparseConv2d, BlockSparseLinear
-from dsparse.sparsity.block_layout import BlockLayout
-from dsparse.sparsity.blocks import block_grid
+from dsparse.sparsity.block.layers import BlockSparseLayer, BlockSparseConv2d, BlockSparseLinear
+from dsparse.sparsity.block.layout import BlockLayout
+from dsparse.sparsity.block.geometry import block_grid
 from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint, run_config_of
 

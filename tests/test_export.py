@@ -12,7 +12,7 @@ from dsparse.data.manifest import load_manifest
 from dsparse.evaluation import evaluate_checkpoint
 from dsparse.export import export_run, load_sparse
 from dsparse.models import prunable_parameters
-from dsparse.sparsity.block_layers import BlockSparseLayer
+from dsparse.sparsity.block.layers import BlockSparseLayer
 from dsparse.train.checkpoint import latest_checkpoint
 from dsparse.train.components import build_run_model, build_run_tasks
 from dsparse.train.trainer import train

@@ -22,8 +22,8 @@ import contextlib
 import torch
 
 from dsparse.models import prunable_parameters, unwrap_model
-from dsparse.sparsity.block_layers import BlockSparseLayer, block_sparse_from_dense
-from dsparse.sparsity.blocks import BlockUnits
+from dsparse.sparsity.block.layers import BlockSparseLayer, block_sparse_from_dense
+from dsparse.sparsity.block.geometry import BlockUnits
 from dsparse.sparsity.masks import MaskSet
 
 
@@ -143,7 +143,7 @@ def count_pruned_nonzeros(weights: dict[str, torch.Tensor], masks: MaskSet) -> i
 
 class BlockApplier(MaskApplier):
     """Swaps every masked ``Linear``/``Conv2d`` for a block-sparse layer holding only its
-    kept blocks (``dsparse.sparsity.block_layers``), by FQN, in place in ``model``.
+    kept blocks (``dsparse.sparsity.block.layers``), by FQN, in place in ``model``.
 
     A layer whose mask keeps every block stays the standard layer (nothing to skip);
     dynamic updates never change such layers (dense and ERK-capped layers).

@@ -18,7 +18,7 @@ import torch
 
 from dsparse.config import SparsityConfig
 from dsparse.models import prunable_parameters, unwrap_model
-from dsparse.sparsity.blocks import mask_units
+from dsparse.sparsity.block.geometry import mask_units
 from dsparse.sparsity.dynamic import DynamicSchedule, update_layer_masks
 from dsparse.sparsity.erk import erk_counts, random_masks
 from dsparse.sparsity.masks import MaskSet

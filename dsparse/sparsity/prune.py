@@ -21,8 +21,8 @@ import torch
 
 from dsparse.config import SparsityConfig
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
-from dsparse.sparsity.block_vote import solve_block_vote
-from dsparse.sparsity.blocks import BlockUnits, mask_units
+from dsparse.sparsity.block.vote import solve_block_vote
+from dsparse.sparsity.block.geometry import BlockUnits, mask_units
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.method import MaskInputs, Method, first_conv, get_method, register_method, verify_masks_agree
 from dsparse.sparsity.saliency import JOINT, all_reduce_scores, compute_saliency, normalize_scores

@@ -29,8 +29,8 @@ from dsparse.io import atomic_path, load_tensor_file
 from dsparse.kernels import resolve_kernel
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
 from dsparse.sparsity.appliers import BlockApplier, ElementApplier, MaskApplier, count_pruned_nonzeros
-from dsparse.sparsity.block_layers import BlockSparseLayer
-from dsparse.sparsity.blocks import BlockUnits, MaskUnits, mask_units
+from dsparse.sparsity.block.layers import BlockSparseLayer
+from dsparse.sparsity.block.geometry import BlockUnits, MaskUnits, mask_units
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.method import MaskInputs, Method, first_conv, get_method
 from dsparse.sparsity.optim_state import OptimizerState, bind_optimizer

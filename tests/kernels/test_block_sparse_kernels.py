@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dsparse.kernels import resolve_kernel
-from dsparse.sparsity.block_layout import BlockLayout
+from dsparse.sparsity.block.layout import BlockLayout
 
 ops = pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
 
@@ -157,7 +157,7 @@ def test_layers_trace_under_torch_compile(kind):
     graph (fullgraph), and the compiled forward and backward equal eager ones."""
     from torch import nn
 
-    from dsparse.sparsity.block_layers import block_sparse_from_dense
+    from dsparse.sparsity.block.layers import block_sparse_from_dense
 
     torch.manual_seed(11)
     block_mask = torch.tensor([[True, False, True], [False, True, False]])
@@ -184,7 +184,7 @@ def test_cuda_training_step_and_layout_rebuild_never_wait_for_the_host():
     layout rebuild from slots launch work without a single host synchronisation."""
     from torch import nn
 
-    from dsparse.sparsity.block_layers import block_sparse_from_dense
+    from dsparse.sparsity.block.layers import block_sparse_from_dense
 
     torch.manual_seed(15)
     layer = block_sparse_from_dense(nn.Conv2d(32, 64, 3, padding=1).cuda(), 16, torch.rand(4, 18) < 0.3, "triton")

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsparse.sparsity.block_layers import BlockSparseConv2d, BlockSparseLinear, block_sparse_from_dense
-from dsparse.sparsity.block_layout import BlockLayout
-from dsparse.sparsity.blocks import block_grid
+from dsparse.sparsity.block.layers import BlockSparseConv2d, BlockSparseLinear, block_sparse_from_dense
+from dsparse.sparsity.block.layout import BlockLayout
+from dsparse.sparsity.block.geometry import block_grid
 
 FP32 = {"rtol": 1e-4, "atol": 1e-4}
 
@@ -100,7 +100,7 @@ def compute_path(request, monkeypatch):
     """Run a test through the PyTorch path's dense-scratch branch (every kept fraction) or
     its per-block branch, or through the Triton kernels (CPU: Triton's interpreter); the
     value is the ``sparsity.kernel`` to build layers with."""
-    from dsparse.sparsity import block_layers
+    from dsparse.sparsity.block import layers as block_layers
 
     if request.param == "triton":
         pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
@@ -138,7 +138,7 @@ def test_bf16_matches_dense_masked(make_layer, compute_path):
 
 @pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-scratch", "gathered"])
 def test_gradcheck_float64(monkeypatch, dense_above):
-    from dsparse.sparsity import block_layers
+    from dsparse.sparsity.block import layers as block_layers
 
     monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
     torch.manual_seed(5)
@@ -241,7 +241,7 @@ def test_linear_layer_swap_keeps_repr_and_rejects_grouped_conv():
 @pytest.mark.parametrize("kept", [0.1, 0.5])
 def test_both_compute_paths_match_dense_masked(monkeypatch, dense_above, kept):
     """The dense-scratch path (high kept fractions) and the gathered path give the same results."""
-    from dsparse.sparsity import block_layers
+    from dsparse.sparsity.block import layers as block_layers
 
     monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
     torch.manual_seed(8)

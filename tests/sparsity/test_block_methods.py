@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from dsparse.config import SparsityConfig, config_from_dict
 from dsparse.models import build_model, prunable_parameters
 from dsparse.sparsity import MaskInputs, MaskSet, build_sparsifier, prune
-from dsparse.sparsity.block_vote import solve_block_vote
-from dsparse.sparsity.blocks import BlockUnits, block_grid
+from dsparse.sparsity.block.vote import solve_block_vote
+from dsparse.sparsity.block.geometry import BlockUnits, block_grid
 from dsparse.sparsity.dynamic import update_layer_masks
 from dsparse.tasks import build_tasks
 

@@ -1,8 +1,8 @@
-"""Triton block-sparse kernels, imported as ``dsparse.kernels``.
+"""Block-sparse kernels: the bottom layer of kernel -> op -> layer.
 
-The directory sits at the top of the repository (``kernels/``) but is installed under the
-``dsparse`` namespace, so it never shadows the unrelated PyPI package named ``kernels``.
-``block_sparse`` holds the kernels, ``ops`` registers them as ``torch.library`` operators.
+``block_sparse`` holds the Triton kernels, ``ops`` registers them as ``torch.library``
+operators; ``dsparse.sparsity.block.gemm`` is the PyTorch-op path beside them, and
+``dsparse.sparsity.block.layers`` the layers that pick one (``resolve_kernel``).
 Neither is imported here: Triton is imported only when a layer runs the Triton kernel, so
 the rest of dsparse works without it.
 """

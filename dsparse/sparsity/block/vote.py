@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from dsparse.sparsity.blocks import BlockUnits
+from dsparse.sparsity.block.geometry import BlockUnits
 from dsparse.sparsity.vote import VoteResult, _check_sparsity, solve_vote
 
 __all__ = ["BlockVote", "solve_block_vote"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsparse.sparsity.block_layout import BlockLayout
+from dsparse.sparsity.block.layout import BlockLayout
 
 __all__ = ["block_sparse_gemm"]
 

@@ -8,7 +8,7 @@ gradient and stays zero) and their positions in the int64 buffers ``slot_rows`` 
 
 Below ``DENSE_ABOVE`` kept fraction, ``Conv2d`` is lowered to the block-sparse GEMM by an
 explicit im2col in the GEMM view's order (taps outer, input channels inner; see
-``dsparse.sparsity.blocks``) that copies only the block columns some kept block reads:
+``dsparse.sparsity.block.geometry``) that copies only the block columns some kept block reads:
 one strided slice of the padded input per run of one tap's channels, into a
 ``[U * B, N * Ho * Wo]`` buffer, ``U`` the used block columns. Its memory cost is ``U * B / in_channels`` times the layer's input, at most
 ``kh * kw`` times (PyTorch's own unfold path), kept for the backward pass. At mask-update
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsparse.kernels import resolve_kernel
-from dsparse.sparsity.block_gemm import block_sparse_gemm
-from dsparse.sparsity.block_layout import BlockLayout
-from dsparse.sparsity.blocks import BlockGrid, block_grid
+from dsparse.sparsity.block.gemm import block_sparse_gemm
+from dsparse.sparsity.block.layout import BlockLayout
+from dsparse.sparsity.block.geometry import BlockGrid, block_grid
 
 __all__ = ["DENSE_ABOVE", "BlockSparseConv2d", "BlockSparseLayer", "BlockSparseLinear", "block_sparse_from_dense"]
 
