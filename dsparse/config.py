@@ -191,7 +191,7 @@ class SparsityConfig:
 
     method: str | None = None
     """Static (prune once): disparse | snip | random | magnitude | lottery. Dynamic (masks
-    evolve during training): disparse_dynamic | rigl | set. See dsparse.sparsity.prune.METHODS."""
+    evolve during training): disparse_dynamic | rigl | set. See dsparse.sparsity.methods.METHODS."""
     target: float = 0.9
     """Fraction of prunable weights (Conv2d/Linear weights) to prune, in (0, 1)."""
     criterion: str | None = None
@@ -264,14 +264,14 @@ class SparsityConfig:
                              f"got {self.pretrained_criterion!r}")
         if self.score_init not in ("model", "xavier"):
             raise ValueError(f"sparsity.score_init must be model or xavier, got {self.score_init!r}")
-        if self.score_init == "xavier" and self.method not in ("disparse", "snip"):
-            raise ValueError(f"sparsity.score_init: xavier scores a re-initialised copy for disparse or snip; it has "
-                             f"no effect with method {self.method!r} (use score_init: model)")
         if self.kernel not in KERNELS:
             raise ValueError(f"sparsity.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
-        if self.method in ("disparse_dynamic", "rigl", "set") and (self.masks or self.from_checkpoint):
-            raise ValueError(f"sparsity.method {self.method} starts from random ERK masks; it cannot take "
-                             "sparsity.masks or sparsity.from_checkpoint (use a static method for those)")
+        from dsparse.sparsity.methods import get_method, refuse_score_init
+
+        if self.method is not None:
+            get_method(self.method).check(self)  # what the method may be given, worded by the method
+        elif self.score_init == "xavier":
+            refuse_score_init(None)
 
     @property
     def enabled(self) -> bool:

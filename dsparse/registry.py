@@ -1,4 +1,4 @@
-"""Name -> class registries filled by decorators (methods, criteria): one implementation
+"""Name -> entry registries (tasks, methods, criteria, converters): one implementation
 of registering, refusing duplicates and failing on unknown names with the known ones."""
 
 from __future__ import annotations
@@ -24,15 +24,19 @@ class Registry(dict[str, T], Generic[T]):
         """
 
         def decorate(entry: T) -> T:
-            if name in self:
-                owner = getattr(self[name], "__name__", self[name])
-                raise ValueError(f"{self.kind} {name!r} is already registered by {owner}")
+            self.refuse_taken(name)
             if isinstance(entry, type):
                 entry.name = name
             self[name] = entry
             return entry
 
         return decorate
+
+    def refuse_taken(self, name: str) -> None:
+        """Raise ValueError if ``name`` is registered (before a registrant's own checks)."""
+        if name in self:
+            owner = getattr(self[name], "__name__", self[name])
+            raise ValueError(f"{self.kind} {name!r} is already registered by {owner}")
 
     def lookup(self, name: str) -> T:
         """The entry registered as ``name``.

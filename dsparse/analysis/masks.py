@@ -1,4 +1,4 @@
-"""What the per-task masks say about a multitask network (DESIGN.md section 7).
+"""What the per-task masks say about a multitask network (docs/design.md, "Mask analysis").
 
 Before the vote each task keeps its own mask ``K_t``. Where two tasks keep largely the same
 weights of a layer they want the same features from it; where that overlap falls away the
@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsparse.sparsity.criteria import CRITERIA, needs_data
 from dsparse.sparsity.masks import MaskSet
 
 Pair = tuple[str, str]
-DATA_FREE_CRITERIA = ("magnitude", "random")
 
 
 @dataclass
@@ -107,7 +107,7 @@ def analyze_masks(masks: MaskSet) -> MaskAnalysis:
     if len(masks.task_masks) < 2:
         raise ValueError(f"mask analysis compares tasks, but these masks have one task: {list(masks.task_masks)}")
     criterion = masks.meta.get("criterion")
-    if criterion in DATA_FREE_CRITERIA:
+    if criterion in CRITERIA and not needs_data(criterion):
         raise ValueError(f"these masks were scored by {criterion!r}, which gives every task the same score: their "
                          "per-task masks differ only by which weights each task uses, so their IoU says nothing "
                          "about how related the tasks are; analyse masks scored from data (snip, grad_w2)")

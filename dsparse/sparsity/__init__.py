@@ -7,9 +7,17 @@ Applied to a model from outside (models stay pure); everything is keyed by param
 from dsparse.sparsity.appliers import ElementApplier, MaskApplier, count_pruned_nonzeros
 from dsparse.sparsity.criteria import CRITERIA, register_criterion
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.method import METHODS, MaskInputs, Method, get_method, register_method, verify_masks_agree
-from dsparse.sparsity.prune import StaticMethod, prune
-from dsparse.sparsity.dynamic_methods import DynamicMethod
+from dsparse.sparsity.methods import (
+    METHODS,
+    DynamicMethod,
+    MaskInputs,
+    Method,
+    StaticMethod,
+    get_method,
+    register_method,
+    verify_masks_agree,
+)
+from dsparse.sparsity.prune import prune
 from dsparse.sparsity.saliency import (
     JOINT,
     ScoreSet,

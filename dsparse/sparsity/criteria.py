@@ -52,6 +52,16 @@ register_criterion = CRITERIA.register
 """Class decorator adding a Criterion to CRITERIA under a name."""
 
 
+def needs_data(name: str) -> bool:
+    """Whether criterion ``name`` scores on batches (gradient criteria) or on the weights
+    alone (data-free: magnitude, random), which then never open the data.
+
+    Raises:
+        ValueError: on an unknown name, listing the registered ones.
+    """
+    return CRITERIA.lookup(name).needs_data
+
+
 def get_criterion(name: str) -> Criterion:
     """A fresh criterion object by name.
 

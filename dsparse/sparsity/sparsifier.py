@@ -32,7 +32,7 @@ from dsparse.sparsity.appliers import BlockApplier, ElementApplier, MaskApplier,
 from dsparse.sparsity.block.layers import BlockSparseLayer
 from dsparse.sparsity.block.geometry import BlockUnits, MaskUnits, mask_units
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.method import MaskInputs, Method, first_conv, get_method
+from dsparse.sparsity.methods import MaskInputs, Method, first_conv, get_method
 from dsparse.sparsity.optim_state import OptimizerState, bind_optimizer
 
 __all__ = ["MASKS_FILE", "STATE_FILE", "MaskState", "MaskedSparsifier", "Sparsifier", "build_sparsifier",
@@ -110,7 +110,7 @@ class MaskedSparsifier(Sparsifier):
     """A sparse run: ``method`` makes (and maybe changes) the masks, an applier enforces them.
 
     Args:
-        method: the run's method (see ``dsparse.sparsity.method.METHODS``); None when the
+        method: the run's method (see ``dsparse.sparsity.methods.METHODS``); None when the
             masks come only from ``masks``.
         inputs: tasks, settings, seed, data and pretrained weights for the method.
         masks: masks to use instead of making them (``sparsity.masks``).

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from dsparse.tasks.labels import LabelSpec
+from dsparse.registry import Registry
 
 
 class Metric(abc.ABC):
@@ -101,7 +102,7 @@ class Task(abc.ABC):
         return f"{type(self).__name__}(name={self.name!r}, num_channels={self.num_channels})"
 
 
-TASKS: dict[str, type[Task]] = {}
+TASKS: Registry[type[Task]] = Registry("task")
 
 # Options that build_task/build_tasks accept; each task class lists the ones it uses.
 _OPTION_NAMES = ("num_classes", "class_weights")
@@ -116,8 +117,7 @@ def register_task(name: str):
     """
 
     def decorate(cls: type[Task]) -> type[Task]:
-        if name in TASKS:
-            raise ValueError(f"task {name!r} is already registered by {TASKS[name].__name__}")
+        TASKS.refuse_taken(name)
         if cls.key_metric not in cls.metric_lower_is_better:
             raise ValueError(
                 f"{cls.__name__}.key_metric {cls.key_metric!r} is not one of its metrics "
@@ -128,17 +128,13 @@ def register_task(name: str):
         unknown = set(cls.options) - set(_OPTION_NAMES)
         if unknown:
             raise ValueError(f"{cls.__name__}.options has unknown entries {sorted(unknown)}")
-        cls.name = name
-        TASKS[name] = cls
-        return cls
+        return TASKS.register(name)(cls)
 
     return decorate
 
 
 def _task_class(name: str) -> type[Task]:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
-    return TASKS[name]
+    return TASKS.lookup(name)
 
 
 def _instantiate(cls: type[Task], options: dict[str, Any]) -> Task:

@@ -20,8 +20,7 @@ from dsparse.data.manifest import load_manifest
 from dsparse.distributed import init_distributed, is_main
 from dsparse.io import check_output_file
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.method import MaskInputs, get_method
-from dsparse.sparsity.prune import StaticMethod
+from dsparse.sparsity.methods import MaskInputs, require_static
 from dsparse.sparsity.sparsifier import Sparsifier, build_sparsifier
 from dsparse.tasks import Task
 from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
@@ -57,10 +56,8 @@ def prune_run(config: RunConfig, out: str | Path, overwrite: bool = False) -> Ma
     check_output_file(out, overwrite)
     if not config.sparsity.enabled:
         raise ValueError("no pruning method given: pass --method (or set sparsity.method in the config)")
-    method = config.sparsity.method
-    if method is not None and not isinstance(get_method(method), StaticMethod):
-        raise ValueError(f"{method!r} is a dynamic method: its masks evolve during training. Use it in a run "
-                         f"config (sparsity.method: {method}) with dsparse train, not dsparse prune")
+    if config.sparsity.method is not None:
+        require_static(config.sparsity.method)
     rank, world_size, device = init_distributed()
     torch.manual_seed(config.seed)
     manifest = load_manifest(config.data.path)

@@ -32,7 +32,6 @@ from dsparse.distributed import (
     trainer_threads,
 )
 from dsparse.io import write_text_atomic
-from dsparse.sparsity.method import get_method
 from dsparse.sparsity.sparsifier import read_sparsifier_state
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
 from dsparse.train.checkpoint import (
@@ -275,8 +274,6 @@ class Trainer:
     """Holds the pieces of one run; :meth:`fit` trains to ``train.iterations``."""
 
     def __init__(self, config: RunConfig, *, resume: bool | str = False, on_validation=None, on_checkpoint=None):
-        if config.sparsity.method:  # config errors before DeepSpeed starts
-            get_method(config.sparsity.method)
         config = config.with_absolute_paths()  # a saved config must work from any directory
         self.config = config
         self.on_validation, self.on_checkpoint = on_validation, on_checkpoint

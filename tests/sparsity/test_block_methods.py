@@ -293,7 +293,7 @@ def _engine(model, zero_stage):
 
 
 def test_bf16_weights_take_every_task_gradient_directly():
-    from dsparse.sparsity.dynamic_methods import derived_task
+    from dsparse.sparsity.methods.dynamic import derived_task
 
     tasks = build_tasks(TASKS, num_classes=10)
     settings = SparsityConfig(method="disparse_dynamic", target=0.8)

@@ -7,7 +7,8 @@ import torch.multiprocessing as mp
 
 from dsparse.models import build_model
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.prune import prune, verify_masks_agree
+from dsparse.sparsity.methods import verify_masks_agree
+from dsparse.sparsity.prune import prune
 from dsparse.tasks import build_tasks
 
 TASKS = ["seg", "normal", "depth", "keypoint", "edge"]

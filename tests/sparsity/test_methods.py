@@ -76,7 +76,7 @@ def test_pretrained_criterion_setting_chooses_disparse_scoring_of_a_trained_mode
                                                                                  pretrained_criterion):
     """The original release prunes trained NYU-v2/Cityscapes models by magnitude, Taskonomy by grad_w2."""
     from dsparse.config import SparsityConfig
-    from dsparse.sparsity.method import MaskInputs, get_method
+    from dsparse.sparsity.methods import MaskInputs, get_method
 
     model, tasks = model_and_tasks
     batches = make_batches(2)
@@ -134,7 +134,7 @@ def test_score_init_xavier_scores_an_explicitly_reinitialised_copy(model_and_tas
     from copy import deepcopy
 
     from dsparse.config import SparsityConfig
-    from dsparse.sparsity.method import MaskInputs, get_method
+    from dsparse.sparsity.methods import MaskInputs, get_method
 
     model, tasks = model_and_tasks
     before = {k: v.clone() for k, v in model.state_dict().items()}

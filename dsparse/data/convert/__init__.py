@@ -21,9 +21,12 @@ from dsparse.data.convert.nyuv2 import NYUv2Converter
 from dsparse.data.convert.taskonomy import TaskonomyConverter
 from dsparse.data.manifest import Manifest
 from dsparse.data.writer import write_dataset
+from dsparse.registry import Registry
 
-CONVERTERS: dict[str, Converter] = {c.name: c() for c in (NYUv2Converter, CityscapesConverter, TaskonomyConverter,
-                                                           FoldersConverter)}
+CONVERTERS: Registry[Converter] = Registry("converter")
+"""Converter name -> the converter (an instance: it holds no state between conversions)."""
+for _converter in (NYUv2Converter, CityscapesConverter, TaskonomyConverter, FoldersConverter):
+    CONVERTERS.register(_converter.name)(_converter())
 
 
 def convert(name: str, src: str | Path, out: str | Path, *, splits: list[str] | None = None, workers: int = 1,
@@ -38,9 +41,7 @@ def convert(name: str, src: str | Path, out: str | Path, *, splits: list[str] | 
         ValueError: unknown converter or option; SourceError for a bad source layout;
             DatasetWriteError for a bad sample (``on_error="stop"``) or output directory.
     """
-    if name not in CONVERTERS:
-        raise ValueError(f"unknown converter {name!r}; known: {sorted(CONVERTERS)}")
-    converter = CONVERTERS[name]
+    converter = CONVERTERS.lookup(name)
     known = {option.name.replace("-", "_") for option in converter.options}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -1,4 +1,5 @@
-"""Dynamic sparse training methods: DiSparse dynamic, RigL and SET (DESIGN.md section 4).
+"""Dynamic sparse training methods: DiSparse dynamic, RigL and SET (docs/design.md,
+"Dynamic sparse training").
 
 They start from random masks at Erdos-Renyi-Kernel layer densities and, every
 ``interval`` steps until ``end``, drop the weakest active weights of each layer and regrow
@@ -16,13 +17,12 @@ from typing import ClassVar
 
 import torch
 
-from dsparse.config import SparsityConfig
 from dsparse.models import prunable_parameters, unwrap_model
 from dsparse.sparsity.block.geometry import mask_units
 from dsparse.sparsity.dynamic import DynamicSchedule, update_layer_masks
 from dsparse.sparsity.erk import erk_counts, random_masks
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.method import MaskInputs, Method, first_conv, register_method, verify_masks_agree
+from dsparse.sparsity.methods.base import MaskInputs, Method, first_conv, register_method, verify_masks_agree
 from dsparse.sparsity.saliency import (
     JOINT,
     ScoreSet,
@@ -36,13 +36,12 @@ from dsparse.sparsity.saliency import (
 class DynamicMethod(Method):
     """ERK random start, then drop by magnitude and regrow by ``grow`` on a schedule."""
 
+    dynamic = True
+    takes_masks = False
+    starts_from = "random ERK masks"
+    criterion = "grad"
     grow: ClassVar[str] = ""
     """How ``update_layer_masks`` regrows: votes | gradient | random."""
-
-    def check(self, settings: SparsityConfig) -> None:
-        if settings.masks or settings.from_checkpoint:
-            raise ValueError(f"sparsity.method {self.name} starts from random ERK masks; it cannot take "
-                             "sparsity.masks or sparsity.from_checkpoint (use a static method for those)")
 
     def initial_masks(self, model: torch.nn.Module, inputs: MaskInputs) -> MaskSet:
         """Random masks at the ERK layer densities of the global target (same on every rank).
@@ -63,7 +62,7 @@ class DynamicMethod(Method):
         masks = {n: units.expand(n, mask).to(weights[n].device) for n, mask in drawn.items()}
         num_total = sum(w.numel() for w in weights.values())
         num_kept = sum(int(m.sum()) for m in masks.values())
-        meta = {"method": self.name, "criterion": "grad", "scope": "erk", "sparsity_requested": settings.target,
+        meta = {"method": self.name, "criterion": self.criterion, "scope": "erk", "sparsity_requested": settings.target,
                 "sparsity_achieved": 1.0 - num_kept / num_total, "keep_ratio": num_kept / num_total,
                 "dense_layers": dense, "num_kept": num_kept, "num_total": num_total, "erk_counts": unit_counts,
                 "num_updates": 0, **units.meta()}
@@ -104,7 +103,7 @@ class DynamicMethod(Method):
             return normalize_scores(all_reduce_scores(self.captured_scores(joint, per_task, state)))
         joint = self.grow == "gradient"  # RigL: the training loss, weighted as the trainer weighs it
         with state.applier.dense_gradients() as targets:
-            scores = compute_saliency(state.model, state.inputs.tasks, batches, criterion="grad",
+            scores = compute_saliency(state.model, state.inputs.tasks, batches, criterion=self.criterion,
                                       num_batches=len(batches), joint=joint, weights=targets, users=state.users,
                                       task_weights=dict(state.inputs.task_weights) if joint else None)
         return normalize_scores(all_reduce_scores(scores))

@@ -6,6 +6,12 @@ methods: DiSparse dynamic, RigL, SET). Every method is a class behind :class:`Me
 registered by name with :func:`register_method`; the :class:`~dsparse.sparsity.sparsifier.Sparsifier`
 only calls the interface, so a method's particulars (its criterion, whether it votes per
 task, how it regrows) stay inside its class.
+
+What a method *is* and may be given is stated once, as class attributes of
+:class:`Method` (``dynamic``, ``takes_masks``, ``needs_pretrained``, ``criterion``,
+``scores_reinitialised``); config validation, ``dsparse prune``, training and analysis all
+read them, and :meth:`Method.check` words every refusal. This module imports no
+implementer: ``dsparse.sparsity.methods`` (the package) registers the built-in ones.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from dsparse.registry import Registry
 from dsparse.sparsity.masks import MaskSet
 from dsparse.tasks import Task
 
-__all__ = ["METHODS", "MaskInputs", "Method", "first_conv", "get_method", "register_method", "verify_masks_agree"]
+__all__ = ["METHODS", "MaskInputs", "Method", "first_conv", "get_method", "method_class", "register_method",
+           "require_static", "verify_masks_agree"]
 
 
 @dataclass
@@ -48,13 +55,38 @@ class Method(abc.ABC):
     """How a run's masks are made and, for dynamic methods, changed during training."""
 
     name: ClassVar[str] = ""
+    dynamic: ClassVar[bool] = False
+    """The masks change during training (drop and regrow); else they are made once (static),
+    and ``dsparse prune`` can make them ahead of training."""
+    takes_masks: ClassVar[bool] = True
+    """May start from given masks (``sparsity.masks``) or from trained weights
+    (``sparsity.from_checkpoint``); dynamic methods draw their own starting masks."""
+    needs_pretrained: ClassVar[bool] = False
+    """Takes its masks from a trained model, so ``sparsity.from_checkpoint`` (or a mask
+    file) is required (the lottery ticket)."""
+    criterion: ClassVar[str | None] = None
+    """The saliency criterion the method always scores by; None = the user's
+    ``sparsity.criterion`` (DiSparse)."""
+    scores_reinitialised: ClassVar[bool] = False
+    """``sparsity.score_init: xavier`` (score a re-initialised copy) applies to it."""
+    starts_from: ClassVar[str] = "scores of the model"
+    """What the starting masks come from, for messages."""
 
     def check(self, settings: SparsityConfig) -> None:
-        """Refuse settings this method cannot honour (before anything runs).
+        """Refuse settings this method cannot honour (before anything runs); config
+        validation calls it, so every refusal is worded here once.
 
         Raises:
             ValueError: naming the setting and what to do instead.
         """
+        if not self.takes_masks and (settings.masks or settings.from_checkpoint):
+            raise ValueError(f"sparsity.method {self.name} starts from {self.starts_from}; it cannot take "
+                             "sparsity.masks or sparsity.from_checkpoint (use a static method for those)")
+        if self.needs_pretrained and settings.from_checkpoint is None and settings.masks is None:
+            raise ValueError(f"method {self.name!r} takes its masks from a trained model: set "
+                             "sparsity.from_checkpoint (or --from) to a finished dense run")
+        if settings.score_init == "xavier" and not self.scores_reinitialised:
+            refuse_score_init(self.name)
 
     @abc.abstractmethod
     def initial_masks(self, model: torch.nn.Module, inputs: MaskInputs) -> MaskSet:
@@ -82,20 +114,43 @@ register_method = METHODS.register
 """Class decorator adding a Method to METHODS under a name."""
 
 
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name`` (its capabilities are class attributes).
+
+    Raises:
+        ValueError: for an unknown name, listing the known ones.
+    """
+    return METHODS.lookup(name)
+
+
 def get_method(name: str) -> Method:
     """A new instance of the method registered as ``name``.
 
     Raises:
         ValueError: for an unknown name, listing the known ones.
     """
-    _load_builtin_methods()
-    return METHODS.lookup(name)()
+    return method_class(name)()
 
 
-def _load_builtin_methods() -> None:
-    """Import the modules whose classes register the built-in methods."""
-    import dsparse.sparsity.dynamic_methods  # noqa: F401
-    import dsparse.sparsity.prune  # noqa: F401
+def require_static(name: str) -> Method:
+    """The method ``name`` for making masks ahead of training (``dsparse prune``).
+
+    Raises:
+        ValueError: an unknown or a dynamic method.
+    """
+    method = get_method(name)
+    if method.dynamic:
+        raise ValueError(f"{name!r} is a dynamic method: its masks evolve during training. Use it in a run "
+                         f"config (sparsity.method: {name}) with dsparse train, not dsparse prune")
+    return method
+
+
+def refuse_score_init(name: str | None) -> None:
+    """``score_init: xavier`` where it has no effect (a method that does not score the
+    model's weights, or a run that only loads a mask file)."""
+    applies = " or ".join(sorted(n for n, cls in METHODS.items() if cls.scores_reinitialised))
+    raise ValueError(f"sparsity.score_init: xavier scores a re-initialised copy for {applies}; it has "
+                     f"no effect with method {name!r} (use score_init: model)")
 
 
 def first_conv(model: torch.nn.Module) -> str:

@@ -1,0 +1,23 @@
+"""Pruning methods, one file per family: ``static`` (DiSparse, SNIP, random, magnitude,
+lottery) and ``dynamic`` (DiSparse dynamic, RigL, SET), behind the ``Method`` interface
+of ``base``. Importing this package registers the built-in methods in ``METHODS``.
+"""
+
+from dsparse.sparsity.methods.base import (
+    METHODS,
+    MaskInputs,
+    Method,
+    first_conv,
+    get_method,
+    method_class,
+    refuse_score_init,
+    register_method,
+    require_static,
+    verify_masks_agree,
+)
+from dsparse.sparsity.methods.static import StaticMethod, xavier_copy
+from dsparse.sparsity.methods.dynamic import DynamicMethod
+
+__all__ = ["METHODS", "DynamicMethod", "MaskInputs", "Method", "StaticMethod", "first_conv", "get_method",
+           "method_class", "refuse_score_init", "register_method", "require_static", "verify_masks_agree",
+           "xavier_copy"]
