@@ -28,7 +28,7 @@ from results_io import RESULTS_DIR, machine_tag, result_path, today
 from dsparse.config import load_config
 from dsparse.data.loader import TrainBatches, stream_spec
 from dsparse.data.manifest import load_manifest
-from dsparse.train.components import build_run_model, build_run_tasks
+from dsparse.runs.components import build_run_model, build_run_tasks
 from dsparse.distributed import init_distributed
 from dsparse.train.optim import build_optimizer
 from dsparse.train.trainer import _build_engine, train

@@ -32,7 +32,7 @@ from results_io import RESULTS_DIR, machine_tag, result_path, today  # noqa: E40
 from dsparse.config import load_config  # noqa: E402
 from dsparse.data.manifest import load_manifest  # noqa: E402
 from dsparse.tasks import delta_t  # noqa: E402
-from dsparse.train.components import build_run_tasks  # noqa: E402
+from dsparse.runs.components import build_run_tasks  # noqa: E402
 from dsparse.train.trainer import train  # noqa: E402
 
 GRANULARITIES = {"element": [], "block16": ["sparsity.granularity=block", "sparsity.block=16"],

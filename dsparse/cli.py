@@ -108,7 +108,7 @@ def _cmd_train(args) -> dict:
 def _cmd_prune(args) -> dict:
     from dsparse.config import load_config
     from dsparse.models import parameter_users
-    from dsparse.train.components import build_run_model, build_run_tasks
+    from dsparse.runs.components import build_run_model, build_run_tasks
     from dsparse.train.sparsify import prune_run
 
     overrides = list(args.set) + [f"sparsity.method={args.method}", f"sparsity.target={args.sparsity}"]
@@ -136,7 +136,7 @@ def _cmd_prune(args) -> dict:
 
 def _cmd_eval(args) -> dict:
     from dsparse.evaluation import evaluate_checkpoint
-    from dsparse.train.evaluate import format_metrics_table
+    from dsparse.evaluation.loop import format_metrics_table
 
     if args.out:  # fail before the evaluation, not after it
         from dsparse.io import check_output_file

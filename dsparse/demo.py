@@ -18,7 +18,7 @@ from dsparse.data.manifest import load_manifest
 from dsparse.data.synth.dataset import write_synthetic_dataset
 from dsparse.evaluation import constant_predictor_metrics, evaluate_checkpoint
 from dsparse.tracking.mlflow_tracker import ui_command
-from dsparse.train.components import build_run_tasks
+from dsparse.runs.components import build_run_tasks
 from dsparse.train.progress import format_duration
 from dsparse.train.trainer import train
 

@@ -24,11 +24,11 @@ import torch
 from dsparse.config import config_from_dict
 from dsparse.io import atomic_path, check_output_file, load_tensor_file
 from dsparse.models import prunable_parameters
-from dsparse.sparsity.block.layers import BlockSparseLayer, BlockSparseConv2d, BlockSparseLinear
-from dsparse.sparsity.block.layout import BlockLayout
+from dsparse.runs.components import build_configured_model
+from dsparse.runs.restore import restore_run
 from dsparse.sparsity.block.geometry import block_grid
-from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
-from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint, run_config_of
+from dsparse.sparsity.block.layers import BlockSparseConv2d, BlockSparseLayer, BlockSparseLinear
+from dsparse.sparsity.block.layout import BlockLayout
 
 __all__ = ["ExportReport", "export_run", "load_sparse"]
 
@@ -57,22 +57,14 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Exp
         ValueError: ``out`` exists (without ``overwrite``) or is a directory, no checkpoint,
             a dense run, or an unreadable config or data manifest.
     """
-    from dsparse.data.manifest import load_manifest
-    from dsparse.train.components import build_run_model, build_run_tasks
-
     check_output_file(out, overwrite)
-    checkpoint = resolve_checkpoint(run)
-    config = run_config_of(checkpoint)
-    state = read_sparsifier_state(checkpoint)
-    if not state:
-        raise ValueError(f"{run} is a dense run (no sparsity state in {checkpoint}), so there is nothing to export "
-                         "sparsely; its checkpoint already holds the dense model")
-    masks = checkpoint_masks(state)
-    tasks = build_run_tasks(config, load_manifest(config.data.path))
-    model = build_run_model(config, tasks)
-    dense_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    layers = swap_sparse_layers(model, masks)
-    model.load_state_dict(load_model_weights(checkpoint))
+    restored = restore_run(run)
+    config, masks, layers, model, tasks = (restored.config, restored.masks, restored.sparse_layers, restored.model,
+                                           restored.tasks)
+    if masks is None:
+        raise ValueError(f"{run} is a dense run (no sparsity state in {restored.checkpoint}), so there is nothing to "
+                         "export sparsely; its checkpoint already holds the dense model")
+    dense_bytes = _dense_bytes(model, layers)
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
                "task_channels": {name: task.num_channels for name, task in tasks.items()},
                "masks_meta": masks.meta, "sparse": {}, "dense": {}}
@@ -121,8 +113,6 @@ def load_sparse(path: str | Path, model: torch.nn.Module | None = None):
     _check_entries(payload, path)
     config = config_from_dict(payload["config"])
     if model is None:
-        from dsparse.train.components import build_configured_model
-
         model = build_configured_model(config.model, payload["task_channels"])
     _check_model_matches(model, payload, path)
     modules = dict(model.named_modules())
@@ -145,6 +135,14 @@ def load_sparse(path: str | Path, model: torch.nn.Module | None = None):
     if missing or unexpected:
         raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model, config
+
+
+def _dense_bytes(model: torch.nn.Module, layers: dict[str, BlockSparseLayer]) -> int:
+    """Bytes of the model's state dict were its block-sparse layers dense (what a dense
+    checkpoint of it holds)."""
+    stored = {f"{fqn.rsplit('.', 1)[0]}.{name}" for fqn in layers for name in ("blocks", "slot_rows", "slot_cols")}
+    total = sum(t.numel() * t.element_size() for key, t in model.state_dict().items() if key not in stored)
+    return total + sum(math.prod(layer.weight_shape) * layer.blocks.element_size() for layer in layers.values())
 
 
 def _block_layer(dense: torch.nn.Module, entry: dict) -> BlockSparseLayer:

@@ -13,8 +13,8 @@ from dsparse.evaluation import evaluate_checkpoint
 from dsparse.export import export_run, load_sparse
 from dsparse.models import prunable_parameters
 from dsparse.sparsity.block.layers import BlockSparseLayer
-from dsparse.train.checkpoint import latest_checkpoint
-from dsparse.train.components import build_run_model, build_run_tasks
+from dsparse.runs import latest_checkpoint
+from dsparse.runs.components import build_run_model, build_run_tasks
 from dsparse.train.trainer import train
 
 pytestmark = pytest.mark.e2e
@@ -47,7 +47,7 @@ def masked_dense_model(run_dir, config):
     """The trained model as dense weights with zeros (the reference of the export)."""
     from dsparse.sparsity.masks import MaskSet
     from dsparse.sparsity.sparsifier import read_sparsifier_state, swap_sparse_layers
-    from dsparse.train.checkpoint import load_model_weights
+    from dsparse.runs import load_model_weights
 
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     tasks = build_run_tasks(config, load_manifest(config.data.path))

@@ -11,7 +11,8 @@ import torch
 
 from dsparse.cli import main
 from dsparse.config import config_from_dict
-from dsparse.train.checkpoint import latest_checkpoint, write_file_list
+from dsparse.runs import latest_checkpoint
+from dsparse.train.checkpoint import write_file_list
 from dsparse.train.trainer import train
 
 pytestmark = pytest.mark.e2e

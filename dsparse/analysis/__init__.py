@@ -88,13 +88,15 @@ def _run_config(source: AnalysisSource, config: str | Path | None):
     if config is not None:
         return load_config(config)
     if source.run_dir is not None:
-        return load_config(source.run_dir / "config.yaml")
+        from dsparse.runs.layout import RunLayout
+
+        return RunLayout(source.run_dir).read_config()
     raise ValueError(f"--branch on mask file {source.path} needs --config CONFIG, the run config the masks were "
                      "made for (the branched config is that config with a branched model)")
 
 
 def _task_channels(config) -> dict[str, int]:
     from dsparse.data.manifest import load_manifest
-    from dsparse.train.components import build_run_tasks
+    from dsparse.runs.components import build_run_tasks
 
     return {name: task.num_channels for name, task in build_run_tasks(config, load_manifest(config.data.path)).items()}

@@ -127,7 +127,7 @@ def branched_config(config: RunConfig, plan: BranchPlan, *, same_params: bool = 
 
 
 def count_parameters(config: RunConfig, task_channels: dict[str, int]) -> int:
-    from dsparse.train.components import build_configured_model
+    from dsparse.runs.components import build_configured_model
 
     return sum(p.numel() for p in build_configured_model(config.model, task_channels).parameters())
 

@@ -133,15 +133,14 @@ def log_analysis_to_mlflow(source: AnalysisSource, paths: list[Path]) -> str | N
         return None
     from mlflow.tracking import MlflowClient
 
-    from dsparse.config import load_config
+    from dsparse.runs.layout import RunLayout
     from dsparse.tracking.mlflow_tracker import resolve_tracking_uri
 
-    from dsparse.train.rundir import original_of, run_uid_of
-
-    config = load_config(source.run_dir / "config.yaml")
+    run = RunLayout(source.run_dir)
+    config = run.read_config()
     if not config.tracking.enabled:
         return None
-    original = original_of(source.run_dir)
+    original = run.original()
     if original is not None:  # as training does: a copy never writes into the original's run
         log.warning("%s is a copy of the run directory %s: the analysis is not logged to that run's MLflow run %s "
                     "(the files are in %s)", source.run_dir, original, source.mlflow_run_id, paths[0].parent)
@@ -150,7 +149,7 @@ def log_analysis_to_mlflow(source: AnalysisSource, paths: list[Path]) -> str | N
     try:
         client = MlflowClient(tracking_uri=uri)
         owner = client.get_run(source.mlflow_run_id).data.tags.get("dsparse.run_uid")
-        if owner is not None and owner != run_uid_of(source.run_dir):
+        if owner is not None and owner != run.run_uid():
             log.warning("MLflow run %s belongs to another run directory: the analysis of %s is not logged to it "
                         "(the files are in %s)", source.mlflow_run_id, source.run_dir, paths[0].parent)
             return None

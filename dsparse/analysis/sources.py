@@ -14,9 +14,10 @@ from pathlib import Path
 
 from dsparse.analysis.masks import MaskAnalysis, analyze_masks
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state
-from dsparse.train.checkpoint import (STATE_FILE, checkpoint_problem, checkpoint_step, published_checkpoints,
+from dsparse.runs.checkpoints import (STATE_FILE, checkpoint_problem, checkpoint_step, published_checkpoints,
                                       resolve_checkpoint)
+from dsparse.runs.layout import RunLayout
+from dsparse.runs.restore import masks_of
 
 
 @dataclass
@@ -59,8 +60,8 @@ def load_analysis_source(path: str | Path) -> AnalysisSource:
     if not path.exists():
         raise ValueError(f"{path} does not exist; pass a mask file (dsparse prune --out) or a run directory")
     latest = resolve_checkpoint(path)
-    run_dir = latest.parent.parent if latest.parent.name == "checkpoints" else None
-    masks = checkpoint_masks(read_sparsifier_state(latest))
+    run = RunLayout.of_checkpoint(latest)
+    masks = masks_of(latest)
     if masks is None:
         raise ValueError(f"{path} is a dense run: it has no masks to analyse")
     dynamic = "num_updates" in masks.meta
@@ -68,7 +69,7 @@ def load_analysis_source(path: str | Path) -> AnalysisSource:
                   if p.name <= latest.name and checkpoint_problem(p) is None] if dynamic else [latest]
     steps, analyses = [], []
     for checkpoint in candidates:
-        masks = checkpoint_masks(read_sparsifier_state(checkpoint))
+        masks = masks_of(checkpoint)
         if dynamic and not masks.task_masks:
             continue  # before the first update: random ERK masks, no task has chosen yet
         analyses.append(analyze_masks(masks))
@@ -81,8 +82,8 @@ def load_analysis_source(path: str | Path) -> AnalysisSource:
         raise ValueError(f"run {path} has no checkpoint after a mask update yet (dynamic runs record the tasks' "
                          "choices at each update); analyse a later checkpoint")
     state = json.loads((latest / STATE_FILE).read_text())
-    source = AnalysisSource(path, steps, analyses, run_dir, state.get("mlflow_run_id"), dynamic)
-    summary = run_dir / "summary.json" if run_dir else None
-    if summary is not None and summary.is_file():  # the store the run logged to, wherever we run from
-        source.mlflow_tracking_uri = json.loads(summary.read_text()).get("mlflow_tracking_uri")
+    source = AnalysisSource(path, steps, analyses, run.path if run else None, state.get("mlflow_run_id"), dynamic)
+    summary = run.read_summary() if run else None
+    if summary is not None:  # the store the run logged to, wherever we run from
+        source.mlflow_tracking_uri = summary.get("mlflow_tracking_uri")
     return source

@@ -1,8 +1,8 @@
 """Triton kernels of block-sparse convolutions and linear layers: forward, ``dX`` and ``dW``
 on kept blocks only, by implicit GEMM (no im2col buffer).
 
-The GEMM view is that of ``dsparse.sparsity.block.geometry`` (DESIGN.md section 6): ``W [N, K]``
-with ``K = kh * kw * C_in``, taps outer and input channels inner; the kept blocks are
+The GEMM view is that of ``dsparse.sparsity.block.geometry`` (docs/design.md, "Block
+granularity and kernels"): ``W [N, K]`` with ``K = kh * kw * C_in``, taps outer and input channels inner; the kept blocks are
 ``values [S, B, B]`` (slot ``j`` holds block ``(slot_rows[j], slot_cols[j])``, ``[out, in]``
 within the block) and a ``BlockLayout``'s index tensors, which stay on the device and
 are never read by the host here. A ``Linear`` is the 1x1 convolution of a 1x1 image

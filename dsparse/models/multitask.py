@@ -1,7 +1,7 @@
 """Multitask networks and the structure they declare: which tasks use which parameters.
 
 DiSparse scores and votes per task, so pruning code must know the *users* of every
-weight: the tasks whose loss depends on it (DESIGN.md section 1). Guessing that from
+weight: the tasks whose loss depends on it (docs/design.md, "Vocabulary"). Guessing that from
 parameter names ("head" in the name...) breaks on the first branched network, so the
 model declares it: ``task_modules()`` lists modules with the task set that uses every
 parameter under them, and ``parameter_users`` turns that into a map keyed by parameter
@@ -284,7 +284,7 @@ def parameter_users(model: nn.Module) -> dict[str, frozenset[str]]:
 def prunable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """FQN -> weight of every ``Conv2d`` and ``Linear``, in module order.
 
-    Biases and norm parameters stay dense (DESIGN.md section 1). FQNs are those of the
+    Biases and norm parameters stay dense (docs/design.md, "Vocabulary"). FQNs are those of the
     unwrapped model, the same keys ``parameter_users`` returns; a weight shared by two
     layers appears once.
     """

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dsparse.io import check_output_file, write_text_atomic
 from dsparse.report.render import to_csv, to_latex, to_markdown, to_png, to_records
-from dsparse.report.runs import RunRecord, load_run, runs_of_experiment, runs_of_sweep
+from dsparse.report.runs import RunRecord, load_run, runs_of_experiment, runs_of_sweep, sampled_keys
 from dsparse.report.table import Report, build_table, within_noise
 
 __all__ = ["Report", "RunRecord", "build_report", "check_report_out", "collect_runs", "load_run", "to_csv", "to_latex", "to_markdown",
@@ -62,8 +62,6 @@ def build_report(runs=(), sweep: str | Path | None = None, experiment: str | Non
             constant_metrics = constant_predictor_metrics(reference.config)
         except (ValueError, OSError) as error:  # data moved or not mounted here: the table stands without it
             log.warning("no constant-predictor row: the data of %s cannot be read (%s)", reference.name, error)
-    from dsparse.sweep.results import sampled_keys
-
     return build_table(records, constant_metrics, baseline_records or None,
                        ignore=sampled_keys(Path(sweep)) if sweep is not None else ())
 

@@ -50,7 +50,7 @@ def notes(report: Report) -> list[str]:
         "bold: best sparse row of its block (same settings and requested sparsity); "
         f"≈: not different from the best by a two-sided Welch t-test (p ≥ {P_THRESHOLD}, needs 2+ seeds in both)",
         *([] if report.baselines else
-          ["Delta_T: against the dense run of the same configuration and seed (DESIGN.md section 7)"]),
+          ["Delta_T: against the dense run of the same configuration and seed (docs/design.md, 'Metrics and Delta_T')"]),
         *report.notes,
         *dict.fromkeys(f"{row.label}: {note}" for row in report.rows for note in row.notes),
     ]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dsparse.config import RunConfig, config_from_dict
 from dsparse.io import read_json
+from dsparse.runs.layout import RunLayout
 
 
 @dataclass
@@ -53,7 +54,7 @@ def load_run(path: str | Path) -> RunRecord:
         ValueError: in one line, for a path that is no finished run.
     """
     path = Path(path)
-    summary = path / "summary.json" if path.is_dir() else path
+    summary = RunLayout(path).summary if path.is_dir() else path
     if not summary.is_file():
         raise ValueError(f"{path} is not a finished run: it has no summary.json (pass run directories, "
                          "--sweep DIR or --experiment NAME)")
@@ -99,3 +100,10 @@ def runs_of_experiment(name: str, tracking_uri: str) -> list[RunRecord]:
     if not records:
         raise ValueError(f"MLflow experiment {name!r} has no finished dsparse run with a summary.json")
     return records
+
+
+def sampled_keys(out_dir: Path) -> list[str]:
+    """The config keys a sweep samples (``search``), recorded in ``OUT/sweep.json``: its dense
+    trials sample other values, so they are left out when matching a trial to its dense one."""
+    state = Path(out_dir) / "sweep.json"
+    return json.loads(state.read_text()).get("search_keys", []) if state.is_file() else []

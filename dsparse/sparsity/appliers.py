@@ -1,4 +1,5 @@
-"""Mask appliers: keeping pruned weights at exactly zero through training (DESIGN.md section 5).
+"""Mask appliers: keeping pruned weights at exactly zero through training (docs/design.md,
+"Keeping pruned weights pruned").
 
 An applier enforces a run's masks on its model; the Sparsifier picks it by
 ``sparsity.granularity``. Element masks use the gradient hooks below; block masks swap

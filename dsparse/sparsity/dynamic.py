@@ -1,4 +1,4 @@
-"""Dynamic sparse training: the drop/grow schedule and the mask update (DESIGN.md section 4).
+"""Dynamic sparse training: the drop/grow schedule and the mask update (docs/design.md, "Dynamic sparse training").
 
 Every ``interval`` steps until ``end`` of training, each layer drops its weakest active
 weights by magnitude and grows the same number back, so its density never leaves its ERK

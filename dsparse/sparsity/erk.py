@@ -1,4 +1,4 @@
-"""Erdos-Renyi-Kernel layer densities and random initial masks (DESIGN.md section 4).
+"""Erdos-Renyi-Kernel layer densities and random initial masks (docs/design.md, "Dynamic sparse training").
 
 Dynamic sparse training starts from random masks whose per-layer densities follow ERK:
 a layer's keep probability is proportional to ``(sum of its dims / numel) ** power``

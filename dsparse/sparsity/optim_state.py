@@ -1,7 +1,7 @@
 """Zeroing weights *and* their optimizer state in place, wherever DeepSpeed keeps them.
 
 When dynamic sparse training drops a weight it must become exactly zero, and when it grows
-one its momentum and Adam moments must restart from zero (DESIGN.md section 4). Where that
+one its momentum and Adam moments must restart from zero (docs/design.md, "Dynamic sparse training"). Where that
 state lives depends on the ZeRO stage:
 
 * stage 0: the module parameter is the master weight; the torch optimizer keeps its state

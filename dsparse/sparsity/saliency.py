@@ -1,4 +1,4 @@
-"""Disentangled saliency: one score per weight *per task* (DESIGN.md section 2).
+"""Disentangled saliency: one score per weight *per task* (docs/design.md, "Disentangled saliency").
 
 DiSparse decides what to prune by letting every task vote on the weights it uses, so it
 needs, for each task ``t``, a score ``S_t(w) >= 0`` computed from ``L_t`` alone, only for

@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from dsparse.config import SparsityConfig
 from dsparse.distributed import barrier, is_main
 from dsparse.io import atomic_path, load_tensor_file
 from dsparse.kernels import resolve_kernel
@@ -34,6 +34,9 @@ from dsparse.sparsity.block.geometry import BlockUnits, MaskUnits, mask_units
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.methods import MaskInputs, Method, first_conv, get_method
 from dsparse.sparsity.optim_state import OptimizerState, bind_optimizer
+
+if TYPE_CHECKING:  # the config imports the methods to validate itself
+    from dsparse.config import SparsityConfig
 
 __all__ = ["MASKS_FILE", "STATE_FILE", "MaskState", "MaskedSparsifier", "Sparsifier", "build_sparsifier",
            "check_granularity", "check_target_count", "checkpoint_masks", "empty_layers", "read_sparsifier_state",

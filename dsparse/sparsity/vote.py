@@ -1,4 +1,4 @@
-"""The unanimous vote (DESIGN.md section 3), solved for an exact sparsity.
+"""The unanimous vote (docs/design.md, "The unanimous vote"), solved for an exact sparsity.
 
 Each task ``t`` ranks the ``N_t`` weights it uses by its normalised score and keeps the
 top ``rho * N_t`` (its mask ``K_t``); a weight survives if **any** of its users keeps it.

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from dsparse.config import config_from_dict
+from dsparse.report.runs import sampled_keys
 
 
 def results_table(out_dir: Path) -> list[dict]:
@@ -41,7 +42,7 @@ def results_table(out_dir: Path) -> list[dict]:
 
 def _tasks(config):
     from dsparse.data.manifest import load_manifest
-    from dsparse.train.components import build_run_tasks
+    from dsparse.runs.components import build_run_tasks
 
     return build_run_tasks(config, load_manifest(config.data.path))
 
@@ -51,13 +52,6 @@ def _describe(name: str, config, status: str) -> dict:
     return {"trial": name, "status": status, "method": sparsity.method or "dense",
             "target": sparsity.target if sparsity.method else 0.0, "tasks": "+".join(config.tasks),
             "seed": config.seed}
-
-
-def sampled_keys(out_dir: Path) -> list[str]:
-    """The config keys a sweep samples (``search``), recorded in ``OUT/sweep.json``: its dense
-    trials sample other values, so they are left out when matching a trial to its dense one."""
-    state = Path(out_dir) / "sweep.json"
-    return json.loads(state.read_text()).get("search_keys", []) if state.is_file() else []
 
 
 def _finished_row(name: str, config, summary: dict, dense: list, ignore=()) -> dict:
@@ -78,11 +72,13 @@ def _unfinished_row(trial_dir: Path) -> dict:
     """A trial without a summary: its error, or the step and metrics of its last checkpoint."""
     import yaml
 
+    from dsparse.runs import RunLayout
+    from dsparse.runs.checkpoints import STATE_FILE, latest_checkpoint
     from dsparse.sweep.worker import read_error
-    from dsparse.train.checkpoint import STATE_FILE, latest_checkpoint
 
-    config = config_from_dict(yaml.safe_load((trial_dir / "config.yaml").read_text()))
-    checkpoint = latest_checkpoint(trial_dir / "checkpoints")
+    run = RunLayout(trial_dir)
+    config = config_from_dict(yaml.safe_load(run.config.read_text()))
+    checkpoint = latest_checkpoint(run.checkpoints)
     state = json.loads((checkpoint / STATE_FILE).read_text()) if checkpoint is not None else {}
     error = read_error(trial_dir)
     status = "error" if error else f"stopped at step {state.get('step', 0)}"

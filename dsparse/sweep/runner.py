@@ -178,8 +178,9 @@ def _parent_run(spec: SweepSpec, tracking, out_dir: Path, resume: bool) -> RunTr
 
 
 def _is_complete(trial_dir: Path) -> bool:
-    summary = trial_dir / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("status") == "complete"
+    from dsparse.runs import RunLayout
+
+    return (RunLayout(trial_dir).read_summary() or {}).get("status") == "complete"
 
 
 def _close_interrupted_runs(trials_dir: Path, uri: str) -> None:

@@ -85,13 +85,14 @@ def worker_loop(loop_config: dict) -> None:
     """Ray Train's ``train_loop_per_worker``: the process group is up; train one trial."""
     import ray.train
 
+    from dsparse.runs import RunLayout
     from dsparse.train.trainer import NonFiniteLossError, train
 
     config = config_from_dict(loop_config["raw"], loop_config["overrides"])
     run_dir = Path(config.output_dir)
     rank = ray.train.get_context().get_world_rank()
     record_placement(run_dir, rank)
-    restore_registered_checkpoint(run_dir / "checkpoints")
+    restore_registered_checkpoint(RunLayout(run_dir).checkpoints)
     reporter = _Reporter(rank)
     try:
         train(config, resume="auto", on_validation=reporter.validation, on_checkpoint=reporter.checkpoint)

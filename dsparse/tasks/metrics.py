@@ -1,4 +1,4 @@
-"""Evaluation metrics of the five dense tasks (DESIGN.md section 7).
+"""Evaluation metrics of the five dense tasks (docs/design.md, "Metrics and Delta_T").
 
 Every metric reduces a batch to a fixed-length vector of sums (see :class:`Metric`), so
 values that are not sums themselves (a mean IoU, a median angle) are derived in

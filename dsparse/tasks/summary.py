@@ -1,4 +1,4 @@
-"""The multitask summary ``Delta_T`` (DESIGN.md section 7).
+"""The multitask summary ``Delta_T`` (docs/design.md, "Metrics and Delta_T").
 
 ``Delta_T = (1/T) sum_t (1/|M_t|) sum_{m in M_t} (-1)^{l_m} (m - m_base) / m_base * 100``
 

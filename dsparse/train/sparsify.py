@@ -23,8 +23,8 @@ from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.methods import MaskInputs, require_static
 from dsparse.sparsity.sparsifier import Sparsifier, build_sparsifier
 from dsparse.tasks import Task
-from dsparse.train.checkpoint import load_model_weights, resolve_checkpoint
-from dsparse.train.components import build_run_model, build_run_tasks
+from dsparse.runs import load_model_weights, resolve_checkpoint
+from dsparse.runs.components import build_run_model, build_run_tasks
 
 log = logging.getLogger("dsparse.prune")
 

@@ -34,19 +34,10 @@ from dsparse.distributed import (
 from dsparse.io import write_text_atomic
 from dsparse.sparsity.sparsifier import read_sparsifier_state
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
-from dsparse.train.checkpoint import (
-    LATEST,
-    checkpoint_step,
-    discard_checkpoint,
-    set_aside,
-    latest_checkpoint,
-    latest_intact_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    tag_of,
-)
-from dsparse.train.components import build_run_model, build_run_tasks
-from dsparse.train.evaluate import evaluate, format_metrics_table
+from dsparse.runs.checkpoints import LATEST, checkpoint_step, latest_checkpoint, latest_intact_checkpoint, tag_of
+from dsparse.train.checkpoint import discard_checkpoint, load_checkpoint, save_checkpoint, set_aside
+from dsparse.runs.components import build_run_model, build_run_tasks
+from dsparse.evaluation.loop import evaluate, format_metrics_table
 from dsparse.train.optim import build_optimizer, build_scheduler, lr_factor
 from dsparse.train.progress import Progress, format_duration
 from dsparse.locks import release_lock

@@ -11,8 +11,8 @@ from dsparse.analysis import analyze
 from dsparse.config import config_from_dict, load_config
 from dsparse.models import parameter_users
 from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state
-from dsparse.train.checkpoint import latest_checkpoint
-from dsparse.train.components import build_configured_model
+from dsparse.runs import latest_checkpoint
+from dsparse.runs.components import build_configured_model
 from dsparse.train.trainer import train
 
 pytestmark = pytest.mark.e2e

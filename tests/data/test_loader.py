@@ -214,7 +214,7 @@ def test_a_class_id_past_the_manifest_classes_names_the_sample_before_the_loss(t
 
 def test_class_weights_without_frequencies_is_a_clear_error(tiny_dataset, tmp_path):
     from dsparse.config import load_config
-    from dsparse.train.components import build_run_tasks
+    from dsparse.runs.components import build_run_tasks
 
     dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
     raw = json.loads((dataset / "manifest.json").read_text())

@@ -12,7 +12,7 @@ from dsparse.cli import main
 from dsparse.config import config_from_dict
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.sparsifier import read_sparsifier_state
-from dsparse.train.checkpoint import latest_checkpoint, load_model_weights
+from dsparse.runs import latest_checkpoint, load_model_weights
 from dsparse.train.trainer import Trainer, train
 
 from .test_sparse_training import sparse_config

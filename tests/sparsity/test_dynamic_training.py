@@ -11,7 +11,7 @@ from dsparse.models import build_model, prunable_parameters
 from dsparse.sparsity import MaskInputs, MaskSet, build_sparsifier
 from dsparse.sparsity.optim_state import optimizer_state_at
 from dsparse.tasks import build_tasks
-from dsparse.train.checkpoint import latest_checkpoint, load_model_weights
+from dsparse.runs import latest_checkpoint, load_model_weights
 from dsparse.train.trainer import Trainer
 
 from .test_distributed_masks import TASKS, make_batches

@@ -10,7 +10,7 @@ import yaml
 from dsparse.config import config_from_dict
 from dsparse.models import prunable_parameters
 from dsparse.sparsity.masks import MaskSet
-from dsparse.train.checkpoint import latest_checkpoint, load_model_weights
+from dsparse.runs import latest_checkpoint, load_model_weights
 from dsparse.train.trainer import train
 
 pytestmark = pytest.mark.e2e
@@ -81,7 +81,7 @@ def test_lottery_rewinds_to_initial_weights(tiny_dataset, tmp_path):
     # ...applied to the initial weights, which the seed reproduces
     rewound = load_model_weights(latest_checkpoint(ticket / "checkpoints"))
     from dsparse.data.manifest import load_manifest
-    from dsparse.train.components import build_run_model, build_run_tasks
+    from dsparse.runs.components import build_run_model, build_run_tasks
 
     config = config_from_dict(raw)
     torch.manual_seed(config.seed)
@@ -125,7 +125,7 @@ def test_prunable_weights_cover_model(tiny_dataset, tmp_path):
     train(config_from_dict(sparse_config(tiny_dataset, run_dir, iterations=1, method="random")))
     masks = MaskSet.load(run_dir / "masks.pt")
     from dsparse.data.manifest import load_manifest
-    from dsparse.train.components import build_run_model, build_run_tasks
+    from dsparse.runs.components import build_run_model, build_run_tasks
 
     config = config_from_dict(sparse_config(tiny_dataset, run_dir))
     model = build_run_model(config, build_run_tasks(config, load_manifest(tiny_dataset)))

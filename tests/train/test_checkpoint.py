@@ -2,13 +2,8 @@
 
 import json
 
-from dsparse.train.checkpoint import (
-    LATEST,
-    STATE_FILE,
-    install_checkpoint,
-    latest_checkpoint,
-    tag_of,
-)
+from dsparse.runs.checkpoints import LATEST, STATE_FILE, latest_checkpoint, tag_of
+from dsparse.train.checkpoint import install_checkpoint
 
 
 def fake_checkpoint(path, step):

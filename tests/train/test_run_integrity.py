@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from dsparse.cli import main
 from dsparse.config import config_from_dict
-from dsparse.train.checkpoint import latest_checkpoint, load_model_weights
+from dsparse.runs import latest_checkpoint, load_model_weights
 from dsparse.train.trainer import NonFiniteLossError, train
 
 from .test_trainer_e2e import tiny_config

@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 from dsparse.config import config_from_dict
 from dsparse.evaluation import evaluate_checkpoint
 from dsparse.tasks.dense import DepthTask
-from dsparse.train.checkpoint import PARTIAL, latest_checkpoint, load_model_weights
+from dsparse.runs import latest_checkpoint, load_model_weights
+from dsparse.train.checkpoint import PARTIAL
 from dsparse.train.trainer import NonFiniteLossError, train
 
 pytestmark = pytest.mark.e2e

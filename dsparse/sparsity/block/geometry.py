@@ -1,4 +1,4 @@
-"""Block geometry: how a weight is tiled into ``B x B`` blocks (DESIGN.md section 6).
+"""Block geometry: how a weight is tiled into ``B x B`` blocks (docs/design.md, "Block granularity and kernels").
 
 Blocks tile the *GEMM view* of a weight, the matrix a block-sparse kernel multiplies:
 

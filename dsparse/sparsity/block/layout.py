@@ -1,5 +1,5 @@
 """Where a block-sparse weight's kept blocks sit: slots, and the row and column indexes
-kernels walk (DESIGN.md section 6).
+kernels walk (docs/design.md, "Block granularity and kernels").
 
 A block-sparse layer stores its kept blocks in a ``[num_slots, B, B]`` tensor. Slot ``j``
 holds block ``(slot_rows[j], slot_cols[j])`` of the ``[R, C]`` block grid. Slots are

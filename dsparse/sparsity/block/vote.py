@@ -1,4 +1,5 @@
-"""The unanimous vote on blocks, exact to the block (DESIGN.md sections 3 and 6).
+"""The unanimous vote on blocks, exact to the block (docs/design.md, "The unanimous vote" and
+"Block granularity and kernels").
 
 Each task's score of a block is the sum of its element scores (normalised per task
 before pooling, so pooling keeps every task's scores summing to 1). The vote then runs

@@ -19,16 +19,18 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from dsparse.config import SparsityConfig
 from dsparse.distributed import gather_objects
 from dsparse.models import prunable_parameters, unwrap_model
 from dsparse.registry import Registry
 from dsparse.sparsity.masks import MaskSet
 from dsparse.tasks import Task
+
+if TYPE_CHECKING:  # the config imports the methods to validate itself
+    from dsparse.config import SparsityConfig
 
 __all__ = ["METHODS", "MaskInputs", "Method", "first_conv", "get_method", "method_class", "register_method",
            "require_static", "verify_masks_agree"]

@@ -14,7 +14,11 @@ import itertools
 import torch
 from torch import nn
 
-from dsparse.data.loader import StreamSpec, eval_batches
+from dsparse.config import RunConfig
+from dsparse.data.loader import StreamSpec, eval_batches, stream_spec
+from dsparse.data.manifest import load_manifest
+from dsparse.evaluation.loop import evaluate
+from dsparse.runs.components import build_run_tasks
 from dsparse.tasks import Task
 
 
@@ -47,3 +51,16 @@ def fit_constant_predictor(tasks: dict[str, Task], spec: StreamSpec, num_batches
         loss.backward()
         optimizer.step()
     return model.eval()
+
+
+def constant_predictor_metrics(config: RunConfig, manifest=None, split: str = "val") -> dict[str, dict[str, float]]:
+    """Metrics on ``split`` of the best constant predictor fitted on the training labels:
+    the floor every trained model must beat (the first row of ``dsparse report``)."""
+    manifest = manifest or load_manifest(config.data.path)
+    tasks = build_run_tasks(config, manifest)
+    fit_spec = stream_spec(config.data, manifest, "train", config.tasks, seed=config.seed, rank=0, world_size=1,
+                           train=False)
+    model = fit_constant_predictor(tasks, fit_spec)
+    eval_spec = stream_spec(config.data, manifest, split, config.tasks, seed=config.seed, rank=0, world_size=1,
+                            train=False)
+    return evaluate(model, tasks, eval_spec, device=next(model.parameters()).device)
