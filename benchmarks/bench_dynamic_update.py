@@ -23,7 +23,7 @@ import torch
 from dsparse.config import config_from_dict
 from dsparse.distributed import init_distributed
 from dsparse.sparsity import MaskInputs, build_sparsifier
-from dsparse.train.trainer import _build_engine
+from dsparse.train.engine import build_engine
 
 from bench_model import (
     TASKS,
@@ -47,7 +47,7 @@ def measure(args, tasks, granularity: str) -> dict[str, float]:
                                             **({"block": args.block} if granularity == "block" else {})}})
     sparsifier = build_sparsifier(config.sparsity, MaskInputs(tasks, config.sparsity, seed=0, total_steps=10**6))
     model = sparsifier.prepare(model)
-    engine = _build_engine(config, model, torch.device("cpu"))
+    engine = build_engine(config, model, torch.device("cpu"))
     sparsifier.bind(engine.optimizer)
     batch = fake_batch(args.batch, args.size)
     counter = iter(range(1, 10**6))

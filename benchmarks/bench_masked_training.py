@@ -20,7 +20,7 @@ from dsparse.config import config_from_dict
 from dsparse.sparsity.appliers import ElementApplier
 from dsparse.sparsity.prune import prune
 from dsparse.distributed import init_distributed
-from dsparse.train.trainer import _build_engine
+from dsparse.train.engine import build_engine
 
 from bench_model import add_model_args, bench_model, bench_tasks, fake_batch, train_step
 from results_io import RESULTS_DIR, machine_tag, publish, today
@@ -52,7 +52,7 @@ def main() -> None:
         model = bench_model(args, tasks)
         if label != "dense":
             ElementApplier(model, prune(model, tasks, None, method="random", sparsity=0.9))
-        engine = _build_engine(config, model, torch.device("cpu"))
+        engine = build_engine(config, model, torch.device("cpu"))
         medians[label] = statistics.median(time_steps(engine, tasks, batch, args.steps))
     overhead = medians["masked 90%"] / medians["dense"] - 1
     host, date = machine_tag(), today()

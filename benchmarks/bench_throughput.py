@@ -31,7 +31,8 @@ from dsparse.data.manifest import load_manifest
 from dsparse.runs.components import build_run_model, build_run_tasks
 from dsparse.distributed import init_distributed
 from dsparse.train.optim import build_optimizer
-from dsparse.train.trainer import _build_engine, train
+from dsparse.train.engine import build_engine
+from dsparse.train.trainer import train
 
 
 def loader_rate(config, manifest, num_workers: int, num_batches: int) -> float:
@@ -75,7 +76,7 @@ def compute_rates(config, manifest, num_steps: int) -> tuple[float, float]:
 
     plain = _step_rate(plain_step, batches, num_steps)
     torch.manual_seed(0)
-    engine = _build_engine(config, build_run_model(config, tasks), torch.device("cpu"))
+    engine = build_engine(config, build_run_model(config, tasks), torch.device("cpu"))
 
     def engine_step(batch):
         engine.backward(joint_loss(engine(batch["rgb"]), batch))

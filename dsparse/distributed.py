@@ -8,6 +8,7 @@ single process. The backend follows the device: NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -56,6 +57,18 @@ def trainer_threads(setting: int | str | None, loader_workers: int) -> int:
     return max(1, per_process - loader_workers)
 
 
+@contextlib.contextmanager
+def intra_op_threads(threads: int):
+    """Run the block with ``threads`` intra-op threads, then restore the caller's setting
+    (a library caller keeps its own)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -88,3 +101,25 @@ def gather_objects(value) -> list:
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
+
+
+def on_rank_0(function, *args, share: bool = True):
+    """Run ``function`` on rank 0 alone and let every rank see the outcome: an exception
+    there is raised on every rank as one ValueError (never a rank waiting alone in a
+    collective). With ``share`` every rank gets the result, else only rank 0 (the others
+    get None: e.g. a lock descriptor)."""
+    result, problem = None, None
+    if is_main():
+        try:
+            result = function(*args)
+        except ValueError as error:
+            problem = str(error)
+        except Exception as error:  # OSError, a malformed file...: same on every rank
+            problem = f"{type(error).__name__}: {error}"
+    if share:
+        result, problem = broadcast_object((result, problem))
+    else:
+        problem = broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
+    return result

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsparse.config import config_from_dict, load_config, preset_names
-from dsparse.train.trainer import deepspeed_config
+from dsparse.train.engine import deepspeed_config
 
 
 @pytest.mark.parametrize("name", ["synthetic_tiny", "nyuv2", "cityscapes", "taskonomy"])

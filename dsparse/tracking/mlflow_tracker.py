@@ -9,13 +9,19 @@ API so several runs (tests, Ray trials) in one process never share an "active ru
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dsparse.config import TrackingConfig
+from dsparse.config import RunConfig, TrackingConfig
+from dsparse.distributed import broadcast_object, is_main, on_rank_0
+
+if TYPE_CHECKING:
+    from dsparse.train.rundir import OpenRun
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +47,50 @@ def ui_command(uri: str) -> str:
     return f"open {uri} in a browser (tracking server)"
 
 
+def check_run_owner(tracking: TrackingConfig, run_uid: str) -> None:
+    """Refuse to start a run in an MLflow run another run directory owns (e.g. a config
+    copied from a sweep trial still naming the trial's ``tracking.run_id``)."""
+    if not tracking.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    owner = MlflowClient(resolve_tracking_uri(tracking)).get_run(tracking.run_id).data.tags.get("dsparse.run_uid")
+    if owner is not None and owner != run_uid:
+        raise ValueError(f"tracking.run_id {tracking.run_id} is the MLflow run of another run directory; a new run "
+                         "must not log into it: remove tracking.run_id (and parent_run_id) from the config")
+
+
 class RunTracker:
     """Logs params, metrics and artifacts of one training run; inert when disabled."""
+
+    @classmethod
+    def for_run(cls, config: RunConfig, run: OpenRun, resumed_run_id: str | None, step: int) -> RunTracker:
+        """The MLflow run a training run logs to (call on every rank; rank 0 logs).
+
+        A resume continues the checkpoint's MLflow run (``resumed_run_id``); a copied run
+        directory gets one of its own; a fresh start may log into ``tracking.run_id`` (the
+        run a sweep made for its trial) only if no other run directory owns it. The run is
+        tagged with the directory's identity, what the resume changed and what it was
+        copied from.
+
+        Raises:
+            ValueError: ``tracking.run_id`` belongs to another run directory.
+        """
+        tracking = config.tracking
+        if run.resume_from is None and tracking.run_id:  # a fresh start told to log into an existing run
+            on_rank_0(lambda: check_run_owner(tracking, run.run_uid))
+        if run.copied_from:  # a copied run directory continues in an MLflow run of its own
+            resumed_run_id = None
+        tracker = cls(tracking, tracking.run_name or run.layout.path.name, run_id=resumed_run_id or tracking.run_id,
+                      parent_run_id=tracking.parent_run_id, enabled=is_main())
+        tracker.run_id = broadcast_object(tracker.run_id)
+        tags = {"dsparse.run_uid": run.run_uid}
+        if run.changes:
+            tags[f"resume.step_{step}.changes"] = json.dumps(run.changes)
+        if run.copied_from:
+            tags["copied_from"] = run.copied_from
+        tracker.set_tags(tags)
+        return tracker
 
     def __init__(self, config: TrackingConfig, run_name: str, run_id: str | None = None,
                  parent_run_id: str | None = None, enabled: bool = True):

@@ -10,14 +10,17 @@ the run directory's filesystem (one node, or shared storage on a cluster).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dsparse.distributed import barrier, is_main
+from dsparse.config import TrainConfig
+from dsparse.distributed import barrier, is_main, on_rank_0
 from dsparse.io import write_text_atomic
 from dsparse.runs.checkpoints import (
     FILE_LIST,
@@ -26,15 +29,33 @@ from dsparse.runs.checkpoints import (
     checkpoint_step,
     is_published,
     latest_checkpoint,
+    latest_intact_checkpoint,
     read_checkpoint_file,
     sha256_of,
     tag_of,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dsparse.train")
 
 PARTIAL = ".partial"
 CLIENT_KEY = "dsparse"  # our state lives under one key, apart from DeepSpeed's own entries
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint restores besides the engine: how far the run is, where its data
+    stream stands, its MLflow run and its validation history."""
+
+    step: int = 0
+    """Optimizer steps finished; the loop's ``step`` counts the one in progress, from 1."""
+    data_position: dict | None = None
+    mlflow_run_id: str | None = None
+    history: list[dict] = field(default_factory=list)
+    """``{"step", "metrics"}`` of every validation."""
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainState:
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 def save_checkpoint(engine, directory: Path, step: int, client_state: dict, keep: int,
@@ -132,8 +153,8 @@ def install_checkpoint(source: Path, directory: Path) -> Path | None:
     return final
 
 
-def load_checkpoint(engine, path: Path) -> dict:
-    """Restore engine state from a checkpoint directory; returns its client state.
+def load_checkpoint(engine, path: Path) -> TrainState:
+    """Restore engine state from a checkpoint directory; returns the run's state.
 
     DeepSpeed reads its files through ``engine.checkpoint_engine.load``, which unpickles
     anything; it is pointed at :func:`read_checkpoint_file` first, so a resume runs no code
@@ -145,4 +166,94 @@ def load_checkpoint(engine, path: Path) -> dict:
                                                   load_lr_scheduler_states=True)
     if loaded is None or CLIENT_KEY not in client_state:
         raise ValueError(f"checkpoint {path} could not be loaded; it is incomplete or not written by dsparse")
-    return client_state[CLIENT_KEY]
+    return TrainState.from_dict(client_state[CLIENT_KEY])
+
+
+class CheckpointManager:
+    """A training run's checkpoints: where it resumes from, when it saves, and setting aside
+    the ones that cannot be trusted (damaged files, weights that gave a non-finite loss).
+
+    Every method runs on every rank; where one rank must decide (rank 0), every rank gets
+    its answer or raises its error.
+    """
+
+    def __init__(self, directory: Path, settings: TrainConfig):
+        self.directory = Path(directory)
+        self.interval, self.keep = settings.checkpoint_interval, settings.keep_checkpoints
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.directory)
+
+    def resume_point(self, resume: bool | str) -> Path | None:
+        """The checkpoint to resume from (``resume`` as in ``open_run``); a resume verifies
+        the latest checkpoint and falls back to the newest intact one, saying what it
+        skipped and setting the damaged ones aside.
+
+        Raises:
+            ValueError: a fresh start into a directory with checkpoints, a resume with none,
+                a ``latest`` pointer to nothing, or no intact checkpoint.
+        """
+        checkpoint = on_rank_0(self._choose, resume)
+        return Path(checkpoint) if checkpoint else None
+
+    def _choose(self, resume: bool | str) -> str | None:
+        run_dir, pointer = self.directory.parent, self.directory / LATEST
+        latest = self.latest()
+        if not resume:
+            if latest is not None:
+                raise ValueError(f"{run_dir} already holds checkpoints of a run; pass --resume to continue it "
+                                 "or choose another output_dir (e.g. --set output_dir=runs/NEW)")
+            return None
+        if pointer.is_file() and latest is None:
+            raise ValueError(f"{pointer} names {pointer.read_text().strip()!r}, which does not exist; restore that "
+                             "checkpoint or point 'latest' at an existing checkpoints/step-* directory")
+        if latest is None:
+            if resume is True:
+                raise ValueError(f"--resume: no checkpoint in {run_dir} to resume from; check output_dir, or pass "
+                                 "--resume-or-start to start a new run there when none exists")
+            return None
+        intact, skipped = latest_intact_checkpoint(self.directory)
+        for reason in skipped:
+            log.warning("skipping damaged checkpoint %s", reason)
+        if intact is None:
+            raise ValueError(f"no intact checkpoint in {self.directory} ({'; '.join(skipped)}); restore the files "
+                             "or start anew")
+        if skipped:  # set the damaged ones aside, so pruning and restores never count them again
+            for reason in skipped:
+                set_aside(self.directory / reason.split(":", 1)[0], "damaged")
+            write_text_atomic(self.directory / LATEST, intact.name)
+        return str(intact)
+
+    def due(self, step: int, end: int) -> bool:
+        """Whether the step just finished (1-based) is saved: on the interval, and the last."""
+        return step % self.interval == 0 or step == end
+
+    def save(self, engine, step: int, state: TrainState, extra: Callable[[Path], None] | None = None) -> Path:
+        """Publish the checkpoint of ``step`` with ``state`` (every rank; see :func:`save_checkpoint`)."""
+        return save_checkpoint(engine, self.directory, step, dataclasses.asdict(state), self.keep, extra=extra)
+
+    def set_aside_poisoned(self, step: int) -> tuple[str, bool]:
+        """After a non-finite loss at ``step`` (1-based): the weights it was computed with are
+        those saved at ``step - 1``, if a checkpoint was; set it aside (``step-N.nonfinite``)
+        so the last kept checkpoint holds weights that gave a finite loss.
+
+        Returns:
+            what happened (for the message), and whether a good checkpoint is left.
+        """
+        before = step - 1
+
+        def discard():
+            latest = self.latest()
+            if latest is not None and latest.name == tag_of(before):
+                kept = discard_checkpoint(self.directory, before)
+                return (f"checkpoint {tag_of(before)} held the weights that gave it and was set aside as "
+                        f"{tag_of(before)}.nonfinite; " + (f"the last good checkpoint is {kept.name}" if kept
+                                                           else "no checkpoint is left")), kept is not None
+            if latest is not None:
+                return f"the last good checkpoint is {latest.name}", True
+            return "no checkpoint was written", False
+
+        try:
+            return on_rank_0(discard)
+        except ValueError as error:
+            return f"the bad checkpoint could not be set aside ({error})", False

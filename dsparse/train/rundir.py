@@ -15,28 +15,36 @@ results without an error. So:
   ``--resume`` compares the new config with it before anything is written: the keys in
   :data:`RESUME_SAFE` are applied (and recorded in ``config-history.jsonl``), any other
   difference is refused in one line listing the keys.
+
+:func:`open_run` does all of it for a training run, on every rank (rank 0 decides, every
+rank raises the same error), and releases the directory when its block ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
-import os
 import socket
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsparse.config import RunConfig, dump_config, flatten, load_config
+from dsparse.distributed import is_main, on_rank_0
 from dsparse.io import write_text_atomic
 from dsparse.locks import acquire_lock, release_lock
+from dsparse.runs.checkpoints import checkpoint_step
+from dsparse.runs.layout import RunLayout
+from dsparse.train.checkpoint import CheckpointManager
 
 log = logging.getLogger(__name__)
 
-IDENTITY_FILE = "run.json"
-HISTORY_FILE = "config-history.jsonl"
-CONFIG_FILE = "config.yaml"
+RESUME_MODES = (False, True, "auto")
+"""``resume``: False starts (refusing a directory with checkpoints), True continues (refusing
+one without), ``"auto"`` continues if it can, else starts (requeued jobs)."""
 # Settings a resumed run can change and honour: how long and how often, and the learning
 # rate and its schedule (applied to the restored optimizer, see Trainer). The output
 # directory may differ for a moved or copied run.
@@ -58,19 +66,53 @@ def config_changes(saved: RunConfig, new: RunConfig) -> tuple[dict, dict]:
 
 
 @dataclass
-class RunDirectory:
-    """A run directory owned by this process (rank 0); see the module docstring."""
+class OpenRun:
+    """A run directory this training process holds (see :func:`open_run`).
 
-    path: Path
+    Attributes:
+        layout: where its files are.
+        checkpoints: its checkpoints (resume point, cadence, quarantine).
+        resume_from: the checkpoint training continues from, None when it starts.
+        run_uid: its identity (``run.json``), which its MLflow run is tagged with.
+        copied_from: the directory it was copied from (then it gets an MLflow run of its own).
+        changes: ``{key: [saved, new]}`` the resume applies (``RESUME_SAFE`` keys).
+    """
+
+    layout: RunLayout
+    checkpoints: CheckpointManager
+    resume_from: Path | None
     run_uid: str
     copied_from: str | None = None
     changes: dict = field(default_factory=dict)
-    _lock_fd: int | None = None
 
-    def release(self) -> None:
-        """Clear the holder line (a clean exit) and drop the lock."""
-        release_lock(self._lock_fd)
-        self._lock_fd = None
+
+@contextlib.contextmanager
+def open_run(config: RunConfig, resume: bool | str = False) -> Iterator[OpenRun]:
+    """Hold ``config.output_dir`` for a training run: lock it (rank 0), choose the
+    checkpoint to resume from, check the resume against the saved config, record the
+    run's identity, config and history; release the lock when the block ends.
+
+    Raises:
+        ValueError: the same on every rank: a bad ``resume``, a directory held by another
+            run, no checkpoint to resume (or one to overwrite), or a resume that changes
+            settings it cannot honour (nothing is written then).
+    """
+    if resume not in RESUME_MODES:
+        raise ValueError(f"resume must be one of {RESUME_MODES}, got {resume!r}")
+    layout = RunLayout(config.output_dir)
+    if resume is True and not layout.path.is_dir():
+        raise ValueError(f"--resume: no run directory {layout.path} to resume; check output_dir, or pass "
+                         "--resume-or-start to start a new run there")
+    lock = on_rank_0(lock_run_directory, config, share=False)  # before a checkpoint is chosen
+    try:
+        checkpoints = CheckpointManager(layout.checkpoints, config.train)
+        resume_from = checkpoints.resume_point(resume)
+        step = checkpoint_step(resume_from) if resume_from is not None else None
+        identity = on_rank_0(lambda: _record_run(config, resuming=resume_from is not None, step=step))
+        yield OpenRun(layout, checkpoints, resume_from, *identity)
+    finally:
+        if is_main():
+            release_lock(lock)
 
 
 def _now() -> str:
@@ -85,73 +127,41 @@ def lock_run_directory(config: RunConfig) -> int | None:
     return acquire_lock(path)
 
 
-def open_run_directory(config: RunConfig, fd: int | None, *, resuming: bool, step: int | None) -> RunDirectory:
-    """Check a resume against ``config.yaml``, then record the run (the lock ``fd`` is held).
+def _record_run(config: RunConfig, *, resuming: bool, step: int | None) -> tuple[str, str | None, dict]:
+    """Check a resume against ``config.yaml``, then record the run (rank 0, lock held).
 
-    Args:
-        config: the config this process will train with.
-        fd: the lock from :func:`lock_run_directory`; released on an error.
-        resuming: a checkpoint will be loaded (``step`` is its step).
+    Returns:
+        ``(run_uid, copied_from, changes)``.
 
     Raises:
         ValueError: the resume changes settings it cannot honour (nothing is written then).
     """
-    path = Path(config.output_dir)
-    try:
-        identity = _read_identity(path)
-        changes = {}
-        if resuming and (path / CONFIG_FILE).is_file():
-            saved = load_config(str(path / CONFIG_FILE)).with_absolute_paths()  # older runs saved relative paths
-            changes, refused = config_changes(saved, config)
-            if refused:
-                listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
-                raise ValueError(f"--resume cannot change {listed} (the checkpoint was trained with the first "
-                                 f"values); resume with those, or start a new run (another output_dir). "
-                                 f"Changeable on resume: {', '.join(RESUME_SAFE)}")
-        here = str(path.resolve())
-        copied_from = original_of(path)
-        # The same directory keeps its identity, also when it starts again without a checkpoint
-        # (a sweep trial restarted before its first one): it is still the same run.
-        if identity is None:
-            identity = {"run_uid": uuid.uuid4().hex, "path": here, "host": socket.gethostname(), "created": _now()}
-        elif copied_from is not None:
-            log.warning("%s is a copy of the run directory %s: it continues in its own MLflow run", here, copied_from)
-            identity = {"run_uid": uuid.uuid4().hex, "path": here, "host": socket.gethostname(), "created": _now(),
-                        "copied_from": copied_from}
-        write_text_atomic(path / IDENTITY_FILE, json.dumps(identity, indent=2) + "\n")
-        dump_config(config, path / CONFIG_FILE)  # atomic
-        _append_history(path, {"time": _now(), "event": "resume" if resuming else "start", "step": step or 0,
-                               "changes": changes})
-        if changes:
-            log.info("resume applies %s", ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items()))
-    except BaseException:
-        release_lock(fd)
-        raise
-    return RunDirectory(path, identity["run_uid"], copied_from, changes, fd)
-
-
-def original_of(path: str | Path) -> str | None:
-    """The run directory ``path`` was copied from (its ``run.json`` names another path), or
-    None for the original itself. Read-only: analysis and training decide copies alike."""
-    identity = _read_identity(Path(path))
-    if identity is None or identity.get("path") == str(Path(path).resolve()):
-        return None
-    return identity.get("path")
-
-
-def run_uid_of(path: str | Path) -> str | None:
-    """The identity of a run directory (``run.json``), which its MLflow run carries as the
-    ``dsparse.run_uid`` tag."""
-    return (_read_identity(Path(path)) or {}).get("run_uid")
-
-
-def _read_identity(path: Path) -> dict | None:
-    try:
-        return json.loads((path / IDENTITY_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _append_history(path: Path, entry: dict) -> None:
-    with open(path / HISTORY_FILE, "a") as history:
-        history.write(json.dumps(entry, default=str) + "\n")
+    layout = RunLayout(config.output_dir)
+    identity = layout.read_identity()
+    changes = {}
+    if resuming and layout.config.is_file():
+        saved = load_config(str(layout.config)).with_absolute_paths()  # older runs saved relative paths
+        changes, refused = config_changes(saved, config)
+        if refused:
+            listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in refused.items())
+            raise ValueError(f"--resume cannot change {listed} (the checkpoint was trained with the first "
+                             f"values); resume with those, or start a new run (another output_dir). "
+                             f"Changeable on resume: {', '.join(RESUME_SAFE)}")
+    here = str(layout.path.resolve())
+    copied_from = layout.original()
+    # The same directory keeps its identity, also when it starts again without a checkpoint
+    # (a sweep trial restarted before its first one): it is still the same run.
+    if identity is None:
+        identity = {"run_uid": uuid.uuid4().hex, "path": here, "host": socket.gethostname(), "created": _now()}
+    elif copied_from is not None:
+        log.warning("%s is a copy of the run directory %s: it continues in its own MLflow run", here, copied_from)
+        identity = {"run_uid": uuid.uuid4().hex, "path": here, "host": socket.gethostname(), "created": _now(),
+                    "copied_from": copied_from}
+    write_text_atomic(layout.identity, json.dumps(identity, indent=2) + "\n")
+    dump_config(config, layout.config)  # atomic
+    with open(layout.history, "a") as history:
+        history.write(json.dumps({"time": _now(), "event": "resume" if resuming else "start", "step": step or 0,
+                                  "changes": changes}, default=str) + "\n")
+    if changes:
+        log.info("resume applies %s", ", ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in changes.items()))
+    return identity["run_uid"], copied_from, changes

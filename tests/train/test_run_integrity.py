@@ -103,12 +103,11 @@ def test_a_lr_explosion_never_leaves_exploded_weights_as_the_last_checkpoint(tin
 
 def hold_run_directory(config_dict, ready):
     """Child process: own the run directory, then wait to be killed."""
-    from dsparse.train.rundir import lock_run_directory, open_run_directory
+    from dsparse.train.rundir import open_run
 
-    config = config_from_dict(config_dict).with_absolute_paths()
-    open_run_directory(config, lock_run_directory(config), resuming=False, step=None)
-    ready.set()
-    time.sleep(120)
+    with open_run(config_from_dict(config_dict).with_absolute_paths(), resume=False):
+        ready.set()
+        time.sleep(120)
 
 
 def test_a_second_run_into_a_held_directory_is_refused_at_once_and_a_dead_holder_is_taken_over(
