@@ -3,7 +3,8 @@
 One run = one YAML file. Every section maps to a dataclass below; an unknown key, a wrong
 type or an out-of-range value raises ``ValueError`` naming the key and what is accepted,
 so a typo never silently falls back to a default. ``--set key.sub=value`` overrides are
-parsed as YAML scalars and applied before validation.
+parsed as YAML scalars and applied before validation. A field with fixed choices has a
+``Literal`` type, the one place its choices are written (``_check_choices`` enforces it).
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from dsparse.kernels import KERNELS
+from dsparse.kernels import Kernel
 
 
 @dataclass
@@ -43,6 +44,7 @@ class DataConfig:
     batch_size: int = 16
     """Micro-batch size per rank."""
     eval_batch_size: int = 32
+    """Batch size per rank for validation and ``dsparse eval``."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0 = load in the training process)."""
     shuffle_buffer: int = 256
@@ -87,38 +89,45 @@ class ModelConfig:
     """Multitask network: dilated ResNet trunk plus one ASPP head per task."""
 
     arch: str = "resnet18"
+    """Trunk architecture, a name of ``dsparse.models`` (resnet18, resnet34, ...)."""
     base_width: int = 64
+    """Channels of the first stage (64 = the standard ResNet; the demo uses 16)."""
     output_stride: int = 8
+    """Input size over feature-map size: later stages trade stride for dilation."""
     head_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
+    """Dilations of each head's ASPP branches."""
     head_hidden: int | None = None
+    """Channels inside each head; None = the trunk's output channels."""
     stem_pool: bool = True
+    """Max-pool after the stem convolution (the standard ResNet stem)."""
     branches: list[list[str]] | None = None
     """Task groups, each with its own copy of the trunk from ``branch_from`` on (a branched
     network, e.g. from ``dsparse analyze RUN --branch``); None = one trunk shared by all."""
-    branch_from: str = "layer4"
-    """First trunk stage that is branched: layer1 | layer2 | layer3 | layer4."""
+    branch_from: Literal["layer1", "layer2", "layer3", "layer4"] = "layer4"
+    """First trunk stage that is branched."""
 
     def __post_init__(self):
+        _check_choices(self, "model")
         _check_positive("model.base_width", self.base_width)
         if not self.head_dilations:
             raise ValueError("model.head_dilations must list at least one dilation")
-        if self.branch_from not in ("layer1", "layer2", "layer3", "layer4"):
-            raise ValueError(f"model.branch_from must be one of layer1, layer2, layer3, layer4; "
-                             f"got {self.branch_from!r}")
 
 
 @dataclass
 class OptimizerConfig:
-    name: str = "adam"
-    """adam | adamw | sgd"""
+    """The torch optimizer DeepSpeed steps (``dsparse.train.optim``)."""
+
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    """Which ``torch.optim`` optimizer."""
     lr: float = 1e-3
+    """Base learning rate (the schedule multiplies it); may change on resume."""
     weight_decay: float = 5e-4
+    """L2 penalty (adam, sgd) or decoupled weight decay (adamw)."""
     momentum: float = 0.9
     """SGD only."""
 
     def __post_init__(self):
-        if self.name not in ("adam", "adamw", "sgd"):
-            raise ValueError(f"optimizer.name must be one of adam, adamw, sgd; got {self.name!r}")
+        _check_choices(self, "optimizer")
         _check_positive("optimizer.lr", self.lr)
         if self.weight_decay < 0:
             raise ValueError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay}")
@@ -126,16 +135,19 @@ class OptimizerConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "step"
+    """The learning-rate schedule over ``train.iterations``; may change on resume."""
+
+    name: Literal["step", "cosine", "constant"] = "step"
     """step (multiply by gamma every step_size iterations) | cosine | constant"""
     step_size: int = 4000
+    """Iterations between multiplications by ``gamma`` (step schedule)."""
     gamma: float = 0.5
+    """Factor applied every ``step_size`` iterations (step schedule)."""
     warmup: int = 0
     """Linear warm-up iterations."""
 
     def __post_init__(self):
-        if self.name not in ("step", "cosine", "constant"):
-            raise ValueError(f"schedule.name must be one of step, cosine, constant; got {self.name!r}")
+        _check_choices(self, "schedule")
         _check_positive("schedule.step_size", self.step_size)
         if self.warmup < 0:
             raise ValueError(f"schedule.warmup must be >= 0, got {self.warmup}")
@@ -143,15 +155,21 @@ class ScheduleConfig:
 
 @dataclass
 class TrainConfig:
+    """How long the loop runs and how often it reports, validates and checkpoints."""
+
     iterations: int = 20000
+    """Optimizer steps of the whole run."""
     eval_interval: int = 1000
     """Validate every N iterations (and at the end)."""
     eval_batches: int | None = None
     """Limit validation to N batches per rank (None = the whole val split)."""
     log_interval: int = 20
+    """Log losses, rate and ETA every N iterations (and at the end)."""
     checkpoint_interval: int = 1000
+    """Checkpoint every N iterations (and at the end of each invocation)."""
     keep_checkpoints: int = 2
-    threads: int | str | None = None
+    """Published checkpoints kept; older ones are deleted."""
+    threads: int | Literal["auto"] | None = None
     """Intra-op threads of each training process: a number; ``auto``, the cores this process
     may use (its CPU affinity, shared among the training processes of its node) minus its
     data loader workers, at least 1; or None, torch's default (every core; measured the
@@ -169,9 +187,12 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 0
+    """The DeepSpeed engine (``dsparse.train.engine``)."""
+
+    zero_stage: Literal[0, 1, 2] = 0
     """ZeRO stage 0, 1 or 2 (stage 3 is not supported: masks need whole weights)."""
     gradient_clipping: float = 0.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
     bf16: bool = False
     """bf16 mixed precision (GPU only)."""
     config_file: str | None = None
@@ -181,8 +202,7 @@ class DeepSpeedConfig:
     """Raw DeepSpeed config keys merged last, for anything not modelled here."""
 
     def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"deepspeed.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+        _check_choices(self, "deepspeed")
 
 
 @dataclass
@@ -203,7 +223,7 @@ class SparsityConfig:
     grad_w2; the presets follow it. Baselines keep their own criterion."""
     num_batches: int = 50
     """Batches of saliency accumulation per rank."""
-    scope: str = "global"
+    scope: Literal["global", "layerwise"] = "global"
     """global (one ranking over all layers per task) | layerwise."""
     keep_first_dense: bool | None = None
     """Keep the first convolution dense (still counted in the sparsity denominator).
@@ -222,27 +242,26 @@ class SparsityConfig:
     """Dynamic: initial drop fraction, decayed by cosine to 0 at ``end``."""
     erk_power: float = 1.0
     """Dynamic: exponent of the ERK layer-density rule (0 = uniform density)."""
-    score_init: str = "model"
+    score_init: Literal["model", "xavier"] = "model"
     """What static methods score: model (the weights that are then trained, or the loaded
     trained weights) | xavier (the original DiSparse code's setting: a copy of the network
     re-initialised with Xavier-normal Conv2d/Linear weights, seeded by the run's seed; the
     masks then apply to the model's own weights)."""
-    granularity: str = "element"
+    granularity: Literal["element", "block"] = "element"
     """element (any weight may be pruned; enforced by gradient hooks on dense weights) | block
     (``block x block`` tiles of each weight's GEMM view are kept or pruned whole, and masked
     layers are swapped for block-sparse ones that store and compute only the kept blocks)."""
-    block: int = 32
-    """Block side for ``granularity: block``: 16, 32 or 64."""
-    kernel: str = "auto"
+    block: Literal[16, 32, 64] = 32
+    """Block side for ``granularity: block``."""
+    kernel: Kernel = "auto"
     """What block-sparse layers run: auto (the Triton kernels on CUDA, the PyTorch path
     elsewhere) | triton (always the kernels; an error where they cannot run) | torch."""
 
     def __post_init__(self):
+        _check_choices(self, "sparsity")
         if not 0.0 < self.target < 1.0:
             raise ValueError(f"sparsity.target must be in (0, 1), got {self.target}; e.g. 0.9 prunes 90% of weights")
         _check_positive("sparsity.num_batches", self.num_batches)
-        if self.scope not in ("global", "layerwise"):
-            raise ValueError(f"sparsity.scope must be global or layerwise, got {self.scope!r}")
         _check_positive("sparsity.interval", self.interval)
         if not 0.0 < self.end <= 1.0:
             raise ValueError(f"sparsity.end must be in (0, 1] (a fraction of train.iterations), got {self.end}")
@@ -250,10 +269,6 @@ class SparsityConfig:
             raise ValueError(f"sparsity.alpha0 must be in (0, 1), got {self.alpha0}")
         if self.erk_power < 0:
             raise ValueError(f"sparsity.erk_power must be >= 0, got {self.erk_power}")
-        if self.granularity not in ("element", "block"):
-            raise ValueError(f"sparsity.granularity must be element or block, got {self.granularity!r}")
-        if self.block not in (16, 32, 64):
-            raise ValueError(f"sparsity.block must be 16, 32 or 64, got {self.block!r}")
         if self.granularity == "element" and self.block != 32:
             raise ValueError(f"sparsity.block={self.block} has no effect with element masks; add "
                              "sparsity.granularity=block (--granularity block) or leave the block out")
@@ -262,10 +277,6 @@ class SparsityConfig:
         if self.pretrained_criterion not in CRITERIA:
             raise ValueError(f"sparsity.pretrained_criterion must be one of {sorted(CRITERIA)}, "
                              f"got {self.pretrained_criterion!r}")
-        if self.score_init not in ("model", "xavier"):
-            raise ValueError(f"sparsity.score_init must be model or xavier, got {self.score_init!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"sparsity.kernel must be one of {list(KERNELS)}, got {self.kernel!r}")
         from dsparse.sparsity.methods import get_method, refuse_score_init
 
         if self.method is not None:
@@ -289,11 +300,16 @@ class SparsityConfig:
 
 @dataclass
 class TrackingConfig:
+    """MLflow tracking of the run (rank 0 logs)."""
+
     enabled: bool = True
+    """Log to MLflow; false = no tracking at all."""
     uri: str | None = None
     """MLflow tracking URI; None = $MLFLOW_TRACKING_URI, else a local store in ./mlruns."""
     experiment: str = "dsparse"
+    """MLflow experiment the run is logged in."""
     run_name: str | None = None
+    """MLflow run name; None = the run directory's name."""
     parent_run_id: str | None = None
     """Log as a child of this MLflow run (set by dsparse sweep for its trials)."""
     run_id: str | None = None
@@ -306,18 +322,29 @@ class RunConfig:
     """Everything one training run needs."""
 
     tasks: list[str] = field(default_factory=lambda: ["seg", "normal", "depth", "keypoint", "edge"])
+    """The tasks trained, names of ``dsparse.tasks.TASKS``; their labels must be in the dataset."""
     task_weights: dict[str, float] = field(default_factory=dict)
     """Loss weight per task (lambda_t); missing tasks weigh 1."""
     seed: int = 0
+    """Seeds the model's initial weights, the data order, data-free scores and ERK masks."""
     output_dir: str = "runs/default"
+    """The run directory (``dsparse.runs.RunLayout``)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Where the shards are and how they are streamed."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The multitask network."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """Length and cadence of the loop."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """The DeepSpeed engine."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """MLflow tracking."""
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    """Pruning method, target and granularity; ``method: null`` = a dense run."""
 
     def __post_init__(self):
         if not self.tasks:
@@ -386,6 +413,30 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _literal_choices(hint) -> tuple | None:
+    """The choices of a ``Literal[...]`` (or ``Literal[...] | None``) type, else None."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        arms = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(arms) == 1:
+            return _literal_choices(arms[0])
+    return None
+
+
+def _check_choices(section, prefix: str) -> None:
+    """Refuse a value outside its field's ``Literal`` choices, naming them (the type is
+    the one list of choices; ``True`` is not the choice ``1``)."""
+    hints = typing.get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        choices = _literal_choices(hints[item.name])
+        value = getattr(section, item.name)
+        if choices is None or (value is None and type(None) in typing.get_args(hints[item.name])):
+            continue
+        if not any(value == choice and type(value) is type(choice) for choice in choices):
+            raise ValueError(f"{prefix}.{item.name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
 def _check_positive(name: str, value) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -423,6 +474,8 @@ def _coerce(hint, value, key: str):
             except ValueError:
                 pass
         return _coerce(choices[-1], value, key)
+    if origin is Literal:  # the section checks the choices (_check_choices)
+        return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key} must be a list, got {value!r}")

@@ -10,12 +10,14 @@ the rest of dsparse works without it.
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 import torch
 
-KERNELS = ("auto", "triton", "torch")
+Kernel = Literal["auto", "triton", "torch"]
 """Values of ``sparsity.kernel``: auto (Triton on CUDA, the PyTorch path elsewhere),
 triton (always the Triton kernels), torch (always the PyTorch path)."""
+KERNELS: tuple[str, ...] = get_args(Kernel)
 
 
 _TRITON_IMPORTS: list[bool] = []
