@@ -8,8 +8,8 @@ Every verb after ``train`` (eval, export, analyze, report, sweep) reads runs thr
       run.json               identity: run id, absolute path (a copy is told apart)
       config-history.jsonl   one line per start or resume, with the settings it changed
       .lock                  held by the training process on rank 0
-      masks.pt               the masks training started from, and their per-layer table
-      mask_layers.txt        (sparse runs; the Sparsifier owns these two)
+      masks.pt               the masks training started from (sparse runs)
+      mask_layers.txt        their per-layer table
       checkpoints/           step-NNNNNNNN/ directories and the ``latest`` pointer
       summary.json           written when the run completes
 """
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dsparse.config import RunConfig, load_config
+from dsparse.locks import LOCK_FILE
 
 __all__ = ["RunLayout"]
 
@@ -48,7 +49,15 @@ class RunLayout:
 
     @property
     def lock(self) -> Path:
-        return self.path / ".lock"
+        return self.path / LOCK_FILE
+
+    @property
+    def masks(self) -> Path:
+        return self.path / "masks.pt"
+
+    @property
+    def mask_table(self) -> Path:
+        return self.path / "mask_layers.txt"
 
     @property
     def checkpoints(self) -> Path:

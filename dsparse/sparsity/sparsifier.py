@@ -1,6 +1,6 @@
 """The Sparsifier: one object owns a run's sparsity, shaped like ``torch.optim``.
 
-    sparsifier = build_sparsifier(config.sparsity, inputs, run_dir=run_dir)
+    sparsifier = build_sparsifier(config.sparsity, inputs, masks_out=run.masks)
     sparsifier.load_state_dict(state)          # resuming: the checkpoint's masks
     model = sparsifier.prepare(model)          # masks made/loaded and applied, before DeepSpeed
     engine = deepspeed.initialize(model=model, ...)
@@ -38,14 +38,12 @@ from dsparse.sparsity.optim_state import OptimizerState, bind_optimizer
 if TYPE_CHECKING:  # the config imports the methods to validate itself
     from dsparse.config import SparsityConfig
 
-__all__ = ["MASKS_FILE", "STATE_FILE", "MaskState", "MaskedSparsifier", "Sparsifier", "build_sparsifier",
+__all__ = ["STATE_FILE", "MaskState", "MaskedSparsifier", "Sparsifier", "build_sparsifier",
            "check_granularity", "check_target_count", "checkpoint_masks", "empty_layers", "read_sparsifier_state",
            "swap_sparse_layers"]
 
 log = logging.getLogger("dsparse.sparsity")
 
-MASKS_FILE = "masks.pt"
-"""The masks a run starts from, in its run directory (static runs: the masks of the run)."""
 STATE_FILE = "sparsity.pt"
 """The Sparsifier's state in every checkpoint directory."""
 STATE_FORMAT = "dsparse-sparsifier"
@@ -85,8 +83,9 @@ class Sparsifier:
     def save(self, checkpoint_dir: Path) -> None:
         """Write ``state_dict()`` into a checkpoint being published (rank 0)."""
 
-    def log_start(self, tracker, run_dir: Path) -> None:
-        """Log what the masks are to the run's tracker (rank 0)."""
+    def log_start(self, tracker, table: Path) -> None:
+        """Log what the masks are to the run's tracker, with their per-layer table written
+        to ``table`` (rank 0)."""
 
     def summary(self) -> dict | None:
         return None
@@ -117,12 +116,13 @@ class MaskedSparsifier(Sparsifier):
             masks come only from ``masks``.
         inputs: tasks, settings, seed, data and pretrained weights for the method.
         masks: masks to use instead of making them (``sparsity.masks``).
-        run_dir: where the starting masks are written (``MASKS_FILE``) on rank 0.
+        masks_out: where the starting masks are written on rank 0 (a run's
+            ``RunLayout.masks``), or None.
     """
 
     def __init__(self, method: Method | None, inputs: MaskInputs, *, masks: MaskSet | None = None,
-                 run_dir: Path | None = None):
-        self.method, self.inputs, self.run_dir = method, inputs, run_dir
+                 masks_out: Path | None = None):
+        self.method, self.inputs, self.masks_out = method, inputs, masks_out
         self._given = masks
         self._resumed = False
         self.state: MaskState | None = None
@@ -154,9 +154,9 @@ class MaskedSparsifier(Sparsifier):
         self.empty_layers = empty_layers(masks)
         if self.empty_layers and not self._resumed:
             warn_empty_layers(self.empty_layers, masks, self.state.users, first_conv(unwrap_model(model)))
-        if not self._resumed and self.run_dir is not None:
+        if not self._resumed and self.masks_out is not None:
             if is_main():
-                masks.save(self.run_dir / MASKS_FILE)
+                masks.save(self.masks_out)
             barrier()
         return model
 
@@ -192,7 +192,7 @@ class MaskedSparsifier(Sparsifier):
         with atomic_path(Path(checkpoint_dir) / STATE_FILE) as temporary:
             torch.save(self.state_dict(), temporary)
 
-    def log_start(self, tracker, run_dir: Path) -> None:
+    def log_start(self, tracker, table: Path) -> None:
         meta = self.masks.meta
         tracker.log_params({f"masks.{key}": meta.get(key) for key in  # as derived, beside the config
                             ("method", "criterion", "scope", "keep_ratio", "sparsity_achieved")})
@@ -201,7 +201,6 @@ class MaskedSparsifier(Sparsifier):
         if self.empty_layers:
             tracker.set_tags({"sparsity.empty_layers": ", ".join(self.empty_layers)[:5000],
                               "sparsity.cut_off_tasks": ", ".join(cut_off_tasks(self.empty_layers, self.state.users))})
-        table = run_dir / "mask_layers.txt"
         table.write_text(self.masks.format_table(self.state.users) + "\n")
         tracker.log_artifact(table)
 
@@ -304,14 +303,15 @@ def read_sparsifier_state(checkpoint_dir: Path) -> dict:
     checkpoint_dir = Path(checkpoint_dir)
     path = checkpoint_dir / STATE_FILE
     if not path.is_file():
-        for legacy in (checkpoint_dir / MASKS_FILE, checkpoint_dir.parent.parent / MASKS_FILE):
+        # where older versions kept them: in the checkpoint (dynamic runs), in the run (static ones)
+        for legacy in (checkpoint_dir / "masks.pt", checkpoint_dir.parent.parent / "masks.pt"):
             if legacy.is_file():
                 return {"format": STATE_FORMAT, "version": STATE_VERSION, "masks": MaskSet.load(legacy).state_dict()}
         return {}
     return load_tensor_file(path, "sparsity state", "the checkpoint is damaged: resume from an earlier one")
 
 
-def build_sparsifier(settings: SparsityConfig, inputs: MaskInputs, *, run_dir: Path | None = None) -> Sparsifier:
+def build_sparsifier(settings: SparsityConfig, inputs: MaskInputs, *, masks_out: Path | None = None) -> Sparsifier:
     """The Sparsifier of a run's ``sparsity`` section: no-op when dense.
 
     Raises:
@@ -325,4 +325,4 @@ def build_sparsifier(settings: SparsityConfig, inputs: MaskInputs, *, run_dir: P
     masks = MaskSet.load(settings.masks) if settings.masks is not None else None
     if masks is not None:
         check_granularity(masks, settings, f"mask file {settings.masks}")
-    return MaskedSparsifier(method, inputs, masks=masks, run_dir=run_dir)
+    return MaskedSparsifier(method, inputs, masks=masks, masks_out=masks_out)

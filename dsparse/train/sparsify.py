@@ -23,7 +23,7 @@ from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.methods import MaskInputs, require_static
 from dsparse.sparsity.sparsifier import Sparsifier, build_sparsifier
 from dsparse.tasks import Task
-from dsparse.runs import load_model_weights, resolve_checkpoint
+from dsparse.runs import RunLayout, load_model_weights, resolve_checkpoint
 from dsparse.runs.components import build_run_model, build_run_tasks
 
 log = logging.getLogger("dsparse.prune")
@@ -47,7 +47,8 @@ def mask_inputs(config: RunConfig, tasks: dict[str, Task], manifest: dict, rank:
 def run_sparsifier(config: RunConfig, tasks: dict[str, Task], manifest: dict, rank: int, world_size: int,
                    run_dir: Path | None = None) -> Sparsifier:
     """The Sparsifier of ``config`` (the no-op one for a dense run)."""
-    return build_sparsifier(config.sparsity, mask_inputs(config, tasks, manifest, rank, world_size), run_dir=run_dir)
+    return build_sparsifier(config.sparsity, mask_inputs(config, tasks, manifest, rank, world_size),
+                            masks_out=RunLayout(run_dir).masks if run_dir is not None else None)
 
 
 def prune_run(config: RunConfig, out: str | Path, overwrite: bool = False) -> MaskSet:

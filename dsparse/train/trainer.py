@@ -131,7 +131,7 @@ class Trainer:
             self.tracker.log_params(flatten(self.config.to_dict()))
             self.tracker.log_artifact(layout.config)
             self.tracker.log_artifact(layout.history)
-            self.sparsifier.log_start(self.tracker, layout.path)
+            self.sparsifier.log_start(self.tracker, layout.mask_table)
         start = self.state.step
         end = iterations if stop_after is None else min(iterations, start + stop_after)
         batches = TrainBatches(self._spec("train", train=True), self.state.data_position)
