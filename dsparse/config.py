@@ -254,8 +254,10 @@ class SparsityConfig:
     block: Literal[16, 32, 64] = 32
     """Block side for ``granularity: block``."""
     kernel: Kernel = "auto"
-    """What block-sparse layers run: auto (the Triton kernels on CUDA, the PyTorch path
-    elsewhere) | triton (always the kernels; an error where they cannot run) | torch."""
+    """What block-sparse layers run: auto (the Triton kernels on CUDA; on the CPU the
+    compiled kernels for fp32 where they build, else the PyTorch path) | cpu (always the
+    compiled CPU kernels) | triton (always the Triton kernels) | torch (the PyTorch path);
+    a kernel asked for by name is an error where it cannot run."""
 
     def __post_init__(self):
         _check_choices(self, "sparsity")

@@ -137,7 +137,8 @@ class MaskedSparsifier(Sparsifier):
             self._given.check_matches(model)
         settings = self.inputs.settings
         if settings.granularity == "block":
-            resolve_kernel(settings.kernel, next(unwrap_model(model).parameters()).device)
+            weight = next(unwrap_model(model).parameters())
+            resolve_kernel(settings.kernel, weight.device, weight.dtype, settings.block)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         settings = self.inputs.settings

@@ -140,8 +140,12 @@ def test_layout_change_reuses_the_kernels():
 
 
 def test_resolve_kernel_auto_and_clear_error(monkeypatch):
+    from dsparse.kernels import cpu
+
     assert resolve_kernel("torch", "cuda") == "torch"
-    assert resolve_kernel("auto", "cpu") == "torch"
+    assert resolve_kernel("auto", "cpu") == ("cpu" if cpu.available() else "torch")
+    assert resolve_kernel("auto", "cpu", torch.bfloat16) == "torch"  # the compiled kernels are fp32
+    assert resolve_kernel("auto", "cpu", torch.float32, block=8) == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_kernel("triton", "cpu") == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -197,3 +201,4 @@ def test_cuda_training_step_and_layout_rebuild_never_wait_for_the_host():
         BlockLayout.from_slots(layer.slot_rows, layer.slot_cols, layer.geometry.grid)
     finally:
         torch.cuda.set_sync_debug_mode(0)
+

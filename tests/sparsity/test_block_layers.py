@@ -33,10 +33,11 @@ def check_against_dense(layer: nn.Module, x: torch.Tensor, kept: float, block: i
     block_mask = random_block_mask(grid.grid, kept, seed)
     element_mask = grid.expand(block_mask).to(x.device)
     sparse = block_sparse_from_dense(layer, block, block_mask, kernel).to(dtype)
-    reference = layer.to(dtype)
-    x_dense = x.to(dtype).clone().requires_grad_()
+    reference_dtype = torch.float64 if dtype == torch.float32 else dtype  # fp32 is checked against float64
+    reference = layer.to(reference_dtype)
+    x_dense = x.to(reference_dtype).clone().requires_grad_()
     x_sparse = x.to(dtype).clone().requires_grad_()
-    weight = reference.weight * element_mask.to(dtype)
+    weight = reference.weight * element_mask.to(reference_dtype)
     if isinstance(layer, nn.Linear):
         expected = F.linear(x_dense, weight, reference.bias)
     else:
@@ -49,7 +50,7 @@ def check_against_dense(layer: nn.Module, x: torch.Tensor, kept: float, block: i
     expected.backward(upstream)
     got.backward(upstream)
     torch.testing.assert_close(x_sparse.grad.float(), x_dense.grad.float(), **tolerance)
-    dense_grad = reference.weight.grad * element_mask.to(dtype)
+    dense_grad = reference.weight.grad * element_mask.to(reference_dtype)
     kept_grad = sparse.dense_of(sparse.blocks.grad)
     torch.testing.assert_close(kept_grad.float(), dense_grad.float(), **tolerance)
     # the zero padding of edge blocks gets exactly zero gradient, so it stays zero
@@ -95,18 +96,31 @@ CONVS = [  # the model's shapes: stem, 3x3 at dilation 1/2/4 with matching paddi
 ]
 
 
-@pytest.fixture(params=["dense-scratch", "gathered", "triton"])
-def compute_path(request, monkeypatch):
-    """Run a test through the PyTorch path's dense-scratch branch (every kept fraction) or
-    its per-block branch, or through the Triton kernels (CPU: Triton's interpreter); the
-    value is the ``sparsity.kernel`` to build layers with."""
+def force_dense_above(monkeypatch, kept_fraction: float) -> None:
+    """Make every layer take the dense-scratch branch (0.0) or the block kernels (1.0)."""
     from dsparse.sparsity.block import layers as block_layers
 
+    limits = {"linear": kept_fraction, "conv": kept_fraction}
+    monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"torch": limits, "cpu": limits})
+
+
+@pytest.fixture(params=["dense-scratch", "gathered", "cpu", "triton"])
+def compute_path(request, monkeypatch):
+    """Run a test through the PyTorch path's dense-scratch branch (every kept fraction) or
+    its per-block branch, through the compiled CPU kernels (per-block at every kept
+    fraction), or through the Triton kernels (CPU: Triton's interpreter); the value is the
+    ``sparsity.kernel`` to build layers with."""
     if request.param == "triton":
         pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
         return "triton"
-    dense_above = 0.0 if request.param == "dense-scratch" else 1.0
-    monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
+    if request.param == "cpu":
+        from dsparse.kernels import cpu
+
+        if not cpu.available():
+            pytest.skip(f"the compiled CPU kernels do not run here: {cpu.unavailable_reason()}")
+        force_dense_above(monkeypatch, 1.0)
+        return "cpu"
+    force_dense_above(monkeypatch, 0.0 if request.param == "dense-scratch" else 1.0)
     return "torch"
 
 
@@ -132,15 +146,17 @@ def test_bf16_matches_dense_masked(make_layer, compute_path):
     torch.manual_seed(4)
     layer = make_layer()  # a fresh layer per case: the check converts it and accumulates its gradients
     shape = (6, 80) if isinstance(layer, nn.Linear) else (2, 24, 9, 9)
+    if compute_path == "cpu":  # the compiled kernels are fp32: asked for by name, bf16 is refused, not rerouted
+        with pytest.raises(ValueError, match="sparsity.kernel=cpu cannot run here: they take float32"):
+            check_against_dense(layer, torch.randn(shape), 0.5, 16, dtype=torch.bfloat16, kernel=compute_path)
+        return
     check_against_dense(layer, torch.randn(shape), 0.5, 16, dtype=torch.bfloat16,
                         tolerance={"rtol": 5e-2, "atol": 5e-2}, kernel=compute_path)
 
 
 @pytest.mark.parametrize("dense_above", [0.0, 1.0], ids=["dense-scratch", "gathered"])
 def test_gradcheck_float64(monkeypatch, dense_above):
-    from dsparse.sparsity.block import layers as block_layers
-
-    monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
+    force_dense_above(monkeypatch, dense_above)
     torch.manual_seed(5)
     linear = nn.Linear(20, 18).double()
     sparse = block_sparse_from_dense(linear, 16, torch.tensor([[True, False], [True, True]]))
@@ -241,9 +257,7 @@ def test_linear_layer_swap_keeps_repr_and_rejects_grouped_conv():
 @pytest.mark.parametrize("kept", [0.1, 0.5])
 def test_both_compute_paths_match_dense_masked(monkeypatch, dense_above, kept):
     """The dense-scratch path (high kept fractions) and the gathered path give the same results."""
-    from dsparse.sparsity.block import layers as block_layers
-
-    monkeypatch.setattr(block_layers, "DENSE_ABOVE", {"linear": dense_above, "conv": dense_above})
+    force_dense_above(monkeypatch, dense_above)
     torch.manual_seed(8)
     check_against_dense(nn.Linear(96, 80), torch.randn(5, 96), kept, 16)
     check_against_dense(nn.Conv2d(24, 40, 3, padding=2, dilation=2), torch.randn(2, 24, 7, 7), kept, 16)

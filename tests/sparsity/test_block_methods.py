@@ -241,7 +241,7 @@ def test_mismatched_granularity_is_refused(tmp_path):
         config_from_dict({"sparsity": {"method": "disparse", "granularity": "block", "block": 24}})
     with pytest.raises(ValueError, match="sparsity.granularity must be one of element, block"):
         config_from_dict({"sparsity": {"method": "disparse", "granularity": "row"}})
-    with pytest.raises(ValueError, match="sparsity.kernel must be one of auto, triton, torch"):
+    with pytest.raises(ValueError, match="sparsity.kernel must be one of auto, cpu, triton, torch"):
         config_from_dict({"sparsity": {"method": "disparse", "granularity": "block", "kernel": "cuda"}})
 
 

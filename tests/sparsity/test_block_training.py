@@ -10,6 +10,7 @@ import torch
 
 from dsparse.cli import main
 from dsparse.config import config_from_dict
+from dsparse.data.synth.dataset import write_synthetic_dataset
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.sparsifier import read_sparsifier_state
 from dsparse.runs import latest_checkpoint, load_model_weights
@@ -165,19 +166,39 @@ def test_triton_kernel_where_it_cannot_run_is_one_line_and_writes_nothing(tiny_d
     assert not run_dir.exists(), "nothing may be written for a refused run"
 
 
-def test_triton_kernels_train_like_the_pytorch_path(tiny_dataset, tmp_path):
-    """The same block-masked run through DeepSpeed with ``sparsity.kernel=triton`` (CPU:
-    Triton's interpreter) and ``torch``: equal losses (fp32, summation order only) and the
-    layers running the kernel asked for."""
-    pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
+def test_compiled_and_triton_kernels_train_like_the_pytorch_path(tmp_path):
+    """The same block-masked run through DeepSpeed with ``sparsity.kernel=cpu`` (the
+    compiled CPU kernels), ``triton`` (CPU: Triton's interpreter) and ``torch``: equal
+    losses (fp32, summation order only) and the layers running the kernel asked for.
+    16x16 images, batches of 2 and one validation batch keep the interpreter's run short
+    (its cost grows with the pixels each kernel covers)."""
+    from dsparse.kernels import cpu
+
+    dataset = tmp_path / "data"
+    write_synthetic_dataset(dataset, num_train=8, num_val=4, size=16, seed=0, shard_size=4, num_procs=1,
+                            progress=False)
+
+    kernels = ["torch"]
+    if cpu.available():
+        kernels.append("cpu")
+    try:
+        import dsparse.kernels.ops  # noqa: F401
+        kernels.append("triton")
+    except ImportError:
+        pass
+    if len(kernels) == 1:
+        pytest.skip("neither the compiled CPU kernels nor Triton run here")
     losses = {}
-    for kernel in ("torch", "triton"):
-        run = block_config(tiny_dataset, tmp_path / kernel, method="random", target=0.8, iterations=2)
+    for kernel in kernels:
+        run = block_config(dataset, tmp_path / kernel, method="random", target=0.8, iterations=2)
         run["sparsity"]["kernel"] = kernel
-        run["train"]["log_interval"] = 1
+        run["data"].update(batch_size=2, eval_batch_size=2)
+        run["train"].update(log_interval=1, eval_batches=1)
         trainer = Trainer(config_from_dict(run))
         losses[kernel] = losses_of(trainer)
         layers = trainer.sparsifier.state.applier.layers
         assert layers and all(layer.kernel == kernel for layer in layers.values())
-    assert len(losses["triton"]) == 2
-    torch.testing.assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["torch"]), rtol=1e-4, atol=1e-4)
+        assert layers and all(layer.compute_path(torch.zeros(1)) == kernel for layer in layers.values())
+    for kernel in kernels[1:]:
+        assert len(losses[kernel]) == 2
+        torch.testing.assert_close(torch.tensor(losses[kernel]), torch.tensor(losses["torch"]), rtol=1e-4, atol=1e-4)

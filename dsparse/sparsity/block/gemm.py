@@ -1,6 +1,10 @@
-"""Block-sparse GEMM on CPU (and any device) with PyTorch ops, forward and backward.
+"""Block-sparse GEMM, forward and backward: the compiled CPU kernels or PyTorch ops.
 
 torch's BSR tensors have no backward on CPU, so this is dsparse's own autograd function.
+With ``compiled=True`` its three products run the compiled CPU kernels
+(``dsparse.kernels.cpu``), which hold an output tile in registers while the kept blocks
+stream past; otherwise the PyTorch path below, which runs on any device and is the
+reference the kernels are tested against.
 It computes ``Y = X W^T`` for the input's GEMM view ``X [M, C * B]`` (``K`` zero-padded to
 whole blocks) and a block-sparse ``W [R * B, C * B]``. With ``X_c`` the ``c``-th block of
 ``B`` columns of ``X`` (a strided view, no copy) and ``W_rc`` the kept block ``(r, c)``:
@@ -27,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dsparse.kernels import cpu
 from dsparse.sparsity.block.layout import BlockLayout
 
 __all__ = ["block_sparse_gemm"]
@@ -54,11 +59,14 @@ def _is_column_major(matrix: Tensor) -> bool:
 class _BlockSparseGemm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, layout: BlockLayout, probe: Tensor | None,
-                column_major_out: bool) -> Tensor:
+                column_major_out: bool, compiled: bool) -> Tensor:
         block = values.shape[1]
         num_rows = layout.grid[0]
-        ctx.layout, ctx.has_probe = layout, probe is not None
+        ctx.layout, ctx.has_probe, ctx.compiled = layout, probe is not None, compiled
         ctx.save_for_backward(x, values)
+        if compiled:
+            return cpu.block_spmm(x, values, layout.row_ptr, layout.row_slots, layout.slot_cols, True,
+                                  column_major_out)
         y = _empty(x.shape[0], num_rows * block, x, column_major_out)
         for row in layout.empty_rows():
             _slab(y, row, block).zero_()
@@ -79,14 +87,20 @@ class _BlockSparseGemm(torch.autograd.Function):
         dense_grad = None
         if ctx.has_probe and ctx.needs_input_grad[3]:
             dense_grad = dprobe = dy.t() @ x
-        if ctx.needs_input_grad[0]:
+        if ctx.compiled:
+            if ctx.needs_input_grad[0]:
+                dx = cpu.block_spmm(dy, values, layout.col_ptr, layout.col_slots, layout.slot_rows, False,
+                                    _is_column_major(x))
+            if ctx.needs_input_grad[1] and dense_grad is None:
+                dvalues = cpu.block_weight_grad(dy, x, layout.row_ptr, layout.row_slots, layout.slot_cols, block)
+        elif ctx.needs_input_grad[0]:
             dx = _empty(x.shape[0], x.shape[1], x, _is_column_major(x))
             for col in layout.empty_cols():  # block columns no kept block reads get zero gradient
                 _slab(dx, col, block).zero_()
             for col, slots, rows in layout.cols():
                 _accumulate(_slab(dx, col, block), [_slab(dy, row, block) for row in rows],
                             [values[slot] for slot in slots])
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and dvalues is None:
             if dense_grad is not None:  # growth asked for it anyway: read the kept blocks from it
                 tiles = dense_grad.reshape(num_rows, block, num_cols, block).permute(0, 2, 1, 3)
                 dvalues = tiles[layout.slot_rows, layout.slot_cols]
@@ -96,11 +110,11 @@ class _BlockSparseGemm(torch.autograd.Function):
                     grad_rows = _slab(dy, row, block).t()
                     for slot, col in zip(slots, cols):
                         torch.mm(grad_rows, _slab(x, col, block), out=dvalues[slot])
-        return dx, dvalues, None, dprobe, None
+        return dx, dvalues, None, dprobe, None, None
 
 
 def block_sparse_gemm(x: Tensor, values: Tensor, layout: BlockLayout, probe: Tensor | None = None,
-                      column_major_out: bool = False) -> Tensor:
+                      column_major_out: bool = False, compiled: bool = False) -> Tensor:
     """``Y [M, R * B] = X W^T`` for a block-sparse ``W``.
 
     Args:
@@ -111,5 +125,7 @@ def block_sparse_gemm(x: Tensor, values: Tensor, layout: BlockLayout, probe: Ten
             the dense weight gradient (growth scores).
         column_major_out: return ``Y`` as the transpose of a contiguous ``[R * B, M]``
             (what a convolution's channels-first output wants) instead of row-major.
+        compiled: run the compiled CPU kernels (fp32 CPU tensors, ``cpu.BLOCKS``) instead
+            of PyTorch ops.
     """
-    return _BlockSparseGemm.apply(x, values, layout, probe, column_major_out)
+    return _BlockSparseGemm.apply(x, values, layout, probe, column_major_out, compiled)

@@ -30,13 +30,14 @@ from dsparse.sparsity.block.geometry import BlockGrid, block_grid
 
 __all__ = ["DENSE_ABOVE", "BlockSparseConv2d", "BlockSparseLayer", "BlockSparseLinear", "block_sparse_from_dense"]
 
-DENSE_ABOVE = {"linear": 0.3, "conv": 0.2}
-"""Kept-block fraction above which a layer runs the dense op (``F.linear``/``F.conv2d``,
-oneDNN on CPU) on a scratch weight assembled from its kept blocks, because there the
-per-block matmuls (and, for convolutions, the im2col) cost more than the skipped blocks
-save: measured crossovers on 2 cores with 32x32 blocks are between 65% and 75% sparsity
-for the 1024x1024 Linear and around 75% for the ResNet-34 3x3 convs (1x1 convs cross
-lower). The layer still stores only the kept blocks."""
+DENSE_ABOVE = {"torch": {"linear": 0.3, "conv": 0.2}, "cpu": {"linear": 0.3, "conv": 0.2}}
+"""Per compute path (``sparsity.kernel`` resolved), the kept-block fraction above which a
+layer runs the dense op (``F.linear``/``F.conv2d``, oneDNN on CPU) on a scratch weight
+assembled from its kept blocks, because there the block kernels (and, for convolutions,
+the im2col) cost more than the skipped blocks save. PyTorch path, measured on 2 cores with
+32x32 blocks: crossovers between 65% and 75% sparsity for the 1024x1024 Linear and around
+75% for the ResNet-34 3x3 convs (1x1 convs cross lower). The layer still stores only the
+kept blocks."""
 
 
 class BlockSparseLayer(nn.Module):
@@ -46,7 +47,8 @@ class BlockSparseLayer(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         self.kernel = kernel
-        """``sparsity.kernel``: auto | triton | torch, resolved on the input's device at each call."""
+        """``sparsity.kernel`` (``dsparse.kernels.Kernel``), resolved for the input's device and
+        dtype at each call."""
         self.geometry: BlockGrid = block_grid(weight_shape, block)
         layout = BlockLayout.from_mask(block_mask.to(device))
         self.blocks = nn.Parameter(torch.zeros(layout.num_slots, block, block, device=device, dtype=dtype))
@@ -114,9 +116,10 @@ class BlockSparseLayer(nn.Module):
 
     kind = "linear"
 
-    def uses_dense_scratch(self) -> bool:
-        """Whether this layer keeps so many blocks that a dense op is faster (see ``DENSE_ABOVE``)."""
-        return self.layout().density > DENSE_ABOVE[self.kind]
+    def uses_dense_scratch(self, path: str) -> bool:
+        """Whether this layer keeps so many blocks that a dense op is faster than ``path``
+        (see ``DENSE_ABOVE``)."""
+        return self.layout().density > DENSE_ABOVE[path][self.kind]
 
     def scratch_weight(self) -> Tensor:
         """A dense weight assembled from the kept blocks, differentiable (its gradient reaches
@@ -129,9 +132,9 @@ class BlockSparseLayer(nn.Module):
         weight = self.geometry.from_gemm(padded[: self.geometry.rows, : self.geometry.cols])
         return weight if self.probe is None else weight + self.probe
 
-    def runs_triton(self, x: Tensor) -> bool:
-        """Whether this call runs the Triton kernels (``dsparse.kernels``) or the PyTorch path."""
-        return resolve_kernel(self.kernel, x.device) == "triton"
+    def compute_path(self, x: Tensor) -> str:
+        """``"triton"``, ``"cpu"`` or ``"torch"``: what this call runs (``dsparse.kernels.resolve_kernel``)."""
+        return resolve_kernel(self.kernel, x.device, x.dtype, self.block)
 
     def _triton_linear(self, x: Tensor, layout: BlockLayout, out_features: int) -> Tensor:
         """``Y [M, out_features] = X W^T + b`` by the Triton kernels (bias fused), row-major."""
@@ -139,14 +142,16 @@ class BlockSparseLayer(nn.Module):
 
         return block_sparse_linear(x, self.blocks, self.bias, *_walks(layout), out_features)
 
-    def _gemm(self, x: Tensor, column_major_out: bool, walk: BlockLayout | None = None) -> Tensor:
-        """``Y = X W^T`` on the kept blocks, walking ``walk`` (the layout by default; its
-        compact form when ``x`` holds only the used block columns). With a probe set, ``x``
-        holds every column and the probe gets the dense weight gradient."""
+    def _gemm(self, x: Tensor, column_major_out: bool, path: str, walk: BlockLayout | None = None) -> Tensor:
+        """``Y = X W^T`` on the kept blocks by ``path`` (``"cpu"``: the compiled kernels),
+        walking ``walk`` (the layout by default; its compact form when ``x`` holds only the
+        used block columns). With a probe set, ``x`` holds every column and the probe gets
+        the dense weight gradient."""
         probe = None
         if self.probe is not None:
             probe = self.geometry.padded(self.geometry.to_gemm(self.probe))
-        return block_sparse_gemm(x, self.blocks, self.layout() if walk is None else walk, probe, column_major_out)
+        return block_sparse_gemm(x, self.blocks, self.layout() if walk is None else walk, probe, column_major_out,
+                                 compiled=path == "cpu")
 
 
 class BlockSparseLinear(BlockSparseLayer):
@@ -161,13 +166,14 @@ class BlockSparseLinear(BlockSparseLayer):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         rows = x.reshape(-1, self.in_features)
-        if self.runs_triton(x):
+        path = self.compute_path(x)
+        if path == "triton":
             out = self._triton_linear(rows, self.layout(), self.out_features).reshape(*lead, self.out_features)
             return out if self.probe is None else out + F.linear(x, self.probe)  # the probe's gradient: dense dW
-        if self.uses_dense_scratch():
+        if self.uses_dense_scratch(path):
             return F.linear(x, self.scratch_weight(), self.bias)
         padding = self.geometry.grid[1] * self.block - self.in_features
-        out = self._gemm(F.pad(rows, (0, padding)) if padding else rows, column_major_out=False)
+        out = self._gemm(F.pad(rows, (0, padding)) if padding else rows, column_major_out=False, path=path)
         out = out[:, :self.out_features]
         if self.bias is not None:
             out = out + self.bias
@@ -213,18 +219,19 @@ class BlockSparseConv2d(BlockSparseLayer):
         return self._plan[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.runs_triton(x):
+        path = self.compute_path(x)
+        if path == "triton":
             out = self._triton_forward(x)
             if self.probe is not None:  # the probe's gradient: the dense weight gradient
                 out = out + F.conv2d(x, self.probe, None, self.stride, self.padding, self.dilation)
             return out
-        if self.uses_dense_scratch():
+        if self.uses_dense_scratch(path):
             return F.conv2d(x, self.scratch_weight(), self.bias, self.stride, self.padding, self.dilation)
         batch = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
         layout = self.layout()
         used, walk = layout.compact() if self.probe is None else (None, layout)  # a probe needs every column
-        y = self._gemm(self.im2col(x, used).t(), column_major_out=True, walk=walk)
+        y = self._gemm(self.im2col(x, used).t(), column_major_out=True, path=path, walk=walk)
         out = y.t().reshape(-1, batch, out_h, out_w)[: self.out_channels].transpose(0, 1)
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
