@@ -291,16 +291,40 @@ TAP_ALIGNED_CONVS = [  # in_channels a multiple of the block (16), or 1x1: the T
 ]
 
 
+def implicit_gemm_kernel(kernel: str, monkeypatch) -> str:
+    """Skip where ``kernel``'s implicit GEMM cannot run; for ``cpu``, make any im2col an error
+    (a tap-aligned convolution must not build one)."""
+    if kernel == "triton":
+        pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
+        return kernel
+    from dsparse.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip(f"the compiled CPU kernels do not run here: {cpu.unavailable_reason()}")
+    force_dense_above(monkeypatch, 1.0)
+
+    def no_im2col(self, x, used=None):
+        if self.in_channels % self.block == 0:
+            raise AssertionError("a tap-aligned convolution built an im2col")
+        return original(self, x, used)
+
+    original = BlockSparseConv2d.im2col
+    monkeypatch.setattr(BlockSparseConv2d, "im2col", no_im2col)
+    return kernel
+
+
 @pytest.mark.parametrize("params", TAP_ALIGNED_CONVS, ids=lambda p: "c{in_channels}k{kernel_size}s{stride}d{dilation}"
                          .format(**{"stride": 1, "dilation": 1, **p}))
 @pytest.mark.parametrize("kept", [0.0, 0.1, 0.5, 1.0])
-def test_triton_implicit_gemm_conv_matches_dense_masked(params, kept):
+@pytest.mark.parametrize("kernel", ["cpu", "triton"])
+def test_implicit_gemm_conv_matches_dense_masked(params, kept, kernel, monkeypatch):
     """Forward, dX (implicit dgrad: every input position gathers its taps' output gradients)
-    and dW of the implicit-GEMM kernels, including stride 2 (input positions no tap reaches)."""
-    pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
+    and dW of the implicit-GEMM kernels (compiled CPU and Triton), including stride 2 (input
+    positions no tap reaches)."""
+    kernel = implicit_gemm_kernel(kernel, monkeypatch)
     torch.manual_seed(12)
     layer = nn.Conv2d(**params)
-    check_against_dense(layer, torch.randn(2, params["in_channels"], 9, 7), kept, 16, kernel="triton")
+    check_against_dense(layer, torch.randn(2, params["in_channels"], 9, 7), kept, 16, kernel=kernel)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 5e-2), (torch.float16, 1e-2)], ids=["bf16", "fp16"])
@@ -312,7 +336,10 @@ def test_triton_conv_half_precision(dtype, tolerance):
                         tolerance={"rtol": tolerance, "atol": tolerance}, kernel="triton")
 
 
-def test_triton_implicit_gemm_conv_block_64():
-    pytest.importorskip("dsparse.kernels.ops", reason="Triton is not installed")
+@pytest.mark.parametrize("block", [32, 64])
+@pytest.mark.parametrize("kernel", ["cpu", "triton"])
+def test_implicit_gemm_conv_blocks_32_and_64(block, kernel, monkeypatch):
+    kernel = implicit_gemm_kernel(kernel, monkeypatch)
     torch.manual_seed(14)
-    check_against_dense(nn.Conv2d(64, 72, 3, stride=2, padding=1), torch.randn(2, 64, 7, 6), 0.5, 64, kernel="triton")
+    check_against_dense(nn.Conv2d(64, 72, 3, stride=2, padding=1), torch.randn(2, 64, 7, 6), 0.5, block,
+                        kernel=kernel)

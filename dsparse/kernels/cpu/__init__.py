@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "block_spmm", "block_weight_grad", "unavailable_reason"]
+__all__ = ["available", "block_conv_forward", "block_conv_input_grad", "block_conv_weight_grad", "block_spmm",
+           "block_weight_grad", "unavailable_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,32 @@ def block_weight_grad(dy: Tensor, x: Tensor, row_ptr: Tensor, row_slots: Tensor,
     return torch.ops.dsparse_cpu.block_weight_grad(dy, x, row_ptr, row_slots, slot_cols, block)
 
 
+def block_conv_forward(x_nhwc: Tensor, values: Tensor, row_ptr: Tensor, row_slots: Tensor, slot_cols: Tensor,
+                       kernel_size, stride, padding, dilation) -> Tensor:
+    """``Y [N * Ho * Wo, R * B]`` (channels-last rows) of the block-sparse convolution of a
+    channels-last ``x [N, H, W, C]``, ``C`` a multiple of the block: implicit GEMM, no im2col."""
+    _require()
+    return torch.ops.dsparse_cpu.block_conv_forward(x_nhwc, values, row_ptr, row_slots, slot_cols, list(kernel_size),
+                                                    list(stride), list(padding), list(dilation))
+
+
+def block_conv_input_grad(dy: Tensor, values: Tensor, col_ptr: Tensor, col_slots: Tensor, slot_rows: Tensor,
+                          x_shape_nhwc, kernel_size, stride, padding, dilation) -> Tensor:
+    """``dX [N, H, W, C]`` (channels last) from ``dy [N * Ho * Wo, R * B]``."""
+    _require()
+    return torch.ops.dsparse_cpu.block_conv_input_grad(dy, values, col_ptr, col_slots, slot_rows, list(x_shape_nhwc),
+                                                       list(kernel_size), list(stride), list(padding), list(dilation))
+
+
+def block_conv_weight_grad(dy: Tensor, x_nhwc: Tensor, row_ptr: Tensor, row_slots: Tensor, slot_cols: Tensor,
+                           block: int, kernel_size, stride, padding, dilation) -> Tensor:
+    """``dW [S, B, B]`` of the kept blocks of the block-sparse convolution."""
+    _require()
+    return torch.ops.dsparse_cpu.block_conv_weight_grad(dy, x_nhwc, row_ptr, row_slots, slot_cols, block,
+                                                        list(kernel_size), list(stride), list(padding),
+                                                        list(dilation))
+
+
 def _require() -> None:
     if (reason := unavailable_reason()) is not None:
         raise RuntimeError(f"dsparse's CPU block-sparse kernels cannot run here: {reason}; use sparsity.kernel=torch")
@@ -124,4 +151,19 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("dsparse_cpu::block_weight_grad")
     def _(dy, x, row_ptr, row_slots, slot_cols, block):
+        return x.new_empty(slot_cols.shape[0], block, block)
+
+    @torch.library.register_fake("dsparse_cpu::block_conv_forward")
+    def _(x, values, row_ptr, row_slots, slot_cols, kernel_size, stride, padding, dilation):
+        batch, height, width, _ = x.shape
+        out_h = (height + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+        out_w = (width + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+        return x.new_empty(batch * out_h * out_w, (row_ptr.shape[0] - 1) * values.shape[1])
+
+    @torch.library.register_fake("dsparse_cpu::block_conv_input_grad")
+    def _(dy, values, col_ptr, col_slots, slot_rows, x_shape, kernel_size, stride, padding, dilation):
+        return dy.new_empty(x_shape)
+
+    @torch.library.register_fake("dsparse_cpu::block_conv_weight_grad")
+    def _(dy, x, row_ptr, row_slots, slot_cols, block, kernel_size, stride, padding, dilation):
         return x.new_empty(slot_cols.shape[0], block, block)

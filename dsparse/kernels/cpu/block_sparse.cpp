@@ -9,6 +9,9 @@
 //       columns with op = identity (dX_c = sum_r dY_r W_rc).
 //   block_weight_grad(dy, x, row_ptr, row_slots, slot_cols, B) -> [S, B, B]
 //       dW_s = dy[:, row of s]^T @ x[:, slot_cols[s]] for the kept blocks only.
+//   block_conv_forward / block_conv_input_grad / block_conv_weight_grad
+//       the same three products for a convolution as implicit GEMM over a channels-last
+//       input whose channels are a multiple of B (see the section below): no im2col.
 //
 // Everything is one register-tile kernel: an output tile of up to 6 rows x 16 lanes held in
 // 12 AVX registers while the kept blocks stream past it, one FMA per lane per reduction
@@ -233,50 +236,43 @@ at::Tensor block_spmm(const at::Tensor& a_in, const at::Tensor& values_in, const
 }
 
 // Packs rows [row0, row0 + depth) of a [M, *] matrix's block-column slab (B columns from
-// `first`) into a contiguous [depth, B] buffer.
+// `first`) into a contiguous [depth, B] buffer, reading along the source's unit stride (a
+// column-major source is read one column at a time, each a contiguous run of rows).
 void pack_rows(const float* first, int64_t row_stride, int64_t col_stride, int64_t row0, int64_t depth,
                int64_t block, float* packed) {
-  for (int64_t r = 0; r < depth; ++r) {
-    const float* src = first + (row0 + r) * row_stride;
-    float* dst = packed + r * block;
-    if (col_stride == 1) {
-      std::memcpy(dst, src, block * sizeof(float));
-    } else {
-      for (int64_t k = 0; k < block; ++k) dst[k] = src[k * col_stride];
+  if (col_stride == 1) {
+    for (int64_t r = 0; r < depth; ++r) {
+      std::memcpy(packed + r * block, first + (row0 + r) * row_stride, block * sizeof(float));
+    }
+  } else if (row_stride == 1) {
+    for (int64_t k = 0; k < block; ++k) {
+      const float* src = first + k * col_stride + row0;
+      for (int64_t r = 0; r < depth; ++r) packed[r * block + k] = src[r];
+    }
+  } else {
+    for (int64_t r = 0; r < depth; ++r) {
+      for (int64_t k = 0; k < block; ++k) packed[r * block + k] = first[(row0 + r) * row_stride + k * col_stride];
     }
   }
 }
 
-at::Tensor block_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr_in,
-                             const at::Tensor& row_slots_in, const at::Tensor& slot_cols_in, int64_t block) {
-  check_float(dy, "the output gradient");
-  check_float(x, "the input");
-  TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0), "block_weight_grad takes dy [M, R * B] and "
-              "x [M, C * B]");
-  TORCH_CHECK(block % kLanes == 0, "block_weight_grad needs a block size that is a multiple of 16, got ", block);
-  const std::vector<int64_t> row_ptr = host_ints(row_ptr_in), row_slots = host_ints(row_slots_in),
-                             slot_cols = host_ints(slot_cols_in);
-  const int64_t slots = static_cast<int64_t>(slot_cols.size()), m = x.size(0);
-  const int64_t block_rows = static_cast<int64_t>(row_ptr.size()) - 1;
-  TORCH_CHECK(static_cast<int64_t>(row_slots.size()) == slots && block_rows * block <= dy.size(1),
-              "block_weight_grad: the layout does not match the operands");
-  for (int64_t slot : row_slots) TORCH_CHECK(slot >= 0 && slot < slots, "block_weight_grad: slot out of range");
-  for (int64_t column : slot_cols) {
-    TORCH_CHECK(column >= 0 && (column + 1) * block <= x.size(1), "block_weight_grad: a slot lies outside x");
-  }
-  at::Tensor out = at::zeros({slots, block, block}, x.options());
+// dW over M, split-K: each thread reduces its own range of rows into its own copy of dW (no
+// barrier until the end), walking chunks of rows so that the chunk of dy and x it reads stays
+// in cache while every kept block uses it; the copies are summed at the end. `pack_x(slot,
+// row0, depth, packed)` writes rows [row0, row0 + depth) of the slot's x slab, [depth, B].
+template <class PackX>
+at::Tensor weight_grad_split_k(const at::Tensor& dy, int64_t m, const std::vector<int64_t>& row_ptr,
+                               const std::vector<int64_t>& row_slots, int64_t slots, int64_t block,
+                               const PackX& pack_x) {
+  at::Tensor out = at::zeros({slots, block, block}, dy.options());
   if (m == 0 || slots == 0) return out;
   const float* g = dy.data_ptr<float>();
   const int64_t g_row = dy.stride(0), g_col = dy.stride(1);
-  const float* xp = x.data_ptr<float>();
-  const int64_t x_row = x.stride(0), x_col = x.stride(1);
+  const int64_t block_rows = static_cast<int64_t>(row_ptr.size()) - 1;
   const LaneMask full(kLanes);
-  // Split-K over M: each thread reduces its own range of rows into its own copy of dW (no
-  // barrier until the end), walking chunks of rows so that the chunk of dy and x it reads
-  // stays in cache while every kept block uses it; the copies are summed at the end.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (m + kGradChunk - 1) / kGradChunk));
   const int64_t rows_per_part = (((m + parts - 1) / parts + kGradChunk - 1) / kGradChunk) * kGradChunk;
-  at::Tensor partial = parts > 1 ? at::zeros({parts - 1, slots, block, block}, x.options()) : at::Tensor();
+  at::Tensor partial = parts > 1 ? at::zeros({parts - 1, slots, block, block}, dy.options()) : at::Tensor();
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> packed_dy(kGradChunk * block), packed_x(kGradChunk * block);
     for (int64_t part = begin; part < end; ++part) {
@@ -290,10 +286,10 @@ at::Tensor block_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at
           pack_rows(g + row * block * g_col, g_row, g_col, row0, depth, block, packed_dy.data());
           for (int64_t e = row_ptr[row]; e < row_ptr[row + 1]; ++e) {
             const int64_t slot = row_slots[e];
-            pack_rows(xp + slot_cols[slot] * block * x_col, x_row, x_col, row0, depth, block, packed_x.data());
+            pack_x(slot, row0, depth, packed_x.data());
             const Segment segment{packed_dy.data(), packed_x.data()};
             float* o = result + slot * block * block;
-            // S[n, r] = dy[row0 + r, row * B + n], V[r, k] = x[row0 + r, col * B + k].
+            // S[n, r] = dy[row0 + r, row * B + n], V[r, k] = x slab[row0 + r, k].
             for (int64_t n = 0; n < block; n += kRows) {
               const int rows = static_cast<int>(std::min<int64_t>(kRows, block - n));
               for (int64_t lane = 0; lane < block; lane += kLanes) {
@@ -310,6 +306,321 @@ at::Tensor block_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at
   return out;
 }
 
+void check_layout(const std::vector<int64_t>& ptr, const std::vector<int64_t>& slots, int64_t num_slots,
+                  const char* op) {
+  TORCH_CHECK(static_cast<int64_t>(slots.size()) == num_slots && !ptr.empty() && ptr.front() == 0 &&
+              ptr.back() == num_slots, op, ": the layout does not match the blocks");
+  for (size_t i = 1; i < ptr.size(); ++i) TORCH_CHECK(ptr[i - 1] <= ptr[i], op, ": the layout's pointers decrease");
+  for (int64_t slot : slots) TORCH_CHECK(slot >= 0 && slot < num_slots, op, ": slot out of range");
+}
+
+at::Tensor block_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr_in,
+                             const at::Tensor& row_slots_in, const at::Tensor& slot_cols_in, int64_t block) {
+  check_float(dy, "the output gradient");
+  check_float(x, "the input");
+  TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0), "block_weight_grad takes dy [M, R * B] and "
+              "x [M, C * B]");
+  TORCH_CHECK(block % kLanes == 0, "block_weight_grad needs a block size that is a multiple of 16, got ", block);
+  const std::vector<int64_t> row_ptr = host_ints(row_ptr_in), row_slots = host_ints(row_slots_in),
+                             slot_cols = host_ints(slot_cols_in);
+  const int64_t slots = static_cast<int64_t>(slot_cols.size());
+  check_layout(row_ptr, row_slots, slots, "block_weight_grad");
+  TORCH_CHECK((static_cast<int64_t>(row_ptr.size()) - 1) * block <= dy.size(1),
+              "block_weight_grad: the layout has more block rows than dy");
+  for (int64_t column : slot_cols) {
+    TORCH_CHECK(column >= 0 && (column + 1) * block <= x.size(1), "block_weight_grad: a slot lies outside x");
+  }
+  const float* xp = x.data_ptr<float>();
+  const int64_t x_row = x.stride(0), x_col = x.stride(1);
+  return weight_grad_split_k(dy, x.size(0), row_ptr, row_slots, slots, block,
+                             [&](int64_t slot, int64_t row0, int64_t depth, float* packed) {
+                               pack_rows(xp + slot_cols[slot] * block * x_col, x_row, x_col, row0, depth, block,
+                                         packed);
+                             });
+}
+
+// ---- Convolutions as implicit GEMM over a channels-last (NHWC) input -------------------
+//
+// The GEMM view of a convolution has K = taps x input channels (taps outer). When the input
+// channels are a multiple of B, each block column is one tap and B consecutive channels, so a
+// row of the im2col slab a kept block reads is B contiguous floats of one input pixel (or zero
+// padding): the kernels gather those rows through pointers instead of building the im2col.
+
+struct Conv {
+  int64_t batch, height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w;
+
+  Conv(const std::vector<int64_t>& nhwc, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
+       const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation)
+      : batch(nhwc[0]), height(nhwc[1]), width(nhwc[2]), channels(nhwc[3]), kh(kernel[0]), kw(kernel[1]),
+        sh(stride[0]), sw(stride[1]), ph(padding[0]), pw(padding[1]), dh(dilation[0]), dw(dilation[1]) {
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+    TORCH_CHECK(out_h > 0 && out_w > 0, "block-sparse conv: the kernel does not fit the padded input");
+  }
+
+  int64_t outputs() const { return batch * out_h * out_w; }
+
+  // The input pixel output m reads at tap t, or -1 where it reads zero padding.
+  int64_t input_pixel(int64_t m, int64_t tap) const {
+    const int64_t ox = m % out_w, oy = (m / out_w) % out_h, n = m / (out_w * out_h);
+    const int64_t iy = oy * sh - ph + (tap / kw) * dh, ix = ox * sw - pw + (tap % kw) * dw;
+    if (iy < 0 || iy >= height || ix < 0 || ix >= width) return -1;
+    return (n * height + iy) * width + ix;
+  }
+
+  // The output pixel that reads input pixel p at tap t, or -1 where none does (stride).
+  int64_t output_pixel(int64_t p, int64_t tap) const {
+    const int64_t ix = p % width, iy = (p / width) % height, n = p / (width * height);
+    const int64_t y = iy + ph - (tap / kw) * dh, x = ix + pw - (tap % kw) * dw;
+    if (y < 0 || x < 0 || y % sh != 0 || x % sw != 0) return -1;
+    const int64_t oy = y / sh, ox = x / sw;
+    if (oy >= out_h || ox >= out_w) return -1;
+    return (n * out_h + oy) * out_w + ox;
+  }
+};
+
+alignas(64) const float kZeros[256] = {};
+
+// out[i, 0:16] = sum over segments g of sum_k rows[g][i][k] V_g[k, 0:16]: the scalar operand's
+// rows come through pointers (gathered pixels, zero padding), k along unit stride.
+template <int Rows>
+inline void gather_tile(const float* const* rows, const float* const* v, int count, int64_t depth, int64_t v_offset,
+                        int64_t v_k, float* out, int64_t out_i) {
+  __m256 low[Rows], high[Rows];
+  for (int i = 0; i < Rows; ++i) {
+    low[i] = _mm256_setzero_ps();
+    high[i] = _mm256_setzero_ps();
+  }
+  for (int g = 0; g < count; ++g) {
+    const float* const* s = rows + g * kRows;
+    const float* vk = v[g] + v_offset;
+    for (int64_t k = 0; k < depth; ++k) {
+      const __m256 v_low = _mm256_loadu_ps(vk), v_high = _mm256_loadu_ps(vk + 8);
+      for (int i = 0; i < Rows; ++i) {
+        const __m256 a = _mm256_broadcast_ss(s[i] + k);
+        low[i] = _mm256_fmadd_ps(a, v_low, low[i]);
+        high[i] = _mm256_fmadd_ps(a, v_high, high[i]);
+      }
+      vk += v_k;
+    }
+  }
+  for (int i = 0; i < Rows; ++i) {
+    _mm256_storeu_ps(out + i * out_i, low[i]);
+    _mm256_storeu_ps(out + i * out_i + 8, high[i]);
+  }
+}
+
+inline void gather_tile_rows(int rows, const float* const* s, const float* const* v, int count, int64_t depth,
+                             int64_t v_offset, int64_t v_k, float* out, int64_t out_i) {
+  switch (rows) {
+#define DSPARSE_GATHER(R) case R: gather_tile<R>(s, v, count, depth, v_offset, v_k, out, out_i); break;
+    DSPARSE_GATHER(6) DSPARSE_GATHER(5) DSPARSE_GATHER(4) DSPARSE_GATHER(3) DSPARSE_GATHER(2) DSPARSE_GATHER(1)
+#undef DSPARSE_GATHER
+    default: break;
+  }
+}
+
+// A kept block's place in the GEMM view: the tap and first channel of its block column.
+struct Tap {
+  int64_t tap, channel;
+};
+
+Tap tap_of(int64_t column, int64_t block, int64_t channels) {
+  return {column * block / channels, column * block % channels};
+}
+
+void check_conv_operands(const at::Tensor& x, const at::Tensor& values, const Conv& conv, const char* op) {
+  check_float(values, "the blocks");
+  TORCH_CHECK(values.dim() == 3 && values.size(1) == values.size(2) && values.is_contiguous(), op,
+              " takes contiguous values [S, B, B]");
+  const int64_t block = values.size(1);
+  TORCH_CHECK(block % kLanes == 0 && block <= 256, op, " needs a block size that is a multiple of 16, got ", block);
+  TORCH_CHECK(conv.channels % block == 0, op, " needs input channels that are a multiple of the block (",
+              conv.channels, " channels, blocks of ", block, "); use the im2col path");
+  (void)x;
+}
+
+// Y [N * Ho * Wo, R * B] (channels-last rows) of the block-sparse convolution of x (NHWC).
+at::Tensor block_conv_forward(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& row_ptr_in,
+                              const at::Tensor& row_slots_in, const at::Tensor& slot_cols_in,
+                              std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                              std::vector<int64_t> dilation) {
+  check_float(x_in, "the input");
+  TORCH_CHECK(x_in.dim() == 4, "block_conv_forward takes x [N, H, W, C] (channels last)");
+  const at::Tensor x = x_in.contiguous();
+  const Conv conv(x.sizes().vec(), kernel, stride, padding, dilation);
+  check_conv_operands(x, values, conv, "block_conv_forward");
+  const int64_t block = values.size(1);
+  const std::vector<int64_t> ptr = host_ints(row_ptr_in), slots = host_ints(row_slots_in),
+                             cols = host_ints(slot_cols_in);
+  check_layout(ptr, slots, values.size(0), "block_conv_forward");
+  const int64_t taps_k = conv.kh * conv.kw * conv.channels;
+  for (int64_t c : cols) TORCH_CHECK(c >= 0 && (c + 1) * block <= taps_k, "block_conv_forward: a slot lies outside K");
+  const int64_t blocks_out = static_cast<int64_t>(ptr.size()) - 1, m = conv.outputs();
+  at::Tensor out = at::empty({m, blocks_out * block}, x.options());
+  if (m == 0 || blocks_out == 0) return out;
+  const at::Tensor v_blocks = values.transpose(1, 2).contiguous();  // V[k][n] = W[n][k]
+  const float* vb = v_blocks.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  float* y = out.data_ptr<float>();
+  const int64_t ld = out.stride(0);
+  const int64_t chunks = (m + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, chunks * blocks_out, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> rows, v;
+    std::vector<Tap> taps;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t chunk = item / blocks_out, j = item % blocks_out;
+      const int64_t row0 = chunk * kRowChunk, row_end = std::min(m, row0 + kRowChunk);
+      const int count = static_cast<int>(ptr[j + 1] - ptr[j]);
+      taps.clear();
+      v.clear();
+      for (int64_t e = ptr[j]; e < ptr[j + 1]; ++e) {
+        taps.push_back(tap_of(cols[slots[e]], block, conv.channels));
+        v.push_back(vb + slots[e] * block * block);
+      }
+      rows.assign(static_cast<size_t>(count) * kRows, kZeros);
+      for (int64_t row = row0; row < row_end; row += kRows) {
+        const int tile = static_cast<int>(std::min<int64_t>(kRows, row_end - row));
+        if (count == 0) {
+          for (int i = 0; i < tile; ++i) std::memset(y + (row + i) * ld + j * block, 0, block * sizeof(float));
+          continue;
+        }
+        for (int g = 0; g < count; ++g) {
+          for (int i = 0; i < tile; ++i) {
+            const int64_t pixel = conv.input_pixel(row + i, taps[g].tap);
+            rows[g * kRows + i] = pixel < 0 ? kZeros : xp + pixel * conv.channels + taps[g].channel;
+          }
+        }
+        for (int64_t lane = 0; lane < block; lane += kLanes) {
+          gather_tile_rows(tile, rows.data(), v.data(), count, block, lane, block, y + row * ld + j * block + lane, ld);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// dX (NHWC) of the block-sparse convolution: each input pixel gathers, per tap, the dy row of
+// the output that read it (the transposed convolution), so no two threads write one pixel.
+// Pixels are walked in lines of one image row and one phase of the stride (ix = phase,
+// phase + sw, ...), so that for each tap either every pixel of a tile has an output that read
+// it or none has, and the taps none has are skipped: a stride-2 layer does not multiply the
+// three quarters of (pixel, tap) pairs that no output reads.
+at::Tensor block_conv_input_grad(const at::Tensor& dy_in, const at::Tensor& values, const at::Tensor& col_ptr_in,
+                                 const at::Tensor& col_slots_in, const at::Tensor& slot_rows_in,
+                                 std::vector<int64_t> x_shape, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                                 std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  check_float(dy_in, "the output gradient");
+  const at::Tensor dy = dy_in.contiguous();
+  const Conv conv(x_shape, kernel, stride, padding, dilation);
+  check_conv_operands(dy, values, conv, "block_conv_input_grad");
+  const int64_t block = values.size(1);
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == conv.outputs(), "block_conv_input_grad takes dy [N * Ho * Wo, R * B]");
+  const std::vector<int64_t> ptr = host_ints(col_ptr_in), slots = host_ints(col_slots_in),
+                             block_rows = host_ints(slot_rows_in);
+  check_layout(ptr, slots, values.size(0), "block_conv_input_grad");
+  const int64_t taps = conv.kh * conv.kw, channel_blocks = conv.channels / block;
+  TORCH_CHECK(static_cast<int64_t>(ptr.size()) - 1 == taps * channel_blocks,
+              "block_conv_input_grad: the layout's block columns do not match the convolution");
+  for (int64_t r : block_rows) TORCH_CHECK(r >= 0 && (r + 1) * block <= dy.size(1), "block_conv_input_grad: a slot lies outside dy");
+  at::Tensor out = at::empty({conv.batch, conv.height, conv.width, conv.channels}, dy.options());
+  if (out.numel() == 0) return out;
+  const float* g = dy.data_ptr<float>();
+  const int64_t ld_dy = dy.stride(0);
+  const float* w = values.data_ptr<float>();
+  float* dx = out.data_ptr<float>();
+  const int64_t phases = std::min(conv.sw, conv.width);
+  const int64_t lines = conv.batch * conv.height * phases;
+  at::parallel_for(0, lines * channel_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> v, active_rows, active_v;
+    std::vector<int64_t> seg_tap, seg_row;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t line = item / channel_blocks, jc = item % channel_blocks;
+      const int64_t phase = line % phases, image_row = line / phases;  // image_row = n * H + iy
+      const int64_t first_pixel = image_row * conv.width + phase;
+      const int64_t count_pixels = (conv.width - phase + conv.sw - 1) / conv.sw;
+      seg_tap.clear();
+      seg_row.clear();
+      v.clear();
+      for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t column = tap * channel_blocks + jc;
+        for (int64_t e = ptr[column]; e < ptr[column + 1]; ++e) {
+          seg_tap.push_back(tap);
+          seg_row.push_back(block_rows[slots[e]]);
+          v.push_back(w + slots[e] * block * block);  // V[n][k] = W[n][k]: lanes along k
+        }
+      }
+      const int count = static_cast<int>(v.size());
+      const int64_t pixel_step = conv.sw * conv.channels;
+      for (int64_t q = 0; q < count_pixels; q += kRows) {
+        const int tile = static_cast<int>(std::min<int64_t>(kRows, count_pixels - q));
+        const int64_t p = first_pixel + q * conv.sw;
+        float* o = dx + p * conv.channels + jc * block;
+        active_rows.clear();
+        active_v.clear();
+        for (int s = 0; s < count; ++s) {
+          bool any = false;
+          const float* tile_rows[kRows];
+          for (int i = 0; i < kRows; ++i) tile_rows[i] = kZeros;
+          for (int i = 0; i < tile; ++i) {
+            const int64_t m = conv.output_pixel(p + i * conv.sw, seg_tap[s]);
+            if (m >= 0) {
+              tile_rows[i] = g + m * ld_dy + seg_row[s] * block;
+              any = true;
+            }
+          }
+          if (!any) continue;
+          active_rows.insert(active_rows.end(), tile_rows, tile_rows + kRows);
+          active_v.push_back(v[s]);
+        }
+        if (active_v.empty()) {
+          for (int i = 0; i < tile; ++i) std::memset(o + i * pixel_step, 0, block * sizeof(float));
+          continue;
+        }
+        for (int64_t lane = 0; lane < block; lane += kLanes) {
+          gather_tile_rows(tile, active_rows.data(), active_v.data(), static_cast<int>(active_v.size()), block, lane,
+                           block, o + lane, pixel_step);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// dW of the kept blocks: the split-K reduction with each block's x slab gathered from the
+// pixels its tap reads.
+at::Tensor block_conv_weight_grad(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& row_ptr_in,
+                                  const at::Tensor& row_slots_in, const at::Tensor& slot_cols_in, int64_t block,
+                                  std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                                  std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  check_float(dy_in, "the output gradient");
+  check_float(x_in, "the input");
+  const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
+  TORCH_CHECK(x.dim() == 4, "block_conv_weight_grad takes x [N, H, W, C] (channels last)");
+  const Conv conv(x.sizes().vec(), kernel, stride, padding, dilation);
+  TORCH_CHECK(block % kLanes == 0 && conv.channels % block == 0, "block_conv_weight_grad needs input channels that "
+              "are a multiple of a block of 16, 32 or 64");
+  TORCH_CHECK(dy.dim() == 2 && dy.size(0) == conv.outputs(), "block_conv_weight_grad takes dy [N * Ho * Wo, R * B]");
+  const std::vector<int64_t> row_ptr = host_ints(row_ptr_in), row_slots = host_ints(row_slots_in),
+                             cols = host_ints(slot_cols_in);
+  const int64_t slots = static_cast<int64_t>(cols.size());
+  check_layout(row_ptr, row_slots, slots, "block_conv_weight_grad");
+  TORCH_CHECK((static_cast<int64_t>(row_ptr.size()) - 1) * block <= dy.size(1),
+              "block_conv_weight_grad: the layout has more block rows than dy");
+  const int64_t taps_k = conv.kh * conv.kw * conv.channels;
+  for (int64_t c : cols) TORCH_CHECK(c >= 0 && (c + 1) * block <= taps_k, "block_conv_weight_grad: a slot lies outside K");
+  const float* xp = x.data_ptr<float>();
+  return weight_grad_split_k(dy, conv.outputs(), row_ptr, row_slots, slots, block,
+                             [&](int64_t slot, int64_t row0, int64_t depth, float* packed) {
+                               const Tap tap = tap_of(cols[slot], block, conv.channels);
+                               for (int64_t r = 0; r < depth; ++r) {
+                                 const int64_t pixel = conv.input_pixel(row0 + r, tap.tap);
+                                 const float* src = pixel < 0 ? kZeros : xp + pixel * conv.channels + tap.channel;
+                                 std::memcpy(packed + r * block, src, block * sizeof(float));
+                               }
+                             });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsparse_cpu, m) {
@@ -317,9 +628,18 @@ TORCH_LIBRARY(dsparse_cpu, m) {
         "bool column_major_out) -> Tensor");
   m.def("block_weight_grad(Tensor dy, Tensor x, Tensor row_ptr, Tensor row_slots, Tensor slot_cols, int block) -> "
         "Tensor");
+  m.def("block_conv_forward(Tensor x, Tensor values, Tensor row_ptr, Tensor row_slots, Tensor slot_cols, "
+        "int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def("block_conv_input_grad(Tensor dy, Tensor values, Tensor col_ptr, Tensor col_slots, Tensor slot_rows, "
+        "int[] x_shape, int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def("block_conv_weight_grad(Tensor dy, Tensor x, Tensor row_ptr, Tensor row_slots, Tensor slot_cols, int block, "
+        "int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsparse_cpu, CPU, m) {
   m.impl("block_spmm", &block_spmm);
   m.impl("block_weight_grad", &block_weight_grad);
+  m.impl("block_conv_forward", &block_conv_forward);
+  m.impl("block_conv_input_grad", &block_conv_input_grad);
+  m.impl("block_conv_weight_grad", &block_conv_weight_grad);
 }

@@ -34,7 +34,7 @@ from torch import Tensor
 from dsparse.kernels import cpu
 from dsparse.sparsity.block.layout import BlockLayout
 
-__all__ = ["block_sparse_gemm"]
+__all__ = ["block_sparse_conv_nhwc", "block_sparse_gemm"]
 
 
 def _slab(matrix: Tensor, index: int, block: int) -> Tensor:
@@ -129,3 +129,55 @@ def block_sparse_gemm(x: Tensor, values: Tensor, layout: BlockLayout, probe: Ten
             of PyTorch ops.
     """
     return _BlockSparseGemm.apply(x, values, layout, probe, column_major_out, compiled)
+
+
+class _CompiledConv(torch.autograd.Function):
+    """A convolution whose input channels are a multiple of the block, by the compiled
+    implicit-GEMM kernels: the input is made channels-last once (its one copy, kept for dW,
+    instead of an im2col of up to ``kh * kw`` times its size), the output and the input
+    gradient come back channels-first and contiguous."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, values: Tensor, layout: BlockLayout, out_channels: int, conv: tuple) -> Tensor:
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+        y = cpu.block_conv_forward(x_nhwc, values, layout.row_ptr, layout.row_slots, layout.slot_cols, *conv)
+        batch = x.shape[0]
+        out_h, out_w = _output_size(x.shape[2:], conv)
+        ctx.save_for_backward(x_nhwc, values)
+        ctx.layout, ctx.conv, ctx.out_channels = layout, conv, out_channels
+        return y.view(batch, out_h, out_w, -1)[..., :out_channels].permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x_nhwc, values = ctx.saved_tensors
+        layout, conv = ctx.layout, ctx.conv
+        block = values.shape[1]
+        batch, _, out_h, out_w = grad.shape
+        width = layout.grid[0] * block
+        dy = grad.new_zeros(batch, out_h, out_w, width) if width > ctx.out_channels else grad.new_empty(
+            batch, out_h, out_w, width)
+        dy[..., :ctx.out_channels] = grad.permute(0, 2, 3, 1)
+        dy = dy.view(-1, width)
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            dx = cpu.block_conv_input_grad(dy, values, layout.col_ptr, layout.col_slots, layout.slot_rows,
+                                           list(x_nhwc.shape), *conv).permute(0, 3, 1, 2).contiguous()
+        if ctx.needs_input_grad[1]:
+            dvalues = cpu.block_conv_weight_grad(dy, x_nhwc, layout.row_ptr, layout.row_slots, layout.slot_cols, block,
+                                                 *conv)
+        return dx, dvalues, None, None, None
+
+
+def _output_size(size, conv) -> tuple[int, int]:
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv
+    height, width = size
+    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+
+def block_sparse_conv_nhwc(x: Tensor, values: Tensor, layout: BlockLayout, out_channels: int, kernel_size, stride,
+                           padding, dilation) -> Tensor:
+    """The block-sparse convolution of ``x [N, C, H, W]`` (no bias) by the compiled CPU
+    kernels' implicit GEMM; ``C`` must be a multiple of the block (each block column is
+    then one tap and a run of channels)."""
+    conv = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
+    return _CompiledConv.apply(x, values, layout, out_channels, conv)

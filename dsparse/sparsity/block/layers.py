@@ -6,8 +6,9 @@ classes stay plain ``nn.Module``s. A layer keeps its kept blocks in the paramete
 gradient and stays zero) and their positions in the int64 buffers ``slot_rows`` and
 ``slot_cols``, so checkpoints carry the layout with the weights.
 
-Below ``DENSE_ABOVE`` kept fraction, ``Conv2d`` is lowered to the block-sparse GEMM by an
-explicit im2col in the GEMM view's order (taps outer, input channels inner; see
+Below ``DENSE_ABOVE`` kept fraction, ``Conv2d`` runs the compiled CPU kernels' implicit
+GEMM where it can (``runs_implicit_gemm``: the input made channels-last once, no im2col);
+otherwise it is lowered to the block-sparse GEMM by an explicit im2col in the GEMM view's order (taps outer, input channels inner; see
 ``dsparse.sparsity.block.geometry``) that copies only the block columns some kept block reads:
 one strided slice of the padded input per run of one tap's channels, into a
 ``[U * B, N * Ho * Wo]`` buffer, ``U`` the used block columns. Its memory cost is ``U * B / in_channels`` times the layer's input, at most
@@ -24,20 +25,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsparse.kernels import resolve_kernel
-from dsparse.sparsity.block.gemm import block_sparse_gemm
+from dsparse.sparsity.block.gemm import block_sparse_conv_nhwc, block_sparse_gemm
 from dsparse.sparsity.block.layout import BlockLayout
 from dsparse.sparsity.block.geometry import BlockGrid, block_grid
 
 __all__ = ["DENSE_ABOVE", "BlockSparseConv2d", "BlockSparseLayer", "BlockSparseLinear", "block_sparse_from_dense"]
 
-DENSE_ABOVE = {"torch": {"linear": 0.3, "conv": 0.2}, "cpu": {"linear": 0.3, "conv": 0.2}}
+DENSE_ABOVE = {"torch": {"linear": 0.3, "conv": 0.2}, "cpu": {"linear": 0.7, "conv": 0.5}}
 """Per compute path (``sparsity.kernel`` resolved), the kept-block fraction above which a
 layer runs the dense op (``F.linear``/``F.conv2d``, oneDNN on CPU) on a scratch weight
 assembled from its kept blocks, because there the block kernels (and, for convolutions,
-the im2col) cost more than the skipped blocks save. PyTorch path, measured on 2 cores with
-32x32 blocks: crossovers between 65% and 75% sparsity for the 1024x1024 Linear and around
-75% for the ResNet-34 3x3 convs (1x1 convs cross lower). The layer still stores only the
-kept blocks."""
+the im2col) cost more than the skipped blocks save. Crossovers measured forward+backward on
+2 cores with 32x32 blocks: PyTorch path, between 65% and 75% sparsity for the 1024x1024
+Linear and around 75% for the ResNet-34 3x3 convs; compiled kernels (implicit GEMM for
+the 3x3 convs), about 30% for the Linear and 50% for the convs.
+The layer still stores only the kept blocks."""
 
 
 class BlockSparseLayer(nn.Module):
@@ -227,6 +229,10 @@ class BlockSparseConv2d(BlockSparseLayer):
             return out
         if self.uses_dense_scratch(path):
             return F.conv2d(x, self.scratch_weight(), self.bias, self.stride, self.padding, self.dilation)
+        if path == "cpu" and self.runs_implicit_gemm():
+            out = block_sparse_conv_nhwc(x, self.blocks, self.layout(), self.out_channels, self.kernel_size,
+                                         self.stride, self.padding, self.dilation)
+            return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
         batch = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
         layout = self.layout()
@@ -236,6 +242,14 @@ class BlockSparseConv2d(BlockSparseLayer):
         if self.bias is not None:
             out = out + self.bias.view(1, -1, 1, 1)
         return out
+
+    def runs_implicit_gemm(self) -> bool:
+        """Whether the compiled CPU kernels run this layer as implicit GEMM (no im2col): each
+        block column must be one tap (input channels a multiple of the block), and for 1x1
+        convolutions the im2col path is faster (its "im2col" is one strided copy, and its
+        channels-first output needs no layout change). At mask-update steps (a probe set)
+        the im2col path gives the dense weight gradient."""
+        return self.probe is None and self.in_channels % self.block == 0 and self.kernel_size != (1, 1)
 
     def _triton_forward(self, x: Tensor) -> Tensor:
         """The Triton kernels' implicit-GEMM output, channels-last in memory (no copy)."""
