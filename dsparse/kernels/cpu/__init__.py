@@ -4,7 +4,7 @@ Why compiled: the PyTorch path issues one BLAS call per kept block, and a ``[M, 
 [32, 32]`` call runs at a fraction of the dense GEMM's FLOP rate, which bounds its speed-up
 near 3x however sparse the layer. These kernels keep an output tile in registers while a
 block row's (or column's) kept blocks stream past it, so they run near the dense rate on
-the kept blocks only.
+the kept blocks only; 3x3 convolutions run as implicit GEMM, without an im2col.
 
 Built with the system C++ compiler through ``torch.utils.cpp_extension`` the first time a
 layer needs them, into ``$DSPARSE_KERNEL_CACHE`` (default ``~/.cache/dsparse/kernels``)
