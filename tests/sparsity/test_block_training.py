@@ -202,3 +202,33 @@ def test_compiled_and_triton_kernels_train_like_the_pytorch_path(tmp_path):
     for kernel in kernels[1:]:
         assert len(losses[kernel]) == 2
         torch.testing.assert_close(torch.tensor(losses[kernel]), torch.tensor(losses["torch"]), rtol=1e-4, atol=1e-4)
+
+
+def _logged_losses(log: str) -> list[list[float]]:
+    """Per-step task losses from the trainer's progress lines (``step k/N | loss seg 1.2 ...``)."""
+    steps = []
+    for line in log.splitlines():
+        if " | loss " in line and "step " in line:
+            fields = line.split(" | loss ")[1].split(" | ")[0].split()
+            steps.append([float(value) for value in fields[1::2]])
+    return steps
+
+
+def test_two_ranks_train_alike_on_the_compiled_and_pytorch_kernels(tiny_dataset, tmp_path, torchrun_train):
+    """A 2-rank DeepSpeed run (ZeRO 1) of block layers on the compiled CPU kernels and on the
+    PyTorch path: the same per-step losses up to fp32 summation order (the progress lines
+    print 4 decimals; tolerance 2e-3)."""
+    from dsparse.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip(f"the compiled CPU kernels do not run here: {cpu.unavailable_reason()}")
+    losses = {}
+    for kernel in ("cpu", "torch"):
+        run = block_config(tiny_dataset, tmp_path / kernel, zero_stage=1, method="random", target=0.8, iterations=2)
+        run["sparsity"]["kernel"] = kernel
+        run["train"].update(log_interval=1, eval_batches=1)
+        summary, log = torchrun_train(run, with_log=True)
+        assert summary["world_size"] == 2 and summary["status"] == "complete"
+        losses[kernel] = _logged_losses(log)
+    assert len(losses["cpu"]) == 2 and all(len(step) == 5 for step in losses["cpu"])
+    torch.testing.assert_close(torch.tensor(losses["cpu"]), torch.tensor(losses["torch"]), rtol=0, atol=2e-3)
