@@ -60,13 +60,13 @@ def _build() -> str | None:
     name = "dsparse_block_cpu_" + directory.name.rsplit("-", 1)[-1]
     fresh = not any(directory.glob("*.so"))
     if fresh:
-        log.info("compiling dsparse's CPU block-sparse kernels into %s (once per machine kind, about a minute)",
+        log.info("compiling dsparse's CPU block-sparse kernels into %s (once per machine kind, about 20 s)",
                  directory)
-    directory.mkdir(parents=True, exist_ok=True)
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                            build_directory=str(directory), is_python_module=False, verbose=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: fall back, said once
+    except Exception as error:  # no compiler, no ninja, an unwritable cache, a failed build: fall back, said once
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"building them failed ({first_line})"
     _register_fakes()
@@ -79,7 +79,7 @@ def unavailable_reason() -> str | None:
         _STATE["reason"] = _build()
         if _STATE["reason"] is not None:
             log.warning("dsparse CPU block-sparse kernels unavailable: %s; block-sparse layers use the PyTorch "
-                        "path (slower, same results)", _STATE["reason"])
+                        "path (slower; the same results up to float rounding)", _STATE["reason"])
     return _STATE["reason"]  # type: ignore[return-value]
 
 
@@ -141,8 +141,14 @@ def _require() -> None:
         raise RuntimeError(f"dsparse's CPU block-sparse kernels cannot run here: {reason}; use sparsity.kernel=torch")
 
 
+_FAKES: list[bool] = []
+
+
 def _register_fakes() -> None:
-    """Shapes for tracing (``torch.compile``, meta tensors)."""
+    """Shapes for tracing (``torch.compile``, meta tensors); registered once per process."""
+    if _FAKES:
+        return
+    _FAKES.append(True)
 
     @torch.library.register_fake("dsparse_cpu::block_spmm")
     def _(a, values, ptr, slots, index, transpose_blocks, column_major_out):
