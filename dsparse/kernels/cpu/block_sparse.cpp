@@ -138,6 +138,14 @@ std::vector<int64_t> host_ints(const at::Tensor& t) {
   return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
 }
 
+void check_layout(const std::vector<int64_t>& ptr, const std::vector<int64_t>& slots, int64_t num_slots,
+                  const char* op) {
+  TORCH_CHECK(static_cast<int64_t>(slots.size()) == num_slots && !ptr.empty() && ptr.front() == 0 &&
+              ptr.back() == num_slots, op, ": the layout does not match the blocks");
+  for (size_t i = 1; i < ptr.size(); ++i) TORCH_CHECK(ptr[i - 1] <= ptr[i], op, ": the layout's pointers decrease");
+  for (int64_t slot : slots) TORCH_CHECK(slot >= 0 && slot < num_slots, op, ": slot out of range");
+}
+
 at::Tensor block_spmm(const at::Tensor& a_in, const at::Tensor& values_in, const at::Tensor& ptr_in,
                       const at::Tensor& slots_in, const at::Tensor& idx_in, bool transpose_w, bool column_major_out) {
   check_float(a_in, "the input");
@@ -152,7 +160,7 @@ at::Tensor block_spmm(const at::Tensor& a_in, const at::Tensor& values_in, const
   const int64_t blocks_out = static_cast<int64_t>(ptr.size()) - 1;
   const int64_t m = a_in.size(0);
   const at::Tensor values = values_in.contiguous();
-  for (int64_t slot : slots) TORCH_CHECK(slot >= 0 && slot < values.size(0), "block_spmm: slot out of range");
+  check_layout(ptr, slots, values.size(0), "block_spmm");
   for (int64_t column : idx) TORCH_CHECK(column >= 0 && column * block < a_in.size(1), "block_spmm: block index out of range");
 
   at::Tensor out = column_major_out ? at::empty({blocks_out * block, m}, a_in.options()).t()
@@ -306,13 +314,6 @@ at::Tensor weight_grad_split_k(const at::Tensor& dy, int64_t m, const std::vecto
   return out;
 }
 
-void check_layout(const std::vector<int64_t>& ptr, const std::vector<int64_t>& slots, int64_t num_slots,
-                  const char* op) {
-  TORCH_CHECK(static_cast<int64_t>(slots.size()) == num_slots && !ptr.empty() && ptr.front() == 0 &&
-              ptr.back() == num_slots, op, ": the layout does not match the blocks");
-  for (size_t i = 1; i < ptr.size(); ++i) TORCH_CHECK(ptr[i - 1] <= ptr[i], op, ": the layout's pointers decrease");
-  for (int64_t slot : slots) TORCH_CHECK(slot >= 0 && slot < num_slots, op, ": slot out of range");
-}
 
 at::Tensor block_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& row_ptr_in,
                              const at::Tensor& row_slots_in, const at::Tensor& slot_cols_in, int64_t block) {
