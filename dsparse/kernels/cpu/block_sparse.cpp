@@ -361,73 +361,86 @@ struct Conv {
 
   int64_t outputs() const { return batch * out_h * out_w; }
 
-  // The input pixel output m reads at tap t, or -1 where it reads zero padding.
-  int64_t input_pixel(int64_t m, int64_t tap) const {
+  // Where output pixel m's receptive field starts: its image's first input row, and the
+  // input row and column of its top-left tap (negative inside the padding). Computed once
+  // per output pixel (or stepped with next), so the per-tap lookups below do no division.
+  struct Window {
+    int64_t image_row, y, x;
+  };
+
+  Window window(int64_t m) const {
     const int64_t ox = m % out_w, oy = (m / out_w) % out_h, n = m / (out_w * out_h);
-    const int64_t iy = oy * sh - ph + (tap / kw) * dh, ix = ox * sw - pw + (tap % kw) * dw;
-    if (iy < 0 || iy >= height || ix < 0 || ix >= width) return -1;
-    return (n * height + iy) * width + ix;
+    return {n * height, oy * sh - ph, ox * sw - pw};
   }
 
-  // The output pixel that reads input pixel p at tap t, or -1 where none does (stride).
-  int64_t output_pixel(int64_t p, int64_t tap) const {
-    const int64_t ix = p % width, iy = (p / width) % height, n = p / (width * height);
-    const int64_t y = iy + ph - (tap / kw) * dh, x = ix + pw - (tap % kw) * dw;
-    if (y < 0 || x < 0 || y % sh != 0 || x % sw != 0) return -1;
-    const int64_t oy = y / sh, ox = x / sw;
-    if (oy >= out_h || ox >= out_w) return -1;
-    return (n * out_h + oy) * out_w + ox;
+  void next(Window& w) const {  // the window of the next output pixel
+    w.x += sw;
+    if (w.x > (out_w - 1) * sw - pw) {
+      w.x = -pw;
+      w.y += sh;
+      if (w.y > (out_h - 1) * sh - ph) {
+        w.y = -ph;
+        w.image_row += height;
+      }
+    }
+  }
+
+  // The input pixel window w reads at a tap's offsets (ty, tx) = (ky * dh, kx * dw), or -1
+  // where it reads zero padding.
+  int64_t pixel(const Window& w, int64_t ty, int64_t tx) const {
+    const int64_t iy = w.y + ty, ix = w.x + tx;
+    if (static_cast<uint64_t>(iy) >= static_cast<uint64_t>(height) ||
+        static_cast<uint64_t>(ix) >= static_cast<uint64_t>(width)) {
+      return -1;
+    }
+    return (w.image_row + iy) * width + ix;
   }
 };
 
 alignas(64) const float kZeros[256] = {};
 
-// out[i, 0:16] = sum over segments g of sum_k rows[g][i][k] V_g[k, 0:16]: the scalar operand's
-// rows come through pointers (gathered pixels, zero padding), k along unit stride.
-template <int Rows>
-inline void gather_tile(const float* const* rows, const float* const* v, int count, int64_t depth, int64_t v_offset,
-                        int64_t v_k, float* out, int64_t out_i) {
-  __m256 low[Rows], high[Rows];
-  for (int i = 0; i < Rows; ++i) {
-    low[i] = _mm256_setzero_ps();
-    high[i] = _mm256_setzero_ps();
-  }
+// out[i, 0:16] (i < rows) = sum over segments g of sum_k rows[g][i][k] V_g[k, 0:16]: the
+// scalar operand's rows come through pointers (gathered pixels, zero padding), k along unit
+// stride. All kRows row pointers of a segment must be readable (kZeros past the tile): the
+// tile always runs six rows, in twelve named accumulators, because GCC kept an array of
+// them in registers only with stack copies stored at every step (half the FMA rate).
+inline void gather_tile(int rows, const float* const* s, const float* const* v, int count, int64_t depth,
+                        int64_t v_offset, int64_t v_k, float* out, int64_t out_i) {
+  static_assert(kRows == 6, "gather_tile names six rows");
+  __m256 l0 = _mm256_setzero_ps(), h0 = l0, l1 = l0, h1 = l0, l2 = l0, h2 = l0, l3 = l0, h3 = l0, l4 = l0, h4 = l0,
+         l5 = l0, h5 = l0;
   for (int g = 0; g < count; ++g) {
-    const float* const* s = rows + g * kRows;
+    const float* const* r = s + g * kRows;
+    const float *r0 = r[0], *r1 = r[1], *r2 = r[2], *r3 = r[3], *r4 = r[4], *r5 = r[5];
     const float* vk = v[g] + v_offset;
-    for (int64_t k = 0; k < depth; ++k) {
-      const __m256 v_low = _mm256_loadu_ps(vk), v_high = _mm256_loadu_ps(vk + 8);
-      for (int i = 0; i < Rows; ++i) {
-        const __m256 a = _mm256_broadcast_ss(s[i] + k);
-        low[i] = _mm256_fmadd_ps(a, v_low, low[i]);
-        high[i] = _mm256_fmadd_ps(a, v_high, high[i]);
-      }
-      vk += v_k;
+    for (int64_t k = 0; k < depth; ++k, vk += v_k) {
+      const __m256 vl = _mm256_loadu_ps(vk), vh = _mm256_loadu_ps(vk + 8);
+#define DSPARSE_ROW(I)                                 \
+  {                                                    \
+    const __m256 a = _mm256_broadcast_ss(r##I + k);    \
+    l##I = _mm256_fmadd_ps(a, vl, l##I);               \
+    h##I = _mm256_fmadd_ps(a, vh, h##I);               \
+  }
+      DSPARSE_ROW(0) DSPARSE_ROW(1) DSPARSE_ROW(2) DSPARSE_ROW(3) DSPARSE_ROW(4) DSPARSE_ROW(5)
+#undef DSPARSE_ROW
     }
   }
-  for (int i = 0; i < Rows; ++i) {
+  const __m256 low[kRows] = {l0, l1, l2, l3, l4, l5}, high[kRows] = {h0, h1, h2, h3, h4, h5};
+  for (int i = 0; i < rows; ++i) {
     _mm256_storeu_ps(out + i * out_i, low[i]);
     _mm256_storeu_ps(out + i * out_i + 8, high[i]);
   }
 }
 
-inline void gather_tile_rows(int rows, const float* const* s, const float* const* v, int count, int64_t depth,
-                             int64_t v_offset, int64_t v_k, float* out, int64_t out_i) {
-  switch (rows) {
-#define DSPARSE_GATHER(R) case R: gather_tile<R>(s, v, count, depth, v_offset, v_k, out, out_i); break;
-    DSPARSE_GATHER(6) DSPARSE_GATHER(5) DSPARSE_GATHER(4) DSPARSE_GATHER(3) DSPARSE_GATHER(2) DSPARSE_GATHER(1)
-#undef DSPARSE_GATHER
-    default: break;
-  }
-}
-
-// A kept block's place in the GEMM view: the tap and first channel of its block column.
+// A kept block's place in the GEMM view: the tap of its block column (its input offsets
+// ty = ky * dh, tx = kx * dw) and the column's first channel.
 struct Tap {
-  int64_t tap, channel;
+  int64_t ty, tx, channel;
 };
 
-Tap tap_of(int64_t column, int64_t block, int64_t channels) {
-  return {column * block / channels, column * block % channels};
+Tap tap_of(int64_t column, int64_t block, const Conv& conv) {
+  const int64_t tap = column * block / conv.channels;
+  return {(tap / conv.kw) * conv.dh, (tap % conv.kw) * conv.dw, column * block % conv.channels};
 }
 
 void check_conv_operands(const at::Tensor& x, const at::Tensor& values, const Conv& conv, const char* op) {
@@ -476,7 +489,7 @@ at::Tensor block_conv_forward(const at::Tensor& x_in, const at::Tensor& values, 
       taps.clear();
       v.clear();
       for (int64_t e = ptr[j]; e < ptr[j + 1]; ++e) {
-        taps.push_back(tap_of(cols[slots[e]], block, conv.channels));
+        taps.push_back(tap_of(cols[slots[e]], block, conv));
         v.push_back(vb + slots[e] * block * block);
       }
       rows.assign(static_cast<size_t>(count) * kRows, kZeros);
@@ -486,14 +499,20 @@ at::Tensor block_conv_forward(const at::Tensor& x_in, const at::Tensor& values, 
           for (int i = 0; i < tile; ++i) std::memset(y + (row + i) * ld + j * block, 0, block * sizeof(float));
           continue;
         }
+        Conv::Window windows[kRows];
+        windows[0] = conv.window(row);
+        for (int i = 1; i < tile; ++i) {
+          windows[i] = windows[i - 1];
+          conv.next(windows[i]);
+        }
         for (int g = 0; g < count; ++g) {
           for (int i = 0; i < tile; ++i) {
-            const int64_t pixel = conv.input_pixel(row + i, taps[g].tap);
+            const int64_t pixel = conv.pixel(windows[i], taps[g].ty, taps[g].tx);
             rows[g * kRows + i] = pixel < 0 ? kZeros : xp + pixel * conv.channels + taps[g].channel;
           }
         }
         for (int64_t lane = 0; lane < block; lane += kLanes) {
-          gather_tile_rows(tile, rows.data(), v.data(), count, block, lane, block, y + row * ld + j * block + lane, ld);
+          gather_tile(tile, rows.data(), v.data(), count, block, lane, block, y + row * ld + j * block + lane, ld);
         }
       }
     }
@@ -534,20 +553,26 @@ at::Tensor block_conv_input_grad(const at::Tensor& dy_in, const at::Tensor& valu
   const int64_t lines = conv.batch * conv.height * phases;
   at::parallel_for(0, lines * channel_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> v, active_rows, active_v;
-    std::vector<int64_t> seg_tap, seg_row;
+    std::vector<int64_t> seg_dy, seg_x0;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t line = item / channel_blocks, jc = item % channel_blocks;
       const int64_t phase = line % phases, image_row = line / phases;  // image_row = n * H + iy
+      const int64_t n = image_row / conv.height, iy = image_row % conv.height;
       const int64_t first_pixel = image_row * conv.width + phase;
       const int64_t count_pixels = (conv.width - phase + conv.sw - 1) / conv.sw;
-      seg_tap.clear();
-      seg_row.clear();
+      // The segments whose tap reaches this line from some output row and column phase:
+      // their dy rows start at seg_dy (output row oy, column 0, the block row's channels),
+      // and pixel q of the line reads output column seg_x0 + q.
+      seg_dy.clear();
+      seg_x0.clear();
       v.clear();
       for (int64_t tap = 0; tap < taps; ++tap) {
+        const int64_t y = iy + conv.ph - (tap / conv.kw) * conv.dh, x = phase + conv.pw - (tap % conv.kw) * conv.dw;
+        if (y < 0 || y % conv.sh != 0 || y / conv.sh >= conv.out_h || x % conv.sw != 0) continue;
         const int64_t column = tap * channel_blocks + jc;
         for (int64_t e = ptr[column]; e < ptr[column + 1]; ++e) {
-          seg_tap.push_back(tap);
-          seg_row.push_back(block_rows[slots[e]]);
+          seg_dy.push_back((n * conv.out_h + y / conv.sh) * conv.out_w * ld_dy + block_rows[slots[e]] * block);
+          seg_x0.push_back(x / conv.sw);
           v.push_back(w + slots[e] * block * block);  // V[n][k] = W[n][k]: lanes along k
         }
       }
@@ -564,9 +589,9 @@ at::Tensor block_conv_input_grad(const at::Tensor& dy_in, const at::Tensor& valu
           const float* tile_rows[kRows];
           for (int i = 0; i < kRows; ++i) tile_rows[i] = kZeros;
           for (int i = 0; i < tile; ++i) {
-            const int64_t m = conv.output_pixel(p + i * conv.sw, seg_tap[s]);
-            if (m >= 0) {
-              tile_rows[i] = g + m * ld_dy + seg_row[s] * block;
+            const int64_t ox = seg_x0[s] + q + i;
+            if (static_cast<uint64_t>(ox) < static_cast<uint64_t>(conv.out_w)) {
+              tile_rows[i] = g + seg_dy[s] + ox * ld_dy;
               any = true;
             }
           }
@@ -579,7 +604,7 @@ at::Tensor block_conv_input_grad(const at::Tensor& dy_in, const at::Tensor& valu
           continue;
         }
         for (int64_t lane = 0; lane < block; lane += kLanes) {
-          gather_tile_rows(tile, active_rows.data(), active_v.data(), static_cast<int>(active_v.size()), block, lane,
+          gather_tile(tile, active_rows.data(), active_v.data(), static_cast<int>(active_v.size()), block, lane,
                            block, o + lane, pixel_step);
         }
       }
@@ -613,9 +638,10 @@ at::Tensor block_conv_weight_grad(const at::Tensor& dy_in, const at::Tensor& x_i
   const float* xp = x.data_ptr<float>();
   return weight_grad_split_k(dy, conv.outputs(), row_ptr, row_slots, slots, block,
                              [&](int64_t slot, int64_t row0, int64_t depth, float* packed) {
-                               const Tap tap = tap_of(cols[slot], block, conv.channels);
-                               for (int64_t r = 0; r < depth; ++r) {
-                                 const int64_t pixel = conv.input_pixel(row0 + r, tap.tap);
+                               const Tap tap = tap_of(cols[slot], block, conv);
+                               Conv::Window window = conv.window(row0);
+                               for (int64_t r = 0; r < depth; ++r, conv.next(window)) {
+                                 const int64_t pixel = conv.pixel(window, tap.ty, tap.tx);
                                  const float* src = pixel < 0 ? kZeros : xp + pixel * conv.channels + tap.channel;
                                  std::memcpy(packed + r * block, src, block * sizeof(float));
                                }

@@ -133,19 +133,24 @@ def block_sparse_gemm(x: Tensor, values: Tensor, layout: BlockLayout, probe: Ten
 
 class _CompiledConv(torch.autograd.Function):
     """A convolution whose input channels are a multiple of the block, by the compiled
-    implicit-GEMM kernels: the input is made channels-last once (its one copy, kept for dW,
-    instead of an im2col of up to ``kh * kw`` times its size), the output and the input
-    gradient come back channels-first and contiguous."""
+    implicit-GEMM kernels, which read and write channels-last (NHWC) memory. The output and
+    the input gradient come back channels-last (``torch.channels_last``, logical NCHW), so
+    a network of these layers passes its activations and gradients on without a copy; a
+    channels-first input is copied once (that copy, kept for dW, replaces an im2col of up
+    to ``kh * kw`` times its size)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, values: Tensor, layout: BlockLayout, out_channels: int, conv: tuple) -> Tensor:
-        x_nhwc = x.permute(0, 2, 3, 1).contiguous()
+        x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # a view when x is channels-last already
         y = cpu.block_conv_forward(x_nhwc, values, layout.row_ptr, layout.row_slots, layout.slot_cols, *conv)
         batch = x.shape[0]
         out_h, out_w = _output_size(x.shape[2:], conv)
         ctx.save_for_backward(x_nhwc, values)
         ctx.layout, ctx.conv, ctx.out_channels = layout, conv, out_channels
-        return y.view(batch, out_h, out_w, -1)[..., :out_channels].permute(0, 3, 1, 2).contiguous()
+        y = y.view(batch, out_h, out_w, -1)
+        if y.shape[-1] != out_channels:  # edge-block padding of the output channels
+            y = y[..., :out_channels].contiguous()
+        return y.permute(0, 3, 1, 2)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -154,14 +159,16 @@ class _CompiledConv(torch.autograd.Function):
         block = values.shape[1]
         batch, _, out_h, out_w = grad.shape
         width = layout.grid[0] * block
-        dy = grad.new_zeros(batch, out_h, out_w, width) if width > ctx.out_channels else grad.new_empty(
-            batch, out_h, out_w, width)
-        dy[..., :ctx.out_channels] = grad.permute(0, 2, 3, 1)
+        if width == ctx.out_channels:
+            dy = grad.permute(0, 2, 3, 1).contiguous()  # a view when grad is channels-last
+        else:
+            dy = grad.new_zeros(batch, out_h, out_w, width)
+            dy[..., :ctx.out_channels] = grad.permute(0, 2, 3, 1)
         dy = dy.view(-1, width)
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
             dx = cpu.block_conv_input_grad(dy, values, layout.col_ptr, layout.col_slots, layout.slot_rows,
-                                           list(x_nhwc.shape), *conv).permute(0, 3, 1, 2).contiguous()
+                                           list(x_nhwc.shape), *conv).permute(0, 3, 1, 2)
         if ctx.needs_input_grad[1]:
             dvalues = cpu.block_conv_weight_grad(dy, x_nhwc, layout.row_ptr, layout.row_slots, layout.slot_cols, block,
                                                  *conv)

@@ -7,7 +7,7 @@ gradient and stays zero) and their positions in the int64 buffers ``slot_rows`` 
 ``slot_cols``, so checkpoints carry the layout with the weights.
 
 Below ``DENSE_ABOVE`` kept fraction, ``Conv2d`` runs the compiled CPU kernels' implicit
-GEMM where it can (``runs_implicit_gemm``: the input made channels-last once, no im2col);
+GEMM where it can (``runs_implicit_gemm``: channels-last in and out, no im2col);
 otherwise it is lowered to the block-sparse GEMM by an explicit im2col in the GEMM view's order (taps outer, input channels inner; see
 ``dsparse.sparsity.block.geometry``) that copies only the block columns some kept block reads:
 one strided slice of the padded input per run of one tap's channels, into a
@@ -229,7 +229,7 @@ class BlockSparseConv2d(BlockSparseLayer):
             return out
         if self.uses_dense_scratch(path):
             return F.conv2d(x, self.scratch_weight(), self.bias, self.stride, self.padding, self.dilation)
-        if path == "cpu" and self.runs_implicit_gemm():
+        if path == "cpu" and self.runs_implicit_gemm(x):
             out = block_sparse_conv_nhwc(x, self.blocks, self.layout(), self.out_channels, self.kernel_size,
                                          self.stride, self.padding, self.dilation)
             return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
@@ -243,13 +243,16 @@ class BlockSparseConv2d(BlockSparseLayer):
             out = out + self.bias.view(1, -1, 1, 1)
         return out
 
-    def runs_implicit_gemm(self) -> bool:
-        """Whether the compiled CPU kernels run this layer as implicit GEMM (no im2col): each
-        block column must be one tap (input channels a multiple of the block), and for 1x1
-        convolutions the im2col path is faster (its "im2col" is one strided copy, and its
-        channels-first output needs no layout change). At mask-update steps (a probe set)
-        the im2col path gives the dense weight gradient."""
-        return self.probe is None and self.in_channels % self.block == 0 and self.kernel_size != (1, 1)
+    def runs_implicit_gemm(self, x: Tensor) -> bool:
+        """Whether the compiled CPU kernels run this layer on ``x`` as implicit GEMM (no
+        im2col; channels-last output): each block column must be one tap (input channels a
+        multiple of the block). A 1x1 convolution of a channels-first input runs the im2col
+        path, whose "im2col" is one strided copy and whose output is channels-first like
+        its input. At mask-update steps (a probe set) the im2col path gives the dense
+        weight gradient."""
+        if self.probe is not None or self.in_channels % self.block:
+            return False
+        return self.kernel_size != (1, 1) or x.is_contiguous(memory_format=torch.channels_last)
 
     def _triton_forward(self, x: Tensor) -> Tensor:
         """The Triton kernels' implicit-GEMM output, channels-last in memory (no copy)."""
