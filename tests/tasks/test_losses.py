@@ -136,3 +136,18 @@ def test_median_frequency_weights_errors():
         class_weights_from_frequency([0.5, -0.1])
     with pytest.raises(ValueError, match="empty"):
         class_weights_from_frequency([])
+
+
+def test_unit_vectors_equal_f_normalize_including_zero_vectors():
+    from dsparse.tasks.dense import unit_vectors
+
+    x = torch.randn(2, 3, 5, 4, requires_grad=True)
+    with torch.no_grad():
+        x[0, :, 1, 1] = 0.0
+    expected = torch.nn.functional.normalize(x, dim=1)
+    got = unit_vectors(x)
+    torch.testing.assert_close(got, expected)
+    upstream = torch.randn_like(got)
+    (grad,) = torch.autograd.grad(got, x, upstream)
+    (expected_grad,) = torch.autograd.grad(expected, x, upstream)
+    torch.testing.assert_close(grad, expected_grad)
