@@ -10,10 +10,16 @@ running the compiled CPU kernels (``sparsity.kernel=cpu``) and the PyTorch path 
    block sparsity, against the dense GEMM of each (``F.linear``, ``dY @ W``, ``dY^T @ X``):
    time and FLOP rate on the kept blocks (the distance to the dense GEMM's rate).
 2. Layers: that Linear and every distinct conv shape of the ResNet-34 trunk at batch 16 and
-   64x64 input, forward + backward, at 0/50/75/90/95% block sparsity (random blocks).
+   64x64 input, forward + backward, at 0/50/75/90/95% block sparsity (random blocks). The
+   compiled side gets its input channels-last, as it does inside a network (each compiled
+   conv's output is channels-last); the dense op and the PyTorch path get NCHW, their best
+   (a channels-last dense ResNet-34 step measured no faster: 823 against 786 ms).
 3. Steps: one optimizer step (forward, 5 task losses, backward, Adam) of the tiny model and
    of the 5-task ResNet-34, dense vs 90% block sparsity, and the ResNet-34's inference
-   forward (``torch.no_grad``, eval mode), with peak resident memory.
+   forward (``torch.no_grad``, eval mode: what ``dsparse eval`` runs on an export, whose
+   ``load_sparse`` builds the same block-sparse layers), with the size of each model's state
+   (peak resident memory is not reported: in one process holding every side it measured
+   the same for all).
 
 Each table is measured for every ``--threads`` count, quiet and beside a competing load the
 benchmark starts (one process spinning on one core), so the numbers say what a shared
@@ -46,7 +52,6 @@ from dsparse.sparsity import MaskInputs, build_sparsifier
 from dsparse.sparsity.block.geometry import block_grid
 from dsparse.sparsity.block.layers import block_sparse_from_dense
 from dsparse.sparsity.block.layout import BlockLayout
-from peak_memory import peak_rss_mib, reset_peak_rss
 from results_io import RESULTS_DIR, machine_tag, publish, result_path, today
 from timing import interleaved_median_times
 
@@ -106,6 +111,10 @@ def layer_times(layer: nn.Module, x: torch.Tensor, sparsity: float, block: int, 
     mask = grid.expand(block_mask).to(layer.weight.dtype)
     sparse = {side: block_sparse_from_dense(layer, block, block_mask, side) for side in SIDES}
     x = x.detach().requires_grad_()
+    # In a network the compiled convolutions pass activations on channels-last (no copy),
+    # so that side is fed channels-last; dense and the PyTorch path get the plain NCHW input.
+    inputs = {"cpu": x.detach().to(memory_format=torch.channels_last).requires_grad_() if x.dim() == 4 else x,
+              "torch": x}
 
     def dense_step():
         weight = layer.weight * mask
@@ -115,13 +124,13 @@ def layer_times(layer: nn.Module, x: torch.Tensor, sparsity: float, block: int, 
             out = F.conv2d(x, weight, layer.bias, layer.stride, layer.padding, layer.dilation)
         out.backward(torch.ones_like(out))
 
-    def step_of(module):
+    def step_of(module, x):
         def step():
             out = module(x)
             out.backward(torch.ones_like(out))
         return step
 
-    times = interleaved_median_times([dense_step] + [step_of(sparse[side]) for side in SIDES], repeats)
+    times = interleaved_median_times([dense_step] + [step_of(sparse[side], inputs[side]) for side in SIDES], repeats)
     return dict(zip(("dense",) + SIDES, times))
 
 
@@ -136,13 +145,20 @@ def model_of(arch: str, width: int, sparsity: float | None, block: int, kernel: 
     return model
 
 
+def state_mib(model: nn.Module) -> float:
+    """What the model stores (parameters and buffers, block layers their kept blocks)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+
+
 def step_functions(arch: str, width: int, batch: int, block: int, inference: bool):
-    """Dense, block (cpu) and block (torch) training steps or inference forwards of one model."""
+    """Dense, block (cpu) and block (torch) training steps or inference forwards of one
+    model, and the size of the dense and the block model's state."""
     tasks = bench_tasks()
     data = fake_batch(batch, 64)
-    functions = []
+    functions, sizes = [], []
     for sparsity, kernel in ((None, "torch"), (0.9, "cpu"), (0.9, "torch")):
         model = model_of(arch, width, sparsity, block, kernel)
+        sizes.append(state_mib(model))
         if inference:
             model.eval()
 
@@ -158,14 +174,7 @@ def step_functions(arch: str, width: int, batch: int, block: int, inference: boo
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
         functions.append(function)
-    return functions
-
-
-def peak_memory(function) -> float:
-    function()
-    reset_peak_rss()
-    function()
-    return peak_rss_mib()
+    return functions, sizes[:2]
 
 
 def measure(threads: int, loaded: bool, args) -> tuple[list[str], list[dict]]:
@@ -200,20 +209,32 @@ def measure(threads: int, loaded: bool, args) -> tuple[list[str], list[dict]]:
             print(lines[-1], flush=True)
         if not args.skip_steps:
             lines += ["", "| step (90% blocks) | dense (ms) | cpu kernels (ms) | speed-up | torch path (ms) | "
-                      "speed-up | peak RSS dense / cpu (MiB) |", "|---|---|---|---|---|---|---|"]
+                      "speed-up | state dense / block (MiB) |", "|---|---|---|---|---|---|---|"]
             for label, arch, width, inference in (("tiny ResNet-18 w16 training step, batch 16 @64", "resnet18", 16,
                                                    False),
                                                   ("ResNet-34 w64 5-task training step, batch 16 @64", "resnet34", 64,
                                                    False),
                                                   ("ResNet-34 w64 5-task inference forward, batch 16 @64", "resnet34",
                                                    64, True)):
-                functions = step_functions(arch, width, 16, args.block, inference)
+                functions, memory = step_functions(arch, width, 16, args.block, inference)
                 dense, compiled, torch_path = interleaved_median_times(functions, args.repeats, warmup=1)
-                memory = [peak_memory(function) for function in functions[:2]]
                 lines.append(f"| {label} | {1000 * dense:.0f} | {1000 * compiled:.0f} | {dense / compiled:.2f}x | "
                              f"{1000 * torch_path:.0f} | {dense / torch_path:.2f}x | {memory[0]:.0f} / {memory[1]:.0f} |")
                 print(lines[-1], flush=True)
     return lines + [""], rows
+
+
+def cpu_description() -> str:
+    """The CPU model and its widest vector ISA (dense oneDNN uses AVX-512 where present; the
+    compiled kernels use AVX2 + FMA), so results from different machines are not mixed up."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = "AVX-512" if "avx512f" in flags else "AVX2 + FMA" if "avx2" in flags and "fma" in flags else "no AVX2"
+    return f"{model}, {isa}"
 
 
 def main() -> None:
@@ -230,7 +251,8 @@ def main() -> None:
         raise SystemExit(f"the compiled CPU kernels do not run here: {cpu.unavailable_reason()}")
     torch.manual_seed(0)
     host, date = machine_tag(), today()
-    lines = [f"Block-sparse vs dense masked compute, block {args.block}, torch {torch.__version__}, {host}, {date}", "",
+    lines = [f"Block-sparse vs dense masked compute, block {args.block}, torch {torch.__version__}, {host}, {date}, "
+             f"CPU: {cpu_description()}", "",
              "Layer cells: speed-up of the compiled CPU kernels (in brackets: of the PyTorch path) over the dense op "
              f"on a masked weight, forward + backward, median of {args.repeats}, the sides called in turn.", ""]
     rows = []

@@ -155,9 +155,15 @@ def log_analysis_to_mlflow(source: AnalysisSource, paths: list[Path]) -> str | N
             return None
         for path in paths:
             client.log_artifact(source.mlflow_run_id, str(path), "analysis")
-        client.set_tag(source.mlflow_run_id, "analysis.watershed", str(source.final.watershed))
+        client.set_tag(source.mlflow_run_id, "analysis.watershed", watershed_tag(source.final.watershed))
     except Exception as error:  # the files are written; a store out of reach must not lose them
         log.warning("analysis not logged to MLflow run %s at %s (%s); the files are in %s", source.mlflow_run_id,
                     uri, (str(error).splitlines() or [""])[0], paths[0].parent)
         return None
     return source.mlflow_run_id
+
+
+def watershed_tag(watershed: str | None) -> str:
+    """The MLflow tag value of a watershed: the layer, or ``none`` where agreement does not
+    fall along the shared layers (not Python's ``None`` spelled out)."""
+    return watershed if watershed is not None else "none"

@@ -175,3 +175,10 @@ def test_branched_runs_of_sweep_trials_land_beside_the_trials_and_drop_shared_ma
     masks_only = load_config("synthetic_tiny", ["tasks=[seg, depth, normal]", "sparsity.masks=/m.pt"])
     with pytest.raises(ValueError, match="fits the shared model only; set sparsity.method"):
         branched_config(masks_only, plan)
+
+
+def test_watershed_tag_spells_no_watershed_as_none():
+    from dsparse.analysis.output import watershed_tag
+
+    assert watershed_tag("trunk.layer3.0.conv1.weight") == "trunk.layer3.0.conv1.weight"
+    assert watershed_tag(None) == "none"
