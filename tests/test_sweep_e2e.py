@@ -11,8 +11,11 @@ from dsparse.sweep.runner import SweepFailedError, run_sweep
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(autouse=True)
-def shutdown_ray():
+@pytest.fixture(scope="module", autouse=True)
+def one_local_ray():
+    """One local Ray instance for the module (``run_sweep`` reuses a running one): starting
+    and stopping it cost about 7 s per test. Each sweep still gets its own directories and
+    MLflow store; trials are passed their tracking URI, not the environment."""
     yield
     ray.shutdown()
 
