@@ -362,3 +362,24 @@ def test_compiled_convs_keep_activations_and_gradients_channels_last(params, mon
     assert out.is_contiguous(memory_format=torch.channels_last)
     out.backward(torch.randn_like(out))
     assert x_sparse.grad.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_dense_scratch_conv_hands_onednn_nchw_after_a_channels_last_layer(monkeypatch):
+    """A layer keeping most blocks runs F.conv2d: a channels-last input (the output of a
+    compiled conv before it) is made NCHW first, the layout whose weight gradient oneDNN
+    computes without the heap corruption seen on channels-last inputs."""
+    force_dense_above(monkeypatch, 0.0)
+    torch.manual_seed(16)
+    layer = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(2, 32, 6, 6).to(memory_format=torch.channels_last)
+    sparse = check_against_dense(layer, x, 1.0, 16, kernel="cpu")
+    seen = []
+    original = F.conv2d
+
+    def recording_conv2d(x, *args, **kwargs):
+        seen.append(x.is_contiguous())
+        return original(x, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", recording_conv2d)
+    sparse(x.clone().requires_grad_()).sum().backward()
+    assert seen == [True]

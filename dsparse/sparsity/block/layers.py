@@ -228,8 +228,11 @@ class BlockSparseConv2d(BlockSparseLayer):
                 out = out + F.conv2d(x, self.probe, None, self.stride, self.padding, self.dilation)
             return out
         if self.uses_dense_scratch(path):
-            if self.dilation != (1, 1):  # oneDNN's channels-last dilated conv: 1.2-1.6x slower than NCHW here
-                x = x.contiguous()
+            # NCHW for oneDNN: after a compiled conv the input is channels-last, and oneDNN's conv
+            # weight gradient has corrupted the heap on channels-last inputs (torch 2.13 CPU,
+            # dsparse/data/loader.py's collate); its channels-last dilated convs also ran
+            # 1.2-1.6x slower here.
+            x = x.contiguous()
             return F.conv2d(x, self.scratch_weight(), self.bias, self.stride, self.padding, self.dilation)
         if path == "cpu" and self.runs_implicit_gemm(x):
             out = block_sparse_conv_nhwc(x, self.blocks, self.layout(), self.out_channels, self.kernel_size,
