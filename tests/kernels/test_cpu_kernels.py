@@ -132,3 +132,23 @@ def test_a_build_is_cached_per_source_and_machine_kind(tmp_path, monkeypatch):
     source.write_text(cpu.SOURCE.read_text() + "\n// changed\n")
     monkeypatch.setattr(cpu, "SOURCE", source)
     assert cpu.cache_dir() != first
+
+
+def test_a_build_killed_mid_way_does_not_hang_the_next_process(tmp_path):
+    """A killed build leaves cpp_extension's ``lock`` file in the build directory; the next
+    process must not wait for it forever (it did, in this session, with DeepSpeed's op)."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not cpu.available():
+        pytest.skip(f"the compiled CPU kernels do not run here: {cpu.unavailable_reason()}")
+    built = cpu.cache_dir()
+    copy = tmp_path / built.name
+    shutil.copytree(built, copy)
+    (copy / "lock").write_text("")  # as a build killed mid-way leaves it
+    code = "from dsparse.kernels import cpu; print(cpu.available(), cpu.unavailable_reason())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
+                          env={**__import__("os").environ, "DSPARSE_KERNEL_CACHE": str(tmp_path)})
+    assert done.stdout.split()[:2] == ["True", "None"], done.stderr[-2000:]
+    assert not (copy / "lock").exists()

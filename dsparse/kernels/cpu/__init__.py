@@ -10,14 +10,17 @@ Built with the system C++ compiler through ``torch.utils.cpp_extension`` the fir
 layer needs them, into ``$DSPARSE_KERNEL_CACHE`` (default ``~/.cache/dsparse/kernels``)
 under a key of the source, the compiler flags, torch's version, the machine and its CPU
 capability, so a home directory shared by different machines keeps one build per kind.
-``cpp_extension`` holds a lock in the build directory, so ranks or Ray workers that start
-together build once and the others wait. Where the CPU lacks AVX2 or the build fails,
+Ranks or Ray workers that start together build once and the others wait: each holds an
+``flock`` on ``.build.lock`` around the build, which the kernel drops however its holder
+ends. ``cpp_extension``'s own lock file is removed under it first, because a build killed
+mid-way leaves that file behind and every later process would wait for it forever. Where the CPU lacks AVX2 or the build fails,
 dsparse logs one warning and the layers run the PyTorch path (``dsparse.sparsity.block.gemm``),
 which stays the reference.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -64,8 +67,11 @@ def _build() -> str | None:
                  directory)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
-                           build_directory=str(directory), is_python_module=False, verbose=False)
+        with open(directory / ".build.lock", "a") as build_lock:
+            fcntl.flock(build_lock, fcntl.LOCK_EX)  # waits for a build in another process; dropped at exit
+            (directory / "lock").unlink(missing_ok=True)  # cpp_extension's, left by a killed build
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, no ninja, an unwritable cache, a failed build: fall back, said once
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return f"building them failed ({first_line})"
