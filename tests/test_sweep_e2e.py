@@ -11,11 +11,10 @@ from dsparse.sweep.runner import SweepFailedError, run_sweep
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_local_ray():
-    """One local Ray instance for the module (``run_sweep`` reuses a running one): starting
-    and stopping it cost about 7 s per test. Each sweep still gets its own directories and
-    MLflow store; trials are passed their tracking URI, not the environment."""
+@pytest.fixture(autouse=True)
+def shutdown_ray():
+    """A fresh local Ray per test: one instance for the module hung a later trial (the
+    earlier tests' placement groups were still being cleaned up and held its CPUs)."""
     yield
     ray.shutdown()
 
