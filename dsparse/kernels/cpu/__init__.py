@@ -12,10 +12,11 @@ under a key of the source, the compiler flags, torch's version, the machine and 
 capability, so a home directory shared by different machines keeps one build per kind.
 Ranks or Ray workers that start together build once and the others wait: each holds an
 ``flock`` on ``.build.lock`` around the build, which the kernel drops however its holder
-ends. ``cpp_extension``'s own lock file is removed under it first, because a build killed
-mid-way leaves that file behind and every later process would wait for it forever. Where the CPU lacks AVX2 or the build fails,
-dsparse logs one warning and the layers run the PyTorch path (``dsparse.sparsity.block.gemm``),
-which stays the reference.
+ends (unlike ``dsparse.locks``, which refuses a second holder, a build waits for the
+first). ``cpp_extension``'s own lock file is removed under it first, because a build
+killed mid-way leaves that file behind and every later process would wait for it forever.
+Where the CPU lacks AVX2 or the build fails, dsparse logs one warning and the layers run
+the PyTorch path (``dsparse.sparsity.block.gemm``), which stays the reference.
 """
 
 from __future__ import annotations
