@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "block_conv_forward", "block_conv_input_grad", "block_conv_weight_grad", "block_spmm",
+__all__ = ["available", "block_conv", "block_conv_forward", "block_conv_input_grad", "block_conv_weight_grad", "block_spmm",
            "block_weight_grad", "unavailable_reason"]
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,19 @@ def block_conv_weight_grad(dy: Tensor, x_nhwc: Tensor, row_ptr: Tensor, row_slot
                                                         list(dilation))
 
 
+def block_conv(x: Tensor, values: Tensor, row_ptr: Tensor, row_slots: Tensor, slot_cols: Tensor, col_ptr: Tensor,
+               col_slots: Tensor, slot_rows: Tensor, out_channels: int, kernel_size, stride, padding,
+               dilation) -> Tensor:
+    """The differentiable block-sparse convolution of ``x [N, C, H, W]`` (any memory format),
+    ``[N, out_channels, Ho, Wo]`` in channels-last memory: ``block_conv_forward`` forward,
+    ``block_conv_input_grad`` and ``block_conv_weight_grad`` backward, the autograd node in
+    C++ (a Python ``autograd.Function`` cost more per call than a small layer's kernels).
+    Takes the layout's row walk (forward, dW) and column walk (dX)."""
+    _require()
+    return torch.ops.dsparse_cpu.block_conv(x, values, row_ptr, row_slots, slot_cols, col_ptr, col_slots, slot_rows,
+                                            out_channels, kernel_size, stride, padding, dilation)
+
+
 def _require() -> None:
     if (reason := unavailable_reason()) is not None:
         raise RuntimeError(f"dsparse's CPU block-sparse kernels cannot run here: {reason}; use sparsity.kernel=torch")
@@ -172,6 +185,14 @@ def _register_fakes() -> None:
         out_h = (height + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
         out_w = (width + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
         return x.new_empty(batch * out_h * out_w, (row_ptr.shape[0] - 1) * values.shape[1])
+
+    @torch.library.register_fake("dsparse_cpu::block_conv")
+    def _(x, values, row_ptr, row_slots, slot_cols, col_ptr, col_slots, slot_rows, out_channels, kernel_size, stride,
+          padding, dilation):
+        batch, _, height, width = x.shape
+        out_h = (height + 2 * padding[0] - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+        out_w = (width + 2 * padding[1] - dilation[1] * (kernel_size[1] - 1) - 1) // stride[1] + 1
+        return x.new_empty(batch, out_h, out_w, out_channels).permute(0, 3, 1, 2)
 
     @torch.library.register_fake("dsparse_cpu::block_conv_input_grad")
     def _(dy, values, col_ptr, col_slots, slot_rows, x_shape, kernel_size, stride, padding, dilation):

@@ -12,6 +12,10 @@
 //   block_conv_forward / block_conv_input_grad / block_conv_weight_grad
 //       the same three products for a convolution as implicit GEMM over a channels-last
 //       input whose channels are a multiple of B (see the section below): no im2col.
+//   block_conv(x, values, <row walk>, <column walk>, out_channels, conv) -> y
+//       the differentiable convolution over those three, NCHW in and out (channels-last
+//       memory out), its autograd in C++ (the end of this file): a Python autograd.Function
+//       cost a layer more per call than a small convolution's kernels.
 //
 // Everything is one register-tile kernel: an output tile of up to 6 rows x 16 lanes held in
 // 12 AVX registers while the kept blocks stream past it, one FMA per lane per reduction
@@ -28,6 +32,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 #include <immintrin.h>
 
@@ -350,8 +355,8 @@ at::Tensor block_weight_grad(const at::Tensor& dy, const at::Tensor& x, const at
 struct Conv {
   int64_t batch, height, width, channels, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w;
 
-  Conv(const std::vector<int64_t>& nhwc, const std::vector<int64_t>& kernel, const std::vector<int64_t>& stride,
-       const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation)
+  Conv(c10::IntArrayRef nhwc, c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+       c10::IntArrayRef dilation)
       : batch(nhwc[0]), height(nhwc[1]), width(nhwc[2]), channels(nhwc[3]), kh(kernel[0]), kw(kernel[1]),
         sh(stride[0]), sw(stride[1]), ph(padding[0]), pw(padding[1]), dh(dilation[0]), dw(dilation[1]) {
     out_h = (height + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
@@ -457,12 +462,12 @@ void check_conv_operands(const at::Tensor& x, const at::Tensor& values, const Co
 // Y [N * Ho * Wo, R * B] (channels-last rows) of the block-sparse convolution of x (NHWC).
 at::Tensor block_conv_forward(const at::Tensor& x_in, const at::Tensor& values, const at::Tensor& row_ptr_in,
                               const at::Tensor& row_slots_in, const at::Tensor& slot_cols_in,
-                              std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                              std::vector<int64_t> dilation) {
+                              c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                              c10::IntArrayRef dilation) {
   check_float(x_in, "the input");
   TORCH_CHECK(x_in.dim() == 4, "block_conv_forward takes x [N, H, W, C] (channels last)");
   const at::Tensor x = x_in.contiguous();
-  const Conv conv(x.sizes().vec(), kernel, stride, padding, dilation);
+  const Conv conv(x.sizes(), kernel, stride, padding, dilation);
   check_conv_operands(x, values, conv, "block_conv_forward");
   const int64_t block = values.size(1);
   const std::vector<int64_t> ptr = host_ints(row_ptr_in), slots = host_ints(row_slots_in),
@@ -528,8 +533,8 @@ at::Tensor block_conv_forward(const at::Tensor& x_in, const at::Tensor& values, 
 // three quarters of (pixel, tap) pairs that no output reads.
 at::Tensor block_conv_input_grad(const at::Tensor& dy_in, const at::Tensor& values, const at::Tensor& col_ptr_in,
                                  const at::Tensor& col_slots_in, const at::Tensor& slot_rows_in,
-                                 std::vector<int64_t> x_shape, std::vector<int64_t> kernel, std::vector<int64_t> stride,
-                                 std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+                                 c10::IntArrayRef x_shape, c10::IntArrayRef kernel, c10::IntArrayRef stride,
+                                 c10::IntArrayRef padding, c10::IntArrayRef dilation) {
   check_float(dy_in, "the output gradient");
   const at::Tensor dy = dy_in.contiguous();
   const Conv conv(x_shape, kernel, stride, padding, dilation);
@@ -617,13 +622,13 @@ at::Tensor block_conv_input_grad(const at::Tensor& dy_in, const at::Tensor& valu
 // pixels its tap reads.
 at::Tensor block_conv_weight_grad(const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& row_ptr_in,
                                   const at::Tensor& row_slots_in, const at::Tensor& slot_cols_in, int64_t block,
-                                  std::vector<int64_t> kernel, std::vector<int64_t> stride,
-                                  std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+                                  c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                  c10::IntArrayRef dilation) {
   check_float(dy_in, "the output gradient");
   check_float(x_in, "the input");
   const at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
   TORCH_CHECK(x.dim() == 4, "block_conv_weight_grad takes x [N, H, W, C] (channels last)");
-  const Conv conv(x.sizes().vec(), kernel, stride, padding, dilation);
+  const Conv conv(x.sizes(), kernel, stride, padding, dilation);
   TORCH_CHECK(block % kLanes == 0 && conv.channels % block == 0, "block_conv_weight_grad needs input channels that "
               "are a multiple of a block of 16, 32 or 64");
   TORCH_CHECK(dy.dim() == 2 && dy.size(0) == conv.outputs(), "block_conv_weight_grad takes dy [N * Ho * Wo, R * B]");
@@ -648,6 +653,116 @@ at::Tensor block_conv_weight_grad(const at::Tensor& dy_in, const at::Tensor& x_i
                              });
 }
 
+
+// The differentiable block-sparse convolution: x [N, C, H, W] (any memory format) to
+// y [N, O, Ho, Wo] in channels-last memory, so a network of these passes activations and
+// gradients on without copies. The autograd node is C++, so a layer's forward and backward
+// cost one dispatcher call each beyond their kernels. The three products are called through
+// the dispatcher, so tracing (torch.compile, fake tensors) sees them as operators.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor conv_output_layout(const at::Tensor& rows, int64_t out_channels, c10::IntArrayRef x_nhwc,
+                              c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                              c10::IntArrayRef dilation) {
+  const Conv conv(x_nhwc, kernel, stride, padding, dilation);
+  at::Tensor y = rows.view({conv.batch, conv.out_h, conv.out_w, rows.size(1)});
+  if (y.size(3) != out_channels) y = y.narrow(3, 0, out_channels).contiguous();  // edge-block padding
+  return y.permute({0, 3, 1, 2});
+}
+
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef,
+                                          c10::IntArrayRef, c10::IntArrayRef)>&
+forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dsparse_cpu::block_conv_forward", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
+                                               c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef)>();
+  return op;
+}
+
+class BlockConvFunction : public torch::autograd::Function<BlockConvFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
+                            const at::Tensor& row_ptr, const at::Tensor& row_slots, const at::Tensor& slot_cols,
+                            const at::Tensor& col_ptr, const at::Tensor& col_slots, const at::Tensor& slot_rows,
+                            int64_t out_channels, c10::IntArrayRef kernel, c10::IntArrayRef stride,
+                            c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const at::Tensor x_nhwc = x.permute({0, 2, 3, 1}).contiguous();  // a view when x is channels-last
+    const at::Tensor rows = forward_op().call(x_nhwc, values, row_ptr, row_slots, slot_cols, kernel, stride, padding,
+                                              dilation);
+    ctx->save_for_backward({x_nhwc, values, row_ptr, row_slots, slot_cols, col_ptr, col_slots, slot_rows});
+    ctx->saved_data["out_channels"] = out_channels;
+    ctx->saved_data["conv"] = std::vector<int64_t>{kernel[0], kernel[1], stride[0],  stride[1],
+                                                   padding[0], padding[1], dilation[0], dilation[1]};
+    return conv_output_layout(rows, out_channels, x_nhwc.sizes(), kernel, stride, padding, dilation);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto input_grad = c10::Dispatcher::singleton()
+                                 .findSchemaOrThrow("dsparse_cpu::block_conv_input_grad", "")
+                                 .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                   const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
+                                                   c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef,
+                                                   c10::IntArrayRef)>();
+    static auto weight_grad = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("dsparse_cpu::block_conv_weight_grad", "")
+                                  .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, const at::Tensor&, int64_t, c10::IntArrayRef,
+                                                    c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef)>();
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x_nhwc = saved[0], &values = saved[1];
+    const int64_t out_channels = ctx->saved_data["out_channels"].toInt();
+    const std::vector<int64_t> conv = ctx->saved_data["conv"].toIntVector();
+    const c10::IntArrayRef kernel(conv.data(), 2), stride(conv.data() + 2, 2), padding(conv.data() + 4, 2),
+        dilation(conv.data() + 6, 2);
+    variable_list result(13);
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return result;
+    const int64_t block = values.size(1), width = (saved[2].size(0) - 1) * block;
+    at::Tensor dy;
+    if (width == out_channels) {
+      dy = grad.permute({0, 2, 3, 1}).contiguous();  // a view when grad is channels-last
+    } else {
+      dy = at::zeros({grad.size(0), grad.size(2), grad.size(3), width}, grad.options());
+      dy.narrow(3, 0, out_channels).copy_(grad.permute({0, 2, 3, 1}));
+    }
+    dy = dy.view({-1, width});
+    if (ctx->needs_input_grad(0)) {
+      result[0] = input_grad.call(dy, values, saved[5], saved[6], saved[7], x_nhwc.sizes(), kernel, stride, padding,
+                                  dilation)
+                      .permute({0, 3, 1, 2});
+    }
+    if (ctx->needs_input_grad(1)) {
+      result[1] = weight_grad.call(dy, x_nhwc, saved[2], saved[3], saved[4], block, kernel, stride, padding, dilation);
+    }
+    return result;
+  }
+};
+
+// Below autograd (inference mode): the forward alone.
+at::Tensor block_conv_inference(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                                const at::Tensor& row_slots, const at::Tensor& slot_cols, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, int64_t out_channels, c10::IntArrayRef kernel,
+                                c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation) {
+  const at::Tensor x_nhwc = x.permute({0, 2, 3, 1}).contiguous();
+  const at::Tensor rows = forward_op().call(x_nhwc, values, row_ptr, row_slots, slot_cols, kernel, stride, padding,
+                                            dilation);
+  return conv_output_layout(rows, out_channels, x_nhwc.sizes(), kernel, stride, padding, dilation);
+}
+
+at::Tensor block_conv_autograd(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_ptr,
+                               const at::Tensor& row_slots, const at::Tensor& slot_cols, const at::Tensor& col_ptr,
+                               const at::Tensor& col_slots, const at::Tensor& slot_rows, int64_t out_channels,
+                               c10::IntArrayRef kernel, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                               c10::IntArrayRef dilation) {
+  return BlockConvFunction::apply(x, values, row_ptr, row_slots, slot_cols, col_ptr, col_slots, slot_rows,
+                                  out_channels, kernel, stride, padding, dilation);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dsparse_cpu, m) {
@@ -661,6 +776,9 @@ TORCH_LIBRARY(dsparse_cpu, m) {
         "int[] x_shape, int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor");
   m.def("block_conv_weight_grad(Tensor dy, Tensor x, Tensor row_ptr, Tensor row_slots, Tensor slot_cols, int block, "
         "int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def("block_conv(Tensor x, Tensor values, Tensor row_ptr, Tensor row_slots, Tensor slot_cols, Tensor col_ptr, "
+        "Tensor col_slots, Tensor slot_rows, int out_channels, int[] kernel, int[] stride, int[] padding, "
+        "int[] dilation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dsparse_cpu, CPU, m) {
@@ -669,4 +787,9 @@ TORCH_LIBRARY_IMPL(dsparse_cpu, CPU, m) {
   m.impl("block_conv_forward", &block_conv_forward);
   m.impl("block_conv_input_grad", &block_conv_input_grad);
   m.impl("block_conv_weight_grad", &block_conv_weight_grad);
+  m.impl("block_conv", &block_conv_inference);
+}
+
+TORCH_LIBRARY_IMPL(dsparse_cpu, Autograd, m) {
+  m.impl("block_conv", &block_conv_autograd);
 }

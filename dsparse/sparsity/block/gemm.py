@@ -131,60 +131,14 @@ def block_sparse_gemm(x: Tensor, values: Tensor, layout: BlockLayout, probe: Ten
     return _BlockSparseGemm.apply(x, values, layout, probe, column_major_out, compiled)
 
 
-class _CompiledConv(torch.autograd.Function):
-    """A convolution whose input channels are a multiple of the block, by the compiled
-    implicit-GEMM kernels, which read and write channels-last (NHWC) memory. The output and
-    the input gradient come back channels-last (``torch.channels_last``, logical NCHW), so
-    a network of these layers passes its activations and gradients on without a copy; a
-    channels-first input is copied once (that copy, kept for dW, replaces an im2col of up
-    to ``kh * kw`` times its size)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, values: Tensor, layout: BlockLayout, out_channels: int, conv: tuple) -> Tensor:
-        x_nhwc = x.permute(0, 2, 3, 1).contiguous()  # a view when x is channels-last already
-        y = cpu.block_conv_forward(x_nhwc, values, layout.row_ptr, layout.row_slots, layout.slot_cols, *conv)
-        batch = x.shape[0]
-        out_h, out_w = _output_size(x.shape[2:], conv)
-        ctx.save_for_backward(x_nhwc, values)
-        ctx.layout, ctx.conv, ctx.out_channels = layout, conv, out_channels
-        y = y.view(batch, out_h, out_w, -1)
-        if y.shape[-1] != out_channels:  # edge-block padding of the output channels
-            y = y[..., :out_channels].contiguous()
-        return y.permute(0, 3, 1, 2)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x_nhwc, values = ctx.saved_tensors
-        layout, conv = ctx.layout, ctx.conv
-        block = values.shape[1]
-        batch, _, out_h, out_w = grad.shape
-        width = layout.grid[0] * block
-        if width == ctx.out_channels:
-            dy = grad.permute(0, 2, 3, 1).contiguous()  # a view when grad is channels-last
-        else:
-            dy = grad.new_zeros(batch, out_h, out_w, width)
-            dy[..., :ctx.out_channels] = grad.permute(0, 2, 3, 1)
-        dy = dy.view(-1, width)
-        dx = dvalues = None
-        if ctx.needs_input_grad[0]:
-            dx = cpu.block_conv_input_grad(dy, values, layout.col_ptr, layout.col_slots, layout.slot_rows,
-                                           list(x_nhwc.shape), *conv).permute(0, 3, 1, 2)
-        if ctx.needs_input_grad[1]:
-            dvalues = cpu.block_conv_weight_grad(dy, x_nhwc, layout.row_ptr, layout.row_slots, layout.slot_cols, block,
-                                                 *conv)
-        return dx, dvalues, None, None, None
-
-
-def _output_size(size, conv) -> tuple[int, int]:
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv
-    height, width = size
-    return (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-
-
-def block_sparse_conv_nhwc(x: Tensor, values: Tensor, layout: BlockLayout, out_channels: int, kernel_size, stride,
-                           padding, dilation) -> Tensor:
+def block_sparse_conv_nhwc(x: Tensor, values: Tensor, layout: BlockLayout, out_channels: int, conv: tuple) -> Tensor:
     """The block-sparse convolution of ``x [N, C, H, W]`` (no bias) by the compiled CPU
-    kernels' implicit GEMM; ``C`` must be a multiple of the block (each block column is
-    then one tap and a run of channels)."""
-    conv = (tuple(kernel_size), tuple(stride), tuple(padding), tuple(dilation))
-    return _CompiledConv.apply(x, values, layout, out_channels, conv)
+    kernels' implicit GEMM, differentiable (its autograd is C++: ``cpu.block_conv``); ``C``
+    must be a multiple of the block (each block column is then one tap and a run of
+    channels) and ``conv`` is ``(kernel_size, stride, padding, dilation)``, each a pair.
+    The output and the input gradient come back channels-last (``torch.channels_last``,
+    logical NCHW), so a network of these layers passes activations and gradients on without
+    a copy; a channels-first input is copied once (that copy, kept for dW, replaces an
+    im2col of up to ``kh * kw`` times its size)."""
+    return cpu.block_conv(x, values, layout.row_ptr, layout.row_slots, layout.slot_cols, layout.col_ptr,
+                          layout.col_slots, layout.slot_rows, out_channels, *conv)

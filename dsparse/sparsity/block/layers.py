@@ -74,7 +74,8 @@ class BlockSparseLayer(nn.Module):
         a checkpoint load bumps their version counters)."""
         if torch.compiler.is_compiling():  # traced: tensor ops in the graph, O(blocks) per call
             return BlockLayout.from_slots(self.slot_rows, self.slot_cols, self.geometry.grid)
-        key = (self.slot_rows.data_ptr(), self.slot_rows._version, self.slot_cols.data_ptr(), self.slot_cols._version)
+        rows, cols = self._buffers["slot_rows"], self._buffers["slot_cols"]  # not __getattr__: called every forward
+        key = (rows.data_ptr(), rows._version, cols.data_ptr(), cols._version)
         if self._layout_key != key:
             self._layout = BlockLayout.from_slots(self.slot_rows, self.slot_cols, self.geometry.grid)
             self._layout_key = key
@@ -118,10 +119,10 @@ class BlockSparseLayer(nn.Module):
 
     kind = "linear"
 
-    def uses_dense_scratch(self, path: str) -> bool:
+    def uses_dense_scratch(self, path: str, layout: BlockLayout | None = None) -> bool:
         """Whether this layer keeps so many blocks that a dense op is faster than ``path``
-        (see ``DENSE_ABOVE``)."""
-        return self.layout().density > DENSE_ABOVE[path][self.kind]
+        (see ``DENSE_ABOVE``); ``layout`` is ``self.layout()``, passed when the caller has it."""
+        return (self.layout() if layout is None else layout).density > DENSE_ABOVE[path][self.kind]
 
     def scratch_weight(self) -> Tensor:
         """A dense weight assembled from the kept blocks, differentiable (its gradient reaches
@@ -172,10 +173,12 @@ class BlockSparseLinear(BlockSparseLayer):
         if path == "triton":
             out = self._triton_linear(rows, self.layout(), self.out_features).reshape(*lead, self.out_features)
             return out if self.probe is None else out + F.linear(x, self.probe)  # the probe's gradient: dense dW
-        if self.uses_dense_scratch(path):
+        layout = self.layout()
+        if self.uses_dense_scratch(path, layout):
             return F.linear(x, self.scratch_weight(), self.bias)
         padding = self.geometry.grid[1] * self.block - self.in_features
-        out = self._gemm(F.pad(rows, (0, padding)) if padding else rows, column_major_out=False, path=path)
+        out = self._gemm(F.pad(rows, (0, padding)) if padding else rows, column_major_out=False, path=path,
+                         walk=layout)
         out = out[:, :self.out_features]
         if self.bias is not None:
             out = out + self.bias
@@ -200,6 +203,7 @@ class BlockSparseConv2d(BlockSparseLayer):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = (kh, kw), _pair(stride)
         self.padding, self.dilation = _pair(padding), _pair(dilation)
+        self._conv = (self.kernel_size, self.stride, self.padding, self.dilation)
         self._plan: tuple[Tensor | None, _ColumnPlan] | None = None
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
@@ -227,7 +231,8 @@ class BlockSparseConv2d(BlockSparseLayer):
             if self.probe is not None:  # the probe's gradient: the dense weight gradient
                 out = out + F.conv2d(x, self.probe, None, self.stride, self.padding, self.dilation)
             return out
-        if self.uses_dense_scratch(path):
+        layout = self.layout()
+        if self.uses_dense_scratch(path, layout):
             # NCHW for oneDNN: after a compiled conv the input is channels-last, and oneDNN's conv
             # weight gradient has corrupted the heap on channels-last inputs (torch 2.13 CPU,
             # dsparse/data/loader.py's collate); its channels-last dilated convs also ran
@@ -235,12 +240,10 @@ class BlockSparseConv2d(BlockSparseLayer):
             x = x.contiguous()
             return F.conv2d(x, self.scratch_weight(), self.bias, self.stride, self.padding, self.dilation)
         if path == "cpu" and self.runs_implicit_gemm(x):
-            out = block_sparse_conv_nhwc(x, self.blocks, self.layout(), self.out_channels, self.kernel_size,
-                                         self.stride, self.padding, self.dilation)
+            out = block_sparse_conv_nhwc(x, self.blocks, layout, self.out_channels, self._conv)
             return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
         batch = x.shape[0]
         out_h, out_w = self.output_size(*x.shape[2:])
-        layout = self.layout()
         used, walk = layout.compact() if self.probe is None else (None, layout)  # a probe needs every column
         y = self._gemm(self.im2col(x, used).t(), column_major_out=True, path=path, walk=walk)
         out = y.t().reshape(-1, batch, out_h, out_w)[: self.out_channels].transpose(0, 1)
