@@ -1,7 +1,8 @@
 """Block-sparse layers vs dense masked compute: kernels, layers, training steps, inference.
 
 Every side runs in this process on the same inputs, the sides called in turn (median of
-``--repeats``), with the thread count fixed. The baseline is what element masks cost: the
+``--repeats`` samples, a kernel's or layer's sample a loop of calls of ``MIN_SAMPLE_S``),
+with the thread count fixed. The baseline is what element masks cost: the
 dense op on a masked weight (``F.linear(x, w * mask)`` / ``F.conv2d``), whose backward
 computes the full weight gradient. The block sides are ``dsparse.sparsity.block.layers``
 running the compiled CPU kernels (``sparsity.kernel=cpu``) and the PyTorch path (``torch``).
@@ -57,6 +58,9 @@ from timing import interleaved_median_times
 
 SPARSITIES = (0.0, 0.5, 0.75, 0.9, 0.95)
 SIDES = ("cpu", "torch")
+MIN_SAMPLE_S = 0.05
+"""Each timed sample of a kernel or layer loops its calls for about this long (a 0.2 ms
+layer is timed over some 250 calls, not one)."""
 
 
 def _spin(stop) -> None:
@@ -97,7 +101,7 @@ def kernel_rates(block: int, repeats: int) -> list[dict]:
                     lambda: cpu.block_weight_grad(dy, x, layout.row_ptr, layout.row_slots, layout.slot_cols, block))}
     rows = []
     for name, (dense, sparse) in pairs.items():
-        dense_s, sparse_s = interleaved_median_times([dense, sparse], repeats)
+        dense_s, sparse_s = interleaved_median_times([dense, sparse], repeats, min_sample_s=MIN_SAMPLE_S)
         rows.append({"kernel": name, "dense_ms": 1000 * dense_s, "block_ms": 1000 * sparse_s,
                      "speedup": dense_s / sparse_s, "dense_gflops": 2 * m * n * k / dense_s / 1e9,
                      "block_gflops": 2 * m * block * block * layout.num_slots / sparse_s / 1e9})
@@ -130,7 +134,8 @@ def layer_times(layer: nn.Module, x: torch.Tensor, sparsity: float, block: int, 
             out.backward(torch.ones_like(out))
         return step
 
-    times = interleaved_median_times([dense_step] + [step_of(sparse[side], inputs[side]) for side in SIDES], repeats)
+    times = interleaved_median_times([dense_step] + [step_of(sparse[side], inputs[side]) for side in SIDES], repeats,
+                                     min_sample_s=MIN_SAMPLE_S)
     return dict(zip(("dense",) + SIDES, times))
 
 
@@ -254,7 +259,8 @@ def main() -> None:
     lines = [f"Block-sparse vs dense masked compute, block {args.block}, torch {torch.__version__}, {host}, {date}, "
              f"CPU: {cpu_description()}", "",
              "Layer cells: speed-up of the compiled CPU kernels (in brackets: of the PyTorch path) over the dense op "
-             f"on a masked weight, forward + backward, median of {args.repeats}, the sides called in turn.", ""]
+             f"on a masked weight, forward + backward, median of {args.repeats} samples of at least "
+             f"{1000 * MIN_SAMPLE_S:.0f} ms of calls each, the sides called in turn.", ""]
     rows = []
     for loaded in [load == "loaded" for load in args.loads.split(",")]:
         for threads in [int(t) for t in args.threads.split(",")]:

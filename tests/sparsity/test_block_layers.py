@@ -364,6 +364,21 @@ def test_compiled_convs_keep_activations_and_gradients_channels_last(params, mon
     assert x_sparse.grad.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_a_dense_scratch_1x1_conv_of_a_channels_last_input_is_one_gemm(stride, monkeypatch):
+    """A 1x1 layer keeping most blocks after a compiled conv runs as a GEMM over the
+    channels-last pixels: the dense masked convolution's values and gradients, no
+    F.conv2d, channels-last out."""
+    force_dense_above(monkeypatch, 0.0)
+    torch.manual_seed(17)
+    layer = nn.Conv2d(32, 48, 1, stride=stride, bias=True)
+    x = torch.randn(2, 32, 7, 6).to(memory_format=torch.channels_last)
+    sparse = check_against_dense(layer, x, 0.75, 16, kernel="cpu")
+    monkeypatch.setattr(F, "conv2d", lambda *args, **kwargs: pytest.fail("F.conv2d ran"))
+    out = sparse(x.clone().requires_grad_())
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_a_dense_scratch_conv_hands_onednn_nchw_after_a_channels_last_layer(monkeypatch):
     """A layer keeping most blocks runs F.conv2d: a channels-last input (the output of a
     compiled conv before it) is made NCHW first, the layout whose weight gradient oneDNN

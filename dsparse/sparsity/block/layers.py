@@ -233,6 +233,9 @@ class BlockSparseConv2d(BlockSparseLayer):
             return out
         layout = self.layout()
         if self.uses_dense_scratch(path, layout):
+            if self.kernel_size == (1, 1) and self.padding == (0, 0) and x.is_contiguous(
+                    memory_format=torch.channels_last):
+                return _pointwise_channels_last(x, self.scratch_weight(), self.bias, self.stride)
             # NCHW for oneDNN: after a compiled conv the input is channels-last, and oneDNN's conv
             # weight gradient has corrupted the heap on channels-last inputs (torch 2.13 CPU,
             # dsparse/data/loader.py's collate); its channels-last dilated convs also ran
@@ -376,6 +379,14 @@ def block_sparse_from_dense(layer: nn.Module, block: int, block_mask: Tensor, ke
     sparse.load_dense(weight)
     sparse.train(layer.training)
     return sparse
+
+
+def _pointwise_channels_last(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, int]) -> Tensor:
+    """A 1x1 convolution of a channels-last ``x`` as one GEMM over its pixels, channels-last
+    out: no NCHW copy of the input (which cost a 1x1 layer kept dense after a compiled one
+    as much as its convolution) and no oneDNN channels-last convolution (see ``forward``)."""
+    pixels = x.permute(0, 2, 3, 1)[:, ::stride[0], ::stride[1]]
+    return F.linear(pixels, weight.flatten(1), bias).permute(0, 3, 1, 2)
 
 
 def _walks(layout: BlockLayout) -> tuple[Tensor, ...]:
