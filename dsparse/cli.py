@@ -4,7 +4,7 @@
     dsparse data synth --out data/synthetic        # procedural multitask scenes as shards
     dsparse data convert {nyuv2,cityscapes,taskonomy,folders} SRC OUT [--workers N] [--on-error skip]
     dsparse data check DATA_DIR                    # decode every sample, report problems
-    dsparse prune CONFIG.yaml --method disparse --sparsity 0.9 [--criterion snip] [--from RUN] [--granularity block]
+    dsparse prune CONFIG.yaml --method disparse --sparsity 0.9 [--criterion snip] [--from RUN] [--granularity block|channel]
     dsparse train CONFIG.yaml [--set k=v ...] [--masks masks.pt] [--resume] [--stop-after N]
     dsparse eval RUN_OR_CHECKPOINT_OR_EXPORT [--baseline RUN] [--out metrics.json]
     dsparse export RUN --out model.pt              # kept blocks/weights + layout + config
@@ -114,7 +114,7 @@ def _cmd_prune(args) -> dict:
     overrides = list(args.set) + [f"sparsity.method={args.method}", f"sparsity.target={args.sparsity}"]
     for key, value in (("criterion", args.criterion), ("from_checkpoint", args.from_checkpoint),
                        ("num_batches", args.num_batches), ("scope", args.scope),
-                       ("granularity", args.granularity), ("block", args.block)):
+                       ("granularity", args.granularity), ("block", args.block), ("budget", args.budget)):
         if value is not None:
             overrides.append(f"sparsity.{key}={value}")
     if args.keep_first_dense:
@@ -126,10 +126,19 @@ def _cmd_prune(args) -> dict:
     masks = prune_run(config, args.out, overwrite=args.overwrite)
     from dsparse.data.manifest import load_manifest
 
-    users = parameter_users(build_run_model(config, build_run_tasks(config, load_manifest(config.data.path))))
-    _say(args, masks.format_table(users))
-    _say(args, f"requested sparsity {args.sparsity:.4f}, achieved {masks.sparsity:.6f} "
-               f"({masks.num_kept} of {masks.num_total} weights kept); wrote {args.out}")
+    dense_model = build_run_model(config, build_run_tasks(config, load_manifest(config.data.path)))
+    users = parameter_users(dense_model)
+    if masks.meta.get("granularity") == "channel":
+        from dsparse.sparsity.channel.prune import channel_table
+
+        _say(args, channel_table(dense_model, masks))
+        _say(args, f"requested sparsity {args.sparsity:.4f} of the {masks.meta['budget']}, achieved "
+                   f"{masks.meta['budget_sparsity_achieved']:.6f} ({masks.meta['cost_kept']:,} of "
+                   f"{masks.meta['cost_total']:,} kept); wrote {args.out}")
+    else:
+        _say(args, masks.format_table(users))
+        _say(args, f"requested sparsity {args.sparsity:.4f}, achieved {masks.sparsity:.6f} "
+                   f"({masks.num_kept} of {masks.num_total} weights kept); wrote {args.out}")
     return {"out": args.out, "requested": args.sparsity, "achieved": masks.sparsity, "kept": masks.num_kept,
             "total": masks.num_total, "layers": masks.layer_table(users)}
 
@@ -340,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--num-batches", type=int, default=None)
     prune.add_argument("--scope", default=None, help="global (default) | layerwise")
     prune.add_argument("--keep-first-dense", action="store_true")
-    prune.add_argument("--granularity", default=None, help="element (default) | block")
+    prune.add_argument("--granularity", default=None, help="element (default) | block | channel")
+    prune.add_argument("--budget", default=None, help="what --sparsity removes with --granularity channel: "
+                                                      "params (default) | flops (at the training crop)")
     prune.add_argument("--block", type=int, default=None, help="block side for --granularity block: 16 | 32 | 64")
     prune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prune.add_argument("--out", default="masks.pt")

@@ -247,10 +247,15 @@ class SparsityConfig:
     trained weights) | xavier (the original DiSparse code's setting: a copy of the network
     re-initialised with Xavier-normal Conv2d/Linear weights, seeded by the run's seed; the
     masks then apply to the model's own weights)."""
-    granularity: Literal["element", "block"] = "element"
+    granularity: Literal["element", "block", "channel"] = "element"
     """element (any weight may be pruned; enforced by gradient hooks on dense weights) | block
     (``block x block`` tiles of each weight's GEMM view are kept or pruned whole, and masked
-    layers are swapped for block-sparse ones that store and compute only the kept blocks)."""
+    layers are swapped for block-sparse ones that store and compute only the kept blocks) |
+    channel (static methods only: groups of coupled output channels are kept or removed
+    whole, and the model is rebuilt physically smaller, dense, with no masks)."""
+    budget: Literal["params", "flops"] = "params"
+    """What ``target`` removes with channel granularity: the prunable weights (params) or the
+    convolutions' and linear layers' FLOPs at the training crop (flops)."""
     block: Literal[16, 32, 64] = 32
     """Block side for ``granularity: block``."""
     kernel: Kernel = "auto"
@@ -271,9 +276,12 @@ class SparsityConfig:
             raise ValueError(f"sparsity.alpha0 must be in (0, 1), got {self.alpha0}")
         if self.erk_power < 0:
             raise ValueError(f"sparsity.erk_power must be >= 0, got {self.erk_power}")
-        if self.granularity == "element" and self.block != 32:
-            raise ValueError(f"sparsity.block={self.block} has no effect with element masks; add "
+        if self.granularity != "block" and self.block != 32:
+            raise ValueError(f"sparsity.block={self.block} has no effect with {self.granularity} masks; add "
                              "sparsity.granularity=block (--granularity block) or leave the block out")
+        if self.granularity != "channel" and self.budget != "params":
+            raise ValueError(f"sparsity.budget={self.budget} has no effect with {self.granularity} masks (they count "
+                             "weights); add sparsity.granularity=channel (--granularity channel) or leave it out")
         from dsparse.sparsity.criteria import CRITERIA
 
         if self.pretrained_criterion not in CRITERIA:

@@ -7,7 +7,8 @@ The file (``torch.load(weights_only=True)`` reads it) holds the run's config, th
 task channels, and per masked weight either its kept blocks with their layout (block
 masks: ``blocks [S, B, B]`` plus ``slot_rows``/``slot_cols``) or its kept values with a
 packed bit mask (element masks); everything else (biases, norms, unmasked layers) is
-stored dense. ``load_sparse`` rebuilds the model with block-sparse layers for block
+stored dense. A channel run is its smaller dense model, stored whole, with the channel
+record from which ``load_sparse`` rebuilds that architecture. ``load_sparse`` rebuilds the model with block-sparse layers for block
 masks, so it computes only the kept blocks; element masks load into dense layers with
 zeros (nothing to skip).
 """
@@ -29,6 +30,7 @@ from dsparse.runs.restore import restore_run
 from dsparse.sparsity.block.geometry import block_grid
 from dsparse.sparsity.block.layers import BlockSparseConv2d, BlockSparseLayer, BlockSparseLinear
 from dsparse.sparsity.block.layout import BlockLayout
+from dsparse.sparsity.channel.shrink import shrink_model
 
 __all__ = ["ExportReport", "export_run", "load_sparse"]
 
@@ -64,12 +66,18 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Exp
     if masks is None:
         raise ValueError(f"{run} is a dense run (no sparsity state in {restored.checkpoint}), so there is nothing to "
                          "export sparsely; its checkpoint already holds the dense model")
-    dense_bytes = _dense_bytes(model, layers)
+    if masks.meta.get("granularity") == "channel":  # the unpruned model's size
+        from dsparse.runs.components import build_run_model
+
+        dense_bytes = _dense_bytes(build_run_model(config, tasks), {})
+    else:
+        dense_bytes = _dense_bytes(model, layers)
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(),
                "task_channels": {name: task.num_channels for name, task in tasks.items()},
                "masks_meta": masks.meta, "sparse": {}, "dense": {}}
     skip = set()
-    for fqn, mask in masks.masks.items():
+    channel = masks.meta.get("granularity") == "channel"  # the model is already the smaller dense one
+    for fqn, mask in masks.masks.items() if not channel else ():
         layer = layers.get(fqn)
         module_path = fqn.rsplit(".", 1)[0]
         if layer is not None:
@@ -114,6 +122,11 @@ def load_sparse(path: str | Path, model: torch.nn.Module | None = None):
     config = config_from_dict(payload["config"])
     if model is None:
         model = build_configured_model(config.model, payload["task_channels"])
+    if payload["masks_meta"].get("granularity") == "channel":
+        try:
+            shrink_model(model, payload["masks_meta"]["channels"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{path} does not match the model: {error}") from None
     _check_model_matches(model, payload, path)
     modules = dict(model.named_modules())
     weights = prunable_parameters(model)

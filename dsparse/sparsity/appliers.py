@@ -217,3 +217,39 @@ class BlockApplier(MaskApplier):
                 optimizer.zero_(layer.blocks, restart[:, None, None].expand_as(layer.blocks))
             layer.set_layout(layout)
         self.masks.masks.update(masks)
+
+
+class ChannelApplier(MaskApplier):
+    """Channel masks: the model is rebuilt with only the kept channels
+    (``dsparse.sparsity.channel.shrink_model``), so nothing is left to enforce. ``weights``
+    lays the smaller layers' weights back out in the dense shapes, zeros at the removed
+    channels, so the checks and reports that read masked weights read these too. Static:
+    no capture and no update."""
+
+    def __init__(self, model: torch.nn.Module, masks: MaskSet):
+        from dsparse.sparsity.channel.shrink import shrink_model
+
+        self.masks = masks
+        self.model = shrink_model(model, masks.meta["channels"])
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        small = prunable_parameters(unwrap_model(self.model))
+        dense = {}
+        for fqn, mask in self.masks.masks.items():
+            full = torch.zeros(mask.shape, dtype=small[fqn].dtype, device=small[fqn].device)
+            full[mask.to(full.device)] = small[fqn].detach().flatten()
+            dense[fqn] = full
+        return dense
+
+    def start_capture(self) -> dict[str, torch.Tensor]:
+        raise RuntimeError("channel masks are static: a channel-pruned model has no growth to capture")
+
+    def arm_capture(self) -> None:
+        raise RuntimeError("channel masks are static")
+
+    def finish_capture(self) -> dict[str, torch.Tensor]:
+        raise RuntimeError("channel masks are static")
+
+    def update(self, masks: dict[str, torch.Tensor], reset: dict[str, torch.Tensor], optimizer) -> None:
+        raise RuntimeError("channel masks are static: they cannot change during training")
+

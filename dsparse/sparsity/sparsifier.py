@@ -28,7 +28,8 @@ from dsparse.distributed import barrier, is_main
 from dsparse.io import atomic_path, load_tensor_file
 from dsparse.kernels import resolve_kernel
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
-from dsparse.sparsity.appliers import BlockApplier, ElementApplier, MaskApplier, count_pruned_nonzeros
+from dsparse.sparsity.appliers import (BlockApplier, ChannelApplier, ElementApplier, MaskApplier,
+                                       count_pruned_nonzeros)
 from dsparse.sparsity.block.layers import BlockSparseLayer
 from dsparse.sparsity.block.geometry import BlockUnits, MaskUnits, mask_units
 from dsparse.sparsity.masks import MaskSet
@@ -148,9 +149,14 @@ class MaskedSparsifier(Sparsifier):
         check_granularity(masks, settings, "the masks")
         weights = prunable_parameters(unwrap_model(model))
         users = parameter_users(model)
-        units = mask_units(settings.granularity, settings.block, {n: tuple(w.shape) for n, w in weights.items()})
-        applier = (BlockApplier(model, masks, units, settings.kernel) if isinstance(units, BlockUnits)
-                   else ElementApplier(model, masks))
+        shapes = {n: tuple(w.shape) for n, w in weights.items()}
+        if settings.granularity == "channel":  # the model is rebuilt smaller, in place
+            masks.check_matches(model)
+            units, applier = mask_units("element", settings.block, shapes), ChannelApplier(model, masks)
+        else:
+            units = mask_units(settings.granularity, settings.block, shapes)
+            applier = (BlockApplier(model, masks, units, settings.kernel) if isinstance(units, BlockUnits)
+                       else ElementApplier(model, masks))
         self.state = MaskState(model, masks, applier, None, self.inputs, {n: users[n] for n in weights}, units)
         self.empty_layers = empty_layers(masks)
         if self.empty_layers and not self._resumed:
@@ -267,23 +273,28 @@ def check_granularity(masks: MaskSet, settings: SparsityConfig, where: str) -> N
     block = masks.meta.get("block") if granularity == "block" else None
     wanted = settings.block if settings.granularity == "block" else None
     if granularity != settings.granularity or block != wanted:
-        have = "element masks" if granularity == "element" else f"block masks (block {block})"
-        want = "element masks" if wanted is None else f"block masks (block {wanted})"
-        fix = ("sparsity.granularity=element" if granularity == "element"
-               else f"sparsity.granularity=block sparsity.block={block}")
+        def name(kind, size):
+            return f"block masks (block {size})" if kind == "block" else f"{kind} masks"
+
+        have, want = name(granularity, block), name(settings.granularity, wanted)
+        fix = (f"sparsity.granularity=block sparsity.block={block}" if granularity == "block"
+               else f"sparsity.granularity={granularity}")
         raise ValueError(f"{where} hold {have} but the config asks for {want}; set {fix} to use them, or make "
                          f"new masks with the config's settings")
 
 
 def swap_sparse_layers(model: torch.nn.Module, masks: MaskSet | None,
                        kernel: str = "auto") -> dict[str, BlockSparseLayer]:
-    """Give ``model`` the layer structure a checkpoint's weights were saved from: block-sparse
-    layers (running ``kernel``, see ``sparsity.kernel``), in place, where ``masks`` (a
-    checkpoint's) are block masks.
+    """Give ``model`` the layer structure a checkpoint's weights were saved from, in place:
+    block-sparse layers (running ``kernel``, see ``sparsity.kernel``) where ``masks`` (a
+    checkpoint's) are block masks, the rebuilt smaller layers where they are channel masks.
 
     Returns:
         FQN -> the block-sparse layer now in its place ({} for element masks or None).
     """
+    if masks is not None and masks.meta.get("granularity") == "channel":
+        ChannelApplier(model, masks)  # the smaller dense layers the checkpoint holds
+        return {}
     if masks is None or masks.meta.get("granularity", "element") != "block":
         return {}
     shapes = {n: tuple(w.shape) for n, w in prunable_parameters(unwrap_model(model)).items()}

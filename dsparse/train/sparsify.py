@@ -40,8 +40,10 @@ def mask_inputs(config: RunConfig, tasks: dict[str, Task], manifest: dict, rank:
 
     source = config.sparsity.from_checkpoint
     pretrained = None if source is None else (lambda: load_model_weights(resolve_checkpoint(source)))
+    crop = config.data.crop_size
+    size = (crop, crop) if crop is not None else tuple(manifest.image_size)
     return MaskInputs(tasks=tasks, settings=config.sparsity, seed=config.seed, task_weights=dict(config.task_weights),
-                      total_steps=config.train.iterations, batches=batches, pretrained=pretrained)
+                      total_steps=config.train.iterations, batches=batches, pretrained=pretrained, input_size=size)
 
 
 def run_sparsifier(config: RunConfig, tasks: dict[str, Task], manifest: dict, rank: int, world_size: int,
@@ -68,8 +70,10 @@ def prune_run(config: RunConfig, out: str | Path, overwrite: bool = False) -> Ma
     sparsifier.prepare(model)
     masks = sparsifier.masks
     meta = masks.meta
-    log.info("pruned with %s (%s): requested sparsity %.4f, achieved %.4f, per-task keep ratio %.4f",
-             meta.get("method"), meta.get("criterion"), config.sparsity.target, masks.sparsity, meta["keep_ratio"])
+    achieved = meta.get("budget_sparsity_achieved", masks.sparsity)  # channel masks: in the budget's unit
+    log.info("pruned with %s (%s): requested sparsity %.4f, achieved %.4f%s, per-task keep ratio %.4f",
+             meta.get("method"), meta.get("criterion"), config.sparsity.target, achieved,
+             f" of the {meta['budget']}" if "budget" in meta else "", meta["keep_ratio"])
     if is_main():
         masks.save(out)
     return masks

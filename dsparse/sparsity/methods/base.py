@@ -51,6 +51,9 @@ class MaskInputs:
     """This rank's training batches for scoring, opened only by methods that read data."""
     pretrained: Callable[[], dict[str, torch.Tensor]] | None = None
     """The trained weights to prune (``sparsity.from_checkpoint``), or None."""
+    input_size: tuple[int, int] = (64, 64)
+    """The training crop (height, width): channel granularity traces the model's graph on
+    it and counts FLOPs at it."""
 
 
 class Method(abc.ABC):
@@ -89,6 +92,10 @@ class Method(abc.ABC):
                              "sparsity.from_checkpoint (or --from) to a finished dense run")
         if settings.score_init == "xavier" and not self.scores_reinitialised:
             refuse_score_init(self.name)
+        if settings.granularity == "channel" and self.dynamic:
+            raise ValueError(f"sparsity.method {self.name} prunes and regrows during training, and channel "
+                             "granularity rebuilds the model smaller once; use a static method (disparse, snip, "
+                             "magnitude, random, lottery) or element/block granularity")
 
     @abc.abstractmethod
     def initial_masks(self, model: torch.nn.Module, inputs: MaskInputs) -> MaskSet:

@@ -22,6 +22,7 @@ import torch
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
 from dsparse.sparsity.block.vote import solve_block_vote
 from dsparse.sparsity.block.geometry import BlockUnits, mask_units
+from dsparse.sparsity.channel.prune import channel_masks
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.criteria import needs_data
 from dsparse.sparsity.methods.base import MaskInputs, Method, first_conv, register_method, verify_masks_agree
@@ -57,21 +58,29 @@ class StaticMethod(Method):
     def masks(self, model: torch.nn.Module, tasks: dict[str, Task], batches: Iterable[dict] | None, *,
               sparsity: float, criterion: str | None = None, num_batches: int = 50, scope: str = "global",
               keep_first_dense: bool = False, task_weights: dict[str, float] | None = None, seed: int = 0,
-              pretrained: bool = False, granularity: str = "element", block: int = 32) -> MaskSet:
-        """Masks for ``model`` at exactly ``sparsity``, identical on every rank (see ``prune``)."""
+              pretrained: bool = False, granularity: str = "element", block: int = 32, budget: str = "params",
+              input_size: tuple[int, int] = (64, 64)) -> MaskSet:
+        """Masks for ``model`` at exactly ``sparsity``, identical on every rank (see ``prune``);
+        ``budget`` and ``input_size`` (the training crop) serve channel granularity."""
         criterion = self.criterion_for(criterion, pretrained)
         data = needs_data(criterion)
         weights = prunable_parameters(unwrap_model(model))
-        units = mask_units(granularity, block, {fqn: tuple(w.shape) for fqn, w in weights.items()})
         scores = compute_saliency(model, tasks, batches if data else iter(()),
                                   criterion=criterion, num_batches=num_batches, joint=not self.disentangled,
                                   task_weights=task_weights, seed=seed)
         if data:
             scores = all_reduce_scores(scores)
         scores = normalize_scores(scores)
-        dense = [first_conv(model)] if keep_first_dense else []
         meta = dict(method=self.name, criterion=criterion, scope=scope, sparsity_requested=sparsity,
-                    dense_layers=dense, num_batches=num_batches if data else 0, **units.meta())
+                    num_batches=num_batches if data else 0)
+        if granularity == "channel":  # the stem's output channels stay by construction
+            masks = channel_masks(model, scores, sparsity=sparsity, budget=budget, scope=scope, input_size=input_size,
+                                  joint_task=None if self.disentangled else JOINT, meta={**meta, "dense_layers": []})
+            verify_masks_agree(masks)
+            return masks
+        units = mask_units(granularity, block, {fqn: tuple(w.shape) for fqn, w in weights.items()})
+        dense = [first_conv(model)] if keep_first_dense else []
+        meta = dict(meta, dense_layers=dense, **units.meta())
         if isinstance(units, BlockUnits):
             vote = solve_block_vote(scores, self.vote_users(model), units, sparsity=sparsity, scope=scope, dense=dense)
             masks = MaskSet(vote.masks, {**meta, "keep_ratio": vote.result.keep_ratio, "num_kept": vote.num_kept,
@@ -98,7 +107,7 @@ class StaticMethod(Method):
                           keep_first_dense=settings.first_conv_dense(dynamic=False),
                           task_weights=dict(inputs.task_weights),
                           seed=inputs.seed, pretrained=pretrained, granularity=settings.granularity,
-                          block=settings.block)
+                          block=settings.block, budget=settings.budget, input_size=inputs.input_size)
 
 
 def xavier_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
