@@ -168,6 +168,14 @@ def _cmd_eval(args) -> dict:
 
 
 def _cmd_export(args) -> dict:
+    if args.format == "onnx":
+        from dsparse.onnx_export import export_onnx
+
+        result = export_onnx(args.run, args.out, overwrite=args.overwrite)
+        _say(args, f"wrote {result['path']}: {result['num_bytes'] / 2**20:.2f} MiB, ONNX opset 17, input rgb "
+                   f"[batch, 3, {result['input_size'][0]}, {result['input_size'][1]}], outputs "
+                   f"{', '.join(result['tasks'])}; ONNX Runtime matches PyTorch within {result['max_difference']:.2g}")
+        return result
     from dsparse.export import export_run
 
     report = export_run(args.run, args.out, overwrite=args.overwrite)
@@ -374,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="run directory or checkpoints/step-N directory of a sparse run")
     export.add_argument("--out", required=True, help="the file to write (eval it with dsparse eval FILE)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    export.add_argument("--format", choices=("torch", "onnx"), default="torch",
+                        help="torch: dsparse's compact file (kept blocks/weights); onnx: a dense graph any runtime "
+                             "runs, checked in ONNX Runtime")
     export.set_defaults(func=_cmd_export)
 
     sweep = verbs.add_parser("sweep", parents=[common], help="run a sweep spec with Ray Tune (local Ray by default)")

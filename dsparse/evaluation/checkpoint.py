@@ -40,9 +40,14 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
                                     or max_batches < 1):
         raise ValueError(f"--max-batches must be at least 1, got {max_batches!r} (leave it out to evaluate the "
                          "whole split)")
-    if Path(checkpoint).is_file():  # a sparse model from `dsparse export` (runs and checkpoints are directories)
+    if Path(checkpoint).is_file():  # a model from `dsparse export` (runs and checkpoints are directories)
         path = Path(checkpoint)
-        model, config = load_sparse(path)
+        if path.suffix == ".onnx":
+            from dsparse.onnx_export import load_onnx
+
+            model, config = load_onnx(path)  # runs in ONNX Runtime
+        else:
+            model, config = load_sparse(path)
         if data_path is not None:
             config.data.path = str(data_path)
         manifest = load_manifest(config.data.path)
