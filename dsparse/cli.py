@@ -168,17 +168,20 @@ def _cmd_eval(args) -> dict:
 
 
 def _cmd_export(args) -> dict:
+    keep = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.no_revote and keep is None:
+        raise ValueError("--no-revote applies to task extraction; add --tasks (e.g. --tasks seg,depth)")
     if args.format == "onnx":
         from dsparse.onnx_export import export_onnx
 
-        result = export_onnx(args.run, args.out, overwrite=args.overwrite)
+        result = export_onnx(args.run, args.out, overwrite=args.overwrite, keep_tasks=keep, revote=not args.no_revote)
         _say(args, f"wrote {result['path']}: {result['num_bytes'] / 2**20:.2f} MiB, ONNX opset 17, input rgb "
                    f"[batch, 3, {result['input_size'][0]}, {result['input_size'][1]}], outputs "
                    f"{', '.join(result['tasks'])}; ONNX Runtime matches PyTorch within {result['max_difference']:.2g}")
         return result
     from dsparse.export import export_run
 
-    report = export_run(args.run, args.out, overwrite=args.overwrite)
+    report = export_run(args.run, args.out, overwrite=args.overwrite, keep_tasks=keep, revote=not args.no_revote)
     _say(args, f"wrote {report.path}: {report.num_bytes / 2**20:.2f} MiB, {100 * report.ratio:.1f}% of the dense "
                f"model's {report.dense_bytes / 2**20:.2f} MiB ({report.granularity} masks, sparsity "
                f"{report.sparsity:.4f})")
@@ -385,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("torch", "onnx"), default="torch",
                         help="torch: dsparse's compact file (kept blocks/weights); onnx: a dense graph any runtime "
                              "runs, checked in ONNX Runtime")
+    export.add_argument("--tasks", default=None, help="keep only these tasks (comma-separated): their heads and "
+                                                      "the trunk channels they use")
+    export.add_argument("--no-revote", action="store_true",
+                        help="with --tasks on a channel run: keep the shared channels only dropped tasks voted for "
+                             "(the kept tasks' outputs stay exactly as they were)")
     export.set_defaults(func=_cmd_export)
 
     sweep = verbs.add_parser("sweep", parents=[common], help="run a sweep spec with Ray Tune (local Ray by default)")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dsparse.config import config_from_dict
+from dsparse.extract import extract_tasks, rename
 from dsparse.io import atomic_path, check_output_file, load_tensor_file
 from dsparse.models import prunable_parameters
 from dsparse.runs.components import build_configured_model
@@ -52,8 +53,10 @@ class ExportReport:
         return self.num_bytes / self.dense_bytes
 
 
-def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> ExportReport:
-    """Write the latest checkpoint of sparse run ``run`` as a sparse model file ``out``.
+def export_run(run: str | Path, out: str | Path, overwrite: bool = False, keep_tasks: list[str] | None = None,
+               revote: bool = True) -> ExportReport:
+    """Write the latest checkpoint of sparse run ``run`` as a sparse model file ``out``;
+    with ``keep_tasks``, only those tasks (``dsparse.extract.extract_tasks``).
 
     Raises:
         ValueError: ``out`` exists (without ``overwrite``) or is a directory, no checkpoint,
@@ -63,6 +66,11 @@ def export_run(run: str | Path, out: str | Path, overwrite: bool = False) -> Exp
     restored = restore_run(run)
     config, masks, layers, model, tasks = (restored.config, restored.masks, restored.sparse_layers, restored.model,
                                            restored.tasks)
+    if keep_tasks is not None:
+        extracted = extract_tasks(model, config, masks, tasks, keep_tasks, revote=revote)
+        config, masks, tasks = extracted.config, extracted.masks, extracted.tasks
+        layers = {rename(fqn, extracted.renamed): layer for fqn, layer in layers.items()
+                  if rename(fqn, extracted.renamed) is not None}
     if masks is None:
         raise ValueError(f"{run} is a dense run (no sparsity state in {restored.checkpoint}), so there is nothing to "
                          "export sparsely; its checkpoint already holds the dense model")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dsparse.config import config_from_dict
+from dsparse.extract import extract_tasks
 from dsparse.io import atomic_path, check_output_file
 from dsparse.runs.restore import restore_run
 from dsparse.sparsity.block.layers import BlockSparseLayer
@@ -83,8 +84,10 @@ def dense_layers(model: nn.Module) -> nn.Module:
     return model
 
 
-def export_onnx(run: str | Path, out: str | Path, overwrite: bool = False) -> dict:
-    """Write the latest checkpoint of ``run`` (dense, element, block or channel) as ONNX.
+def export_onnx(run: str | Path, out: str | Path, overwrite: bool = False, keep_tasks: list[str] | None = None,
+                revote: bool = True) -> dict:
+    """Write the latest checkpoint of ``run`` (dense, element, block or channel) as ONNX;
+    with ``keep_tasks``, only those tasks (``dsparse.extract.extract_tasks``).
 
     Returns:
         ``{"path", "num_bytes", "max_difference", "tasks", "input_size"}``.
@@ -99,8 +102,12 @@ def export_onnx(run: str | Path, out: str | Path, overwrite: bool = False) -> di
         raise ValueError(f"--out {out}: an ONNX export's name must end in .onnx (dsparse eval picks ONNX Runtime by it)")
     check_output_file(out, overwrite)
     restored = restore_run(run)
+    config, masks, run_tasks = restored.config, restored.masks, restored.tasks
+    if keep_tasks is not None:
+        extracted = extract_tasks(restored.model, config, masks, run_tasks, keep_tasks, revote=revote)
+        config, masks, run_tasks = extracted.config, extracted.masks, extracted.tasks
     model = dense_layers(restored.model).float().cpu().eval()
-    tasks = list(restored.tasks)
+    tasks = list(run_tasks)
     height, width = restored.manifest.image_size
     wrapper = _TaskOutputs(model, tasks).eval()  # export restores the wrapper's mode onto the model
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
@@ -109,16 +116,15 @@ def export_onnx(run: str | Path, out: str | Path, overwrite: bool = False) -> di
         program = torch.onnx.export(wrapper, (example,), input_names=["rgb"], output_names=tasks, opset_version=OPSET,
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
                                     verbose=False)
-        metadata = {"dsparse.config": json.dumps(restored.config.to_dict()),
-                    "dsparse.task_channels": json.dumps({n: t.num_channels for n, t in restored.tasks.items()}),
-                    "dsparse.granularity": (restored.masks.meta.get("granularity", "element")
-                                            if restored.masks is not None else "dense")}
+        metadata = {"dsparse.config": json.dumps(config.to_dict()),
+                    "dsparse.task_channels": json.dumps({n: t.num_channels for n, t in run_tasks.items()}),
+                    "dsparse.granularity": masks.meta.get("granularity", "element") if masks is not None else "dense"}
         program.model.metadata_props.update(metadata)
         program.save(temporary)
         difference = _check_against_torch(temporary, wrapper, tasks, (height, width))
     log.info("wrote %s (%d bytes); ONNX Runtime matches PyTorch within %.2g", out, out.stat().st_size, difference)
     return {"path": str(out), "num_bytes": out.stat().st_size, "max_difference": difference, "tasks": tasks,
-            "input_size": [height, width]}
+            "input_size": [height, width], "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def _check_against_torch(path: Path, wrapper: nn.Module, tasks: list[str], size: tuple[int, int]) -> float:

@@ -101,6 +101,11 @@ class MultiTaskNet(nn.Module):
         everyone = frozenset(self.tasks)
         return [(self.trunk, everyone)] + [(head, frozenset({t})) for t, head in self.heads.items()]
 
+    def select_tasks(self, tasks: Iterable[str]) -> None:
+        """Keep only the heads of ``tasks``, in place (task extraction for deployment)."""
+        kept = _select_tasks(self.tasks, tasks)
+        self.heads = nn.ModuleDict({t: self.heads[t] for t in kept})
+
 
 class BranchedMultiTaskNet(nn.Module):
     """A shared early trunk, then branches each shared by a subset of tasks, then heads.
@@ -170,6 +175,16 @@ class BranchedMultiTaskNet(nn.Module):
                 features = branch(shared)
                 outputs.update({t: self.heads[t](features, x.shape[-2:]) for t in wanted})
         return {t: outputs[t] for t in selected}
+
+    def select_tasks(self, tasks: Iterable[str]) -> None:
+        """Keep only the heads of ``tasks`` and the branches they use, in place; a branch's
+        users become the kept tasks among them."""
+        kept = _select_tasks(self.tasks, tasks)
+        pairs = [(users & set(kept), branch) for users, branch in zip(self.branch_users, self.branches)
+                 if users & set(kept)]
+        self.heads = nn.ModuleDict({t: self.heads[t] for t in kept})
+        self.branch_users = tuple(frozenset(users) for users, _ in pairs)
+        self.branches = nn.ModuleList(branch for _, branch in pairs)
 
     def task_modules(self) -> list[tuple[nn.Module, frozenset[str]]]:
         declared = [(self.shared, frozenset(self.tasks))]
