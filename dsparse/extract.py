@@ -27,7 +27,7 @@ from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.saliency import JOINT
 from dsparse.tasks import Task
 
-__all__ = ["ExtractedRun", "extract_tasks", "rename"]
+__all__ = ["ExtractedRun", "extract_tasks", "rename", "select_tasks"]
 
 
 @dataclass
@@ -54,9 +54,7 @@ def extract_tasks(model: nn.Module, config: RunConfig, masks: MaskSet | None, ta
         raise ValueError(f"--tasks names {', '.join(unknown) or 'no task'}, which the run does not have; it has "
                          f"{', '.join(tasks)}")
     inner = unwrap_model(model)
-    before = {id(module): name for name, module in inner.named_modules()}
-    inner.select_tasks(keep)
-    renamed = {before[id(module)]: name for name, module in inner.named_modules() if id(module) in before}
+    renamed = select_tasks(inner, keep)
     config = copy.deepcopy(config)
     config.tasks = [t for t in config.tasks if t in keep]
     config.task_weights = {t: w for t, w in config.task_weights.items() if t in keep}
@@ -68,6 +66,20 @@ def extract_tasks(model: nn.Module, config: RunConfig, masks: MaskSet | None, ta
         if masks.meta.get("granularity") == "channel" and revote:
             masks = _revote(inner, masks, keep)
     return ExtractedRun(model, config, masks, {t: tasks[t] for t in tasks if t in keep}, renamed)
+
+
+def select_tasks(model: nn.Module, keep: list[str]) -> dict[str, str]:
+    """Keep only the heads (and branches) of ``keep`` on ``model``, in place, and return the
+    old FQN -> new FQN of every module that remains.
+
+    The old modules are held until the new names are read: a module freed by the selection
+    could otherwise hand its ``id`` to a container the selection creates, and a dropped
+    module's name would map onto it.
+    """
+    before = list(model.named_modules())
+    model.select_tasks(keep)
+    after = {id(module): name for name, module in model.named_modules()}
+    return {name: after[id(module)] for name, module in before if id(module) in after}
 
 
 def rename(fqn: str, renamed: dict[str, str]) -> str | None:

@@ -86,3 +86,32 @@ def test_onnx_extraction_and_unknown_tasks(runs, tmp_path):
                                          "depth"):
         export_run(runs["channel"], tmp_path / "x.pt", keep_tasks=["keypoint"])
     assert not (tmp_path / "x.pt").exists()
+
+
+def _signature(module: torch.nn.Module) -> tuple:
+    return type(module).__name__, tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_extraction_renames_exactly_the_modules_that_remain(attempt):
+    """Dropped modules are freed during the selection; their ids must never map a dropped
+    module's name onto a new container (this once sent a branch's name to shrink_model)."""
+    from dsparse.extract import extract_tasks
+    from dsparse.models import build_branched_model
+    from dsparse.tasks import build_tasks
+
+    tasks = build_tasks(TASKS, num_classes=5)
+    model = build_branched_model("resnet18", {t: tasks[t].num_channels for t in TASKS}, [{"seg"}, {"normal", "depth"}],
+                                 base_width=8, branch_from="layer3")
+    old = {name: _signature(module) for name, module in model.named_modules()}
+    config = config_from_dict({"tasks": TASKS, "model": {"branches": [["seg"], ["normal", "depth"]]}})
+    renamed = extract_tasks(model, config, None, tasks, ["normal", "depth"]).renamed
+    new = dict(model.named_modules())
+    dropped = ("branches.0", "heads.seg")
+    expected = {name for name in old if name not in ("branches", "heads")
+                and not any(name == d or name.startswith(d + ".") for d in dropped)}
+    assert set(renamed) == expected
+    assert renamed.pop("") == ""  # the model itself: its contents changed
+    for name, new_name in renamed.items():
+        assert _signature(new[new_name]) == old[name]
+        assert new_name == (f"branches.0{name[len('branches.1'):]}" if name.startswith("branches.1") else name)
