@@ -85,7 +85,7 @@ def measure(run_dir: Path, dense_dir: Path, tasks, args, exports: Path) -> dict:
         path = exports / f"{directory.parent.name}-{directory.name}.onnx"
         if not path.is_file():
             export_onnx(directory, path)
-        files.append(OnnxRuntimeModel(path))
+        files.append(OnnxRuntimeModel(path, threads=args.threads, spinning=False))
     latency = {}
     for batch_size in (1, 16):
         x = torch.randn(batch_size, 3, size, size)

@@ -114,7 +114,8 @@ def _cmd_prune(args) -> dict:
     overrides = list(args.set) + [f"sparsity.method={args.method}", f"sparsity.target={args.sparsity}"]
     for key, value in (("criterion", args.criterion), ("from_checkpoint", args.from_checkpoint),
                        ("num_batches", args.num_batches), ("scope", args.scope),
-                       ("granularity", args.granularity), ("block", args.block), ("budget", args.budget)):
+                       ("granularity", args.granularity), ("block", args.block), ("budget", args.budget),
+                       ("channel_multiple", args.channel_multiple)):
         if value is not None:
             overrides.append(f"sparsity.{key}={value}")
     if args.keep_first_dense:
@@ -364,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--budget", default=None, help="what --sparsity removes with --granularity channel: "
                                                       "params (default) | flops (at the training crop)")
     prune.add_argument("--block", type=int, default=None, help="block side for --granularity block: 16 | 32 | 64")
+    prune.add_argument("--channel-multiple", type=int, default=None,
+                       help="--granularity channel: keep a multiple of this many channels per group (default 8; "
+                            "1 = the vote's exact counts)")
     prune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prune.add_argument("--out", default="masks.pt")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

@@ -23,6 +23,7 @@ from torch import nn
 from dsparse.config import RunConfig
 from dsparse.models import unwrap_model
 from dsparse.sparsity.channel.shrink import channel_element_masks, shrink_model
+from dsparse.sparsity.channel.vote import round_up
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.saliency import JOINT
 from dsparse.tasks import Task
@@ -113,16 +114,21 @@ def _revote(model: nn.Module, masks: MaskSet, keep: list[str]) -> MaskSet:
     """Keep, in every voted group, only the channels some kept task keeps (its per-task
     mask), and shrink the (already smaller) model to them."""
     record, task_masks = masks.meta["channels"], masks.task_masks or {}
+    multiple = masks.meta.get("channel_multiple", 1)
     relative, updated = {}, {}
     for name, entry in record.items():
         old = torch.tensor(entry["kept"], dtype=torch.long)
+        was_kept = torch.zeros(entry["channels"], dtype=torch.bool)
+        was_kept[old] = True
         new = torch.zeros(entry["channels"], dtype=torch.bool)
         voters = [t for t in entry["users"] if t in task_masks] if not entry["fixed"] else []
         for task in voters:
             new |= _task_channels(entry, task_masks[task])
-        if not voters or not bool(new[old].any()):  # fixed, an entangled baseline's, or nothing to re-vote
-            new = torch.zeros(entry["channels"], dtype=torch.bool)
-            new[old] = True
+        new &= was_kept
+        if not voters or not bool(new.any()):  # fixed, an entangled baseline's, or nothing to re-vote
+            new = was_kept
+        elif "order" in entry:  # rounded up again, from the channels the model still has
+            new = round_up(new, [c for c in entry["order"] if was_kept[c]], multiple)
         new_kept = [int(i) for i in old if new[i]]
         positions = [index for index, channel in enumerate(old.tolist()) if new[channel]]
         relative[name] = {**entry, "channels": len(old), "kept": positions}

@@ -32,7 +32,7 @@ from dsparse.io import atomic_path, check_output_file
 from dsparse.runs.restore import restore_run
 from dsparse.sparsity.block.layers import BlockSparseLayer
 
-__all__ = ["OPSET", "TOLERANCE", "OnnxRuntimeModel", "export_onnx", "load_onnx"]
+__all__ = ["OPSET", "TOLERANCE", "OnnxRuntimeModel", "export_onnx", "load_onnx", "write_onnx"]
 
 log = logging.getLogger("dsparse.export")
 
@@ -108,23 +108,31 @@ def export_onnx(run: str | Path, out: str | Path, overwrite: bool = False, keep_
         config, masks, run_tasks = extracted.config, extracted.masks, extracted.tasks
     model = dense_layers(restored.model).float().cpu().eval()
     tasks = list(run_tasks)
-    height, width = restored.manifest.image_size
-    wrapper = _TaskOutputs(model, tasks).eval()  # export restores the wrapper's mode onto the model
-    example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
+    metadata = {"dsparse.config": json.dumps(config.to_dict()),
+                "dsparse.task_channels": json.dumps({n: t.num_channels for n, t in run_tasks.items()}),
+                "dsparse.granularity": masks.meta.get("granularity", "element") if masks is not None else "dense"}
+    difference = write_onnx(model, tasks, restored.manifest.image_size, out, metadata)
     out = Path(out)
-    with atomic_path(out) as temporary:
+    log.info("wrote %s (%d bytes); ONNX Runtime matches PyTorch within %.2g", out, out.stat().st_size, difference)
+    return {"path": str(out), "num_bytes": out.stat().st_size, "max_difference": difference, "tasks": tasks,
+            "input_size": list(restored.manifest.image_size), "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def write_onnx(model: nn.Module, tasks: list[str], size: tuple[int, int], out: str | Path,
+               metadata: dict[str, str] | None = None) -> float:
+    """Export a multitask model (dense layers, on the CPU) taking ``rgb [batch, 3, *size]``
+    with one output per task, atomically, after checking it in ONNX Runtime; returns the
+    largest difference from PyTorch."""
+    require_onnx("onnx", "onnxscript", "onnxruntime")
+    wrapper = _TaskOutputs(model, tasks).eval()  # export restores the wrapper's mode onto the model
+    example = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    with atomic_path(Path(out)) as temporary:
         program = torch.onnx.export(wrapper, (example,), input_names=["rgb"], output_names=tasks, opset_version=OPSET,
                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), dynamo=True,
                                     verbose=False)
-        metadata = {"dsparse.config": json.dumps(config.to_dict()),
-                    "dsparse.task_channels": json.dumps({n: t.num_channels for n, t in run_tasks.items()}),
-                    "dsparse.granularity": masks.meta.get("granularity", "element") if masks is not None else "dense"}
-        program.model.metadata_props.update(metadata)
+        program.model.metadata_props.update(metadata or {})
         program.save(temporary)
-        difference = _check_against_torch(temporary, wrapper, tasks, (height, width))
-    log.info("wrote %s (%d bytes); ONNX Runtime matches PyTorch within %.2g", out, out.stat().st_size, difference)
-    return {"path": str(out), "num_bytes": out.stat().st_size, "max_difference": difference, "tasks": tasks,
-            "input_size": [height, width], "parameters": sum(p.numel() for p in model.parameters())}
+        return _check_against_torch(temporary, wrapper, tasks, tuple(size))
 
 
 def _check_against_torch(path: Path, wrapper: nn.Module, tasks: list[str], size: tuple[int, int]) -> float:
@@ -151,12 +159,20 @@ class OnnxRuntimeModel(nn.Module):
     """An ONNX export run by ONNX Runtime behind the model interface ``evaluate`` uses:
     ``model(rgb)`` returns task -> prediction (CPU tensors; ``.to`` and ``.eval`` are no-ops)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, threads: int | None = None, spinning: bool = True):
+        """``threads``: ONNX Runtime's intra-op threads (default: one per physical core);
+        ``spinning=False`` makes idle threads sleep instead of spinning (sessions timed in
+        turn in one process would otherwise take each other's cores)."""
         super().__init__()
         import onnxruntime
 
         self.path = str(path)
-        self.session = onnxruntime.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         self.tasks = [output.name for output in self.session.get_outputs()]
 
     def forward(self, rgb: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -165,6 +165,41 @@ def test_the_budget_is_exact_to_one_channel():
         assert abs(other_cost - target) >= abs(vote.cost_kept - target)
 
 
+@pytest.mark.parametrize("multiple", [4, 8])
+def test_rounded_counts_are_multiples_that_keep_every_channel_a_user_kept(multiple):
+    model = build_model("resnet18", TASKS, base_width=16, head_dilations=(1, 2), head_hidden=12)
+    groups = channel_groups(model, INPUT[:1])
+    cost = ChannelCost.of(model, INPUT[:1], "flops")
+    vote = solve_channel_vote(normalised_random_scores(model), groups, cost, sparsity=0.5, multiple=multiple)
+    odd = 0
+    for group in groups:
+        kept = vote.kept[group.name]
+        if group.fixed:
+            continue
+        count = int(kept.sum())
+        assert count % multiple == 0 or count == group.channels, group.name
+        either = torch.zeros(group.channels, dtype=torch.bool)
+        for task in group.users:
+            either |= vote.task_kept[task][group.name]
+        assert bool((kept | ~either).all())  # every channel a user keeps stays
+        extra = kept & ~either
+        odd += int(either.sum()) % multiple != 0
+        if bool(extra.any()):  # the added ones are the best-scored of those the vote removed
+            ranked = [c for c in vote.order[group.name] if not either[c]]
+            assert set(torch.nonzero(extra).flatten().tolist()) == set(ranked[:int(extra.sum())])
+    assert odd  # rounding had something to do
+    largest = max(cost.per_channel(g) for g in groups if not g.fixed)
+    assert abs(vote.cost_kept - round(0.5 * vote.cost_total)) <= multiple * largest
+
+
+def test_a_channel_multiple_below_one_is_refused():
+    model = hidden()
+    groups = channel_groups(model, INPUT[:1])
+    with pytest.raises(ValueError, match="channel_multiple must be at least 1"):
+        solve_channel_vote(normalised_random_scores(model), groups, ChannelCost.of(model, INPUT[:1], "params"),
+                           sparsity=0.5, multiple=0)
+
+
 def test_without_floors_a_budget_that_empties_a_group_is_refused_with_the_largest_sparsity_that_does_not():
     model = hidden()
     groups = channel_groups(model, INPUT[:1])

@@ -96,11 +96,15 @@ def test_prune_cli_prints_channels_per_layer_and_size_before_and_after(tiny_data
                         re.search(r"FLOPs at 32x32: ([\d,]+) -> ([\d,]+)", out).groups())
     assert after / before == pytest.approx(0.5, abs=0.03)
     assert re.search(r"parameters: [\d,]+ -> [\d,]+ \(\d+\.\d% removed\)", out)
+    kept = [(int(k), int(n)) for k, n in re.findall(r"\| trunk\.\S+ \| (\d+) / (\d+) \|", out)]
+    assert kept and all(k % 8 == 0 or k == n for k, n in kept)  # sparsity.channel_multiple's default
     # channel masks into an element run, and a dynamic method with channels: one line each
     assert main(["train", str(config_path), "--masks", str(masks_path)]) == 2
     assert "hold channel masks but the config asks for element masks" in capsys.readouterr().err
     assert main(["prune", str(config_path), "--method", "disparse", "--sparsity", "0.5", "--budget", "flops"]) == 2
     assert "sparsity.budget=flops has no effect with element masks" in capsys.readouterr().err
+    assert main(["prune", str(config_path), "--method", "disparse", "--sparsity", "0.5", "--channel-multiple", "4"]) == 2
+    assert "sparsity.channel_multiple=4 has no effect with element masks" in capsys.readouterr().err
     dynamic = tmp_path / "dynamic.yaml"
     dynamic.write_text(yaml.safe_dump({**base, "sparsity": {"method": "rigl", "target": 0.5,
                                                             "granularity": "channel"}}))

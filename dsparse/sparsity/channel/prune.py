@@ -26,7 +26,8 @@ log = logging.getLogger("dsparse.sparsity")
 
 
 def channel_masks(model: nn.Module, scores: dict[str, dict[str, torch.Tensor]], *, sparsity: float, budget: str,
-                  scope: str, input_size: tuple[int, int], joint_task: str | None, meta: dict) -> MaskSet:
+                  scope: str, input_size: tuple[int, int], joint_task: str | None, meta: dict,
+                  multiple: int = 1) -> MaskSet:
     """The channel vote's masks for ``model`` (dense), as element masks plus the groups.
 
     Args:
@@ -34,6 +35,7 @@ def channel_masks(model: nn.Module, scores: dict[str, dict[str, torch.Tensor]], 
         joint_task: the pseudo-task of the entangled baselines (every group is then used by
             it alone), or None to vote with the groups' real users (DiSparse).
         meta: how the masks were made (method, criterion, ...), kept in the mask set.
+        multiple: each voted group keeps a multiple of this many channels (``solve_channel_vote``).
     """
     model = unwrap_model(model)
     weight = next(model.parameters())
@@ -42,8 +44,8 @@ def channel_masks(model: nn.Module, scores: dict[str, dict[str, torch.Tensor]], 
     if joint_task is not None:
         groups = [dataclasses.replace(g, users=frozenset({joint_task})) for g in groups]
     cost = ChannelCost.of(model, example, budget)
-    vote = solve_channel_vote(scores, groups, cost, sparsity=sparsity, scope=scope)
-    record = channel_meta(groups, vote.kept)
+    vote = solve_channel_vote(scores, groups, cost, sparsity=sparsity, scope=scope, multiple=multiple)
+    record = channel_meta(groups, vote.kept, vote.order)
     weights = prunable_parameters(model)
     masks = channel_element_masks(weights, record)
     task_masks = {}
@@ -56,7 +58,7 @@ def channel_masks(model: nn.Module, scores: dict[str, dict[str, torch.Tensor]], 
     num_total = sum(mask.numel() for mask in masks.values())
     meta = {**meta, "granularity": "channel", "block": None, "budget": budget, "keep_ratio": vote.keep_ratio,
             "num_kept": num_kept, "num_total": num_total, "sparsity_achieved": 1 - num_kept / num_total,
-            "budget_sparsity_achieved": vote.sparsity, "cost_kept": vote.cost_kept, "cost_total": vote.cost_total,
+            "budget_sparsity_achieved": vote.sparsity, "channel_multiple": multiple, "cost_kept": vote.cost_kept, "cost_total": vote.cost_total,
             "input_size": list(input_size), "channels": record}
     return MaskSet(masks, meta, task_masks)
 

@@ -25,11 +25,15 @@ from dsparse.sparsity.channel.groups import ChannelGroup
 __all__ = ["channel_element_masks", "channel_meta", "shrink_model", "zero_pruned_channels"]
 
 
-def channel_meta(groups: list[ChannelGroup], kept: dict[str, torch.Tensor]) -> dict:
-    """Plain-value record of the groups and their kept channel indices (for ``MaskSet.meta``)."""
+def channel_meta(groups: list[ChannelGroup], kept: dict[str, torch.Tensor],
+                 order: dict[str, list[int]] | None = None) -> dict:
+    """Plain-value record of the groups and their kept channel indices (for ``MaskSet.meta``),
+    with each voted group's channels best first (``order``) where given."""
+    order = order or {}
     return {g.name: {"channels": g.channels, "kept": torch.nonzero(kept[g.name]).flatten().tolist(),
                      "producers": list(g.producers), "consumers": list(g.consumers), "norms": list(g.norms),
-                     "users": sorted(g.users), "fixed": g.fixed} for g in groups}
+                     "users": sorted(g.users), "fixed": g.fixed, **({"order": order[g.name]} if g.name in order else {})}
+            for g in groups}
 
 
 def _masks_of(meta: dict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -19,6 +19,14 @@ rebuilt with the kept channels. Neither is additive over channels (a layer's siz
 kept outputs times its kept inputs), but the vote's kept sets are nested in the number of
 channels kept, so the cost grows with it and a bisection over that number finds the count
 whose cost is closest to the target (the smaller on a tie).
+
+Kept counts can be rounded up to a multiple (``multiple``, ``sparsity.channel_multiple``):
+CPU and GPU kernels work on channels in SIMD or tensor-core widths of 8 or 16, and a layer
+of 21 or 87 channels runs at the speed of the next multiple or falls off the fast path
+altogether (ONNX Runtime's blocked convolutions need multiples of 8). The extra channels
+of a group are the best-scored ones its vote removed, so no channel any task voted to keep
+is removed; counts stay monotone in the vote's size, and the bisection then meets the
+budget to within one multiple of one group.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from torch import nn
 from dsparse.sparsity.channel.groups import ChannelGroup
 from dsparse.sparsity.vote import VoteResult, _check_sparsity, solve_vote
 
-__all__ = ["BUDGETS", "ChannelCost", "ChannelVote", "channel_scores", "solve_channel_vote"]
+__all__ = ["BUDGETS", "ChannelCost", "ChannelVote", "channel_scores", "round_up", "solve_channel_vote"]
 
 BUDGETS = ("params", "flops")
 
@@ -124,6 +132,9 @@ class ChannelVote:
     """Group name -> bool ``[channels]``."""
     task_kept: dict[str, dict[str, torch.Tensor]]
     """task -> group name -> bool ``[channels]`` (the voted groups the task uses)."""
+    order: dict[str, list[int]]
+    """Group name -> its channels, best first (the largest score of any user): what a
+    re-vote that rounds up again adds first."""
     keep_ratio: float
     cost_kept: int
     cost_total: int
@@ -140,7 +151,8 @@ channels cost the most FLOPs): on the tiny model, 30% of the FLOPs already empti
 
 
 def solve_channel_vote(scores: dict[str, dict[str, torch.Tensor]], groups: list[ChannelGroup], cost: ChannelCost, *,
-                       sparsity: float, scope: str = "global", min_fraction: float = MIN_FRACTION) -> ChannelVote:
+                       sparsity: float, scope: str = "global", min_fraction: float = MIN_FRACTION,
+                       multiple: int = 1) -> ChannelVote:
     """Vote on channels and keep the channel count whose cost best matches ``sparsity``.
 
     Every voted group first keeps its floor, ``ceil(min_fraction * channels)`` channels (at
@@ -155,6 +167,8 @@ def solve_channel_vote(scores: dict[str, dict[str, torch.Tensor]], groups: list[
         sparsity: fraction of the budget (params or FLOPs) to remove, in (0, 1).
         scope: as for ``solve_vote``: ``layerwise`` ranks each group separately.
         min_fraction: the floor, in [0, 1).
+        multiple: round every voted group's kept count up to a multiple of this (or to all
+            its channels), adding its best-scored removed channels.
 
     Raises:
         ValueError: a sparsity the fixed groups and floors alone exceed (with the largest
@@ -164,11 +178,14 @@ def solve_channel_vote(scores: dict[str, dict[str, torch.Tensor]], groups: list[
     _check_sparsity(sparsity)
     if not 0.0 <= min_fraction < 1.0:
         raise ValueError(f"the channel floor must be in [0, 1), got {min_fraction}")
+    if multiple < 1:
+        raise ValueError(f"sparsity.channel_multiple must be at least 1 (1 = no rounding), got {multiple}")
     voted = [g for g in groups if not g.fixed]
     if not voted:
         raise ValueError("the model has no prunable channel group (only the stem and the heads' outputs)")
     pooled = channel_scores(scores, groups, cost)
-    floors = {g.name: _floor(g, pooled, min_fraction) for g in voted}
+    order = {g.name: _order(g, pooled) for g in voted}
+    floors = {g.name: _floor(g, order[g.name], min_fraction) for g in voted}
     rest = {name: ~floor for name, floor in floors.items()}
     users = {g.name: g.users for g in voted if bool(rest[g.name].any())}
     rest_scores = {task: {name: score[rest[name]] for name, score in per.items() if name in users}
@@ -177,11 +194,11 @@ def solve_channel_vote(scores: dict[str, dict[str, torch.Tensor]], groups: list[
     target = round((1.0 - float(sparsity)) * total)
     num_rest = sum(int(rest[name].sum()) for name in users)
 
-    def expand(masks: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    def expand(masks: dict[str, torch.Tensor], name: str, rounded: bool = True) -> torch.Tensor:
         kept = floors[name].clone()
         if name in masks:
             kept[rest[name]] = masks[name]
-        return kept
+        return round_up(kept, order[name], multiple) if rounded else kept
 
     def vote(num_keep: int) -> tuple[int, VoteResult | None]:
         result = solve_vote(rest_scores, users, num_keep=num_keep, scope=scope) if users else None
@@ -213,17 +230,36 @@ def solve_channel_vote(scores: dict[str, dict[str, torch.Tensor]], groups: list[
                          f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}, which disconnects the "
                          f"network; the largest sparsity keeping a channel in every group is "
                          f"{_largest_connected(vote, num_rest, total):.4g}, or keep a floor of channels per group")
-    task_kept = {task: {g.name: expand(result.task_masks[task] if result is not None else {}, g.name)
+    task_kept = {task: {g.name: expand(result.task_masks[task] if result is not None else {}, g.name, rounded=False)
                         for g in voted if task in g.users} for task in pooled}
-    return ChannelVote(kept, task_kept, result.keep_ratio if result is not None else 1.0, cost_kept, total)
+    return ChannelVote(kept, task_kept, order, result.keep_ratio if result is not None else 1.0, cost_kept, total)
 
 
-def _floor(group: ChannelGroup, pooled: dict[str, dict[str, torch.Tensor]], min_fraction: float) -> torch.Tensor:
-    """The group's floor channels: those with the largest score of any user."""
-    count = math.ceil(min_fraction * group.channels) if min_fraction > 0 else 0
+def round_up(kept: torch.Tensor, order: list[int], multiple: int) -> torch.Tensor:
+    """``kept`` (bool ``[channels]``) with the first removed channels of ``order`` added
+    until its count is a multiple of ``multiple`` (or every channel); an empty group stays
+    empty."""
+    count = int(kept.sum())
+    want = min(kept.numel(), -(-count // multiple) * multiple)
+    if want == count:
+        return kept
+    kept = kept.clone()
+    missing = [c for c in order if not kept[c]]
+    kept[torch.tensor(missing[:want - count], dtype=torch.long)] = True
+    return kept
+
+
+def _order(group: ChannelGroup, pooled: dict[str, dict[str, torch.Tensor]]) -> list[int]:
+    """The group's channels by the largest score of any user, best first (ties: lower index)."""
     best = torch.stack([per[group.name] for per in pooled.values() if group.name in per]).amax(0)
+    return torch.argsort(-best, stable=True).tolist()
+
+
+def _floor(group: ChannelGroup, order: list[int], min_fraction: float) -> torch.Tensor:
+    """The group's floor channels: the first of ``order``."""
+    count = math.ceil(min_fraction * group.channels) if min_fraction > 0 else 0
     floor = torch.zeros(group.channels, dtype=torch.bool)
-    floor[torch.argsort(-best, stable=True)[:max(1, count) if count else 0]] = True
+    floor[torch.tensor(order[:max(1, count) if count else 0], dtype=torch.long)] = True
     return floor
 
 

@@ -59,9 +59,10 @@ class StaticMethod(Method):
               sparsity: float, criterion: str | None = None, num_batches: int = 50, scope: str = "global",
               keep_first_dense: bool = False, task_weights: dict[str, float] | None = None, seed: int = 0,
               pretrained: bool = False, granularity: str = "element", block: int = 32, budget: str = "params",
-              input_size: tuple[int, int] = (64, 64)) -> MaskSet:
+              input_size: tuple[int, int] = (64, 64), channel_multiple: int = 8) -> MaskSet:
         """Masks for ``model`` at exactly ``sparsity``, identical on every rank (see ``prune``);
-        ``budget`` and ``input_size`` (the training crop) serve channel granularity."""
+        ``budget``, ``input_size`` (the training crop) and ``channel_multiple`` serve channel
+        granularity."""
         criterion = self.criterion_for(criterion, pretrained)
         data = needs_data(criterion)
         weights = prunable_parameters(unwrap_model(model))
@@ -75,7 +76,7 @@ class StaticMethod(Method):
                     num_batches=num_batches if data else 0)
         if granularity == "channel":  # the stem's output channels stay by construction
             masks = channel_masks(model, scores, sparsity=sparsity, budget=budget, scope=scope, input_size=input_size,
-                                  joint_task=None if self.disentangled else JOINT, meta={**meta, "dense_layers": []})
+                                  multiple=channel_multiple, joint_task=None if self.disentangled else JOINT, meta={**meta, "dense_layers": []})
             verify_masks_agree(masks)
             return masks
         units = mask_units(granularity, block, {fqn: tuple(w.shape) for fqn, w in weights.items()})
@@ -107,7 +108,8 @@ class StaticMethod(Method):
                           keep_first_dense=settings.first_conv_dense(dynamic=False),
                           task_weights=dict(inputs.task_weights),
                           seed=inputs.seed, pretrained=pretrained, granularity=settings.granularity,
-                          block=settings.block, budget=settings.budget, input_size=inputs.input_size)
+                          block=settings.block, budget=settings.budget, input_size=inputs.input_size,
+                          channel_multiple=settings.channel_multiple)
 
 
 def xavier_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
