@@ -102,7 +102,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="synthetic_tiny")
     parser.add_argument("--data", default="data/synthetic")
-    parser.add_argument("--keep", default="0.5,0.25", help="fractions of the dense FLOPs kept")
+    parser.add_argument("--keep", default="0.75,0.5,0.25", help="fractions of the dense FLOPs kept")
+    parser.add_argument("--channel-multiple", type=int, default=8, help="sparsity.channel_multiple of the runs")
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--num-batches", type=int, default=20, help="saliency batches of the data-driven methods")
@@ -123,24 +124,29 @@ def main() -> None:
     tasks = build_run_tasks(config, load_manifest(args.data))
     variants = [(method, keep) for keep in keeps for method in METHODS]
     entries: dict[tuple[str, float], list[dict]] = {variant: [] for variant in variants}
-    started = time.time()
+    # First every training run, then every measurement: the timings are taken together, in
+    # the quiet stretch after training, and an interrupted comparison resumes its runs.
+    trained = []
+    started, total = time.time(), len(seeds) * (len(variants) + 1)
     for seed in seeds:
         dense_dir = run("dense", [], args, root, seed)
-        dense = json.loads((dense_dir / "summary.json").read_text())
-        for index, (method, keep) in enumerate(variants):
+        for method, keep in variants:
             overrides = [f"sparsity.method={method}", f"sparsity.target={1 - keep}", "sparsity.granularity=channel",
-                         "sparsity.budget=flops", f"sparsity.num_batches={args.num_batches}"]
-            run_dir = run(f"{method}-flops{keep}", overrides, args, root, seed)
-            summary = json.loads((run_dir / "summary.json").read_text())
-            row = {"delta_t": delta_t(summary["final_metrics"], dense["final_metrics"], tasks),
-                   **measure(run_dir, dense_dir, tasks, args, exports)}
-            entries[method, keep].append(row)
-            done = seeds.index(seed) * len(variants) + index + 1
-            rate = (time.time() - started) / done
-            logging.info("%s at %.0f%% FLOPs, seed %d: Delta_T %+.2f, step %.2fx, ONNX b1 %.2fx b16 %.2fx "
-                         "(%d/%d, ETA %.0f min)", method, 100 * keep, seed, row["delta_t"], row["step_speedup"],
-                         row["onnx_b1_speedup"], row["onnx_b16_speedup"], done, len(seeds) * len(variants),
-                         rate * (len(seeds) * len(variants) - done) / 60)
+                         "sparsity.budget=flops", f"sparsity.num_batches={args.num_batches}",
+                         f"sparsity.channel_multiple={args.channel_multiple}"]
+            trained.append((method, keep, seed, run(f"{method}-flops{keep}", overrides, args, root, seed), dense_dir))
+            done = len(trained) + seeds.index(seed) + 1
+            logging.info("trained %d/%d runs, ETA %.0f min", done, total,
+                         (time.time() - started) / done * (total - done) / 60)
+    for index, (method, keep, seed, run_dir, dense_dir) in enumerate(trained):
+        dense = json.loads((dense_dir / "summary.json").read_text())
+        summary = json.loads((run_dir / "summary.json").read_text())
+        row = {"delta_t": delta_t(summary["final_metrics"], dense["final_metrics"], tasks),
+               **measure(run_dir, dense_dir, tasks, args, exports)}
+        entries[method, keep].append(row)
+        logging.info("%s at %.0f%% FLOPs, seed %d: Delta_T %+.2f, step %.2fx, ONNX b1 %.2fx b16 %.2fx (measured "
+                     "%d/%d)", method, 100 * keep, seed, row["delta_t"], row["step_speedup"], row["onnx_b1_speedup"],
+                     row["onnx_b16_speedup"], index + 1, len(trained))
     rows = []
     for (method, keep), measured in entries.items():
         deltas = [m["delta_t"] for m in measured]
@@ -151,7 +157,7 @@ def main() -> None:
             row[key] = statistics.mean(m[key] for m in measured)
         rows.append(row)
     title = (f"Channel pruning at a FLOPs budget, config {args.config}, {args.iterations} iterations, seeds {seeds}, "
-             f"{args.threads} threads, {machine_tag()}, {today()}")
+             f"channel multiple {args.channel_multiple}, {args.threads} threads, {machine_tag()}, {today()}")
     header = ["method", "FLOPs kept", "Delta_T % (mean ± std)", "params (dense)", "FLOPs (dense)",
               "train step vs dense", "ONNX RT batch 1 vs dense", "ONNX RT batch 16 vs dense"]
     lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -166,15 +172,18 @@ def main() -> None:
         writer = csv.DictWriter(file, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for keep, colour in zip(keeps, ("tab:blue", "tab:orange", "tab:green")):
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    width = 0.8 / len(keeps)
+    for keep, colour in zip(keeps, ("tab:blue", "tab:orange", "tab:green", "tab:red")):
         chosen = [r for r in rows if r["flops_kept"] == keep]
-        positions = [METHODS.index(r["method"]) + 0.4 * keeps.index(keep) for r in chosen]
-        axes[0].bar(positions, [r["delta_t_mean"] for r in chosen], width=0.4, yerr=[r["delta_t_std"] for r in chosen],
-                    color=colour, capsize=3, label=f"{keep:.0%} FLOPs")
-        axes[1].bar(positions, [r["step_speedup"] for r in chosen], width=0.4, color=colour)
-    for axis, label in zip(axes, ("Delta_T vs dense (%)", "training step speed-up vs dense")):
-        axis.set_xticks([i + 0.2 for i in range(len(METHODS))], METHODS)
+        positions = [METHODS.index(r["method"]) + width * keeps.index(keep) for r in chosen]
+        axes[0].bar(positions, [r["delta_t_mean"] for r in chosen], width=width,
+                    yerr=[r["delta_t_std"] for r in chosen], color=colour, capsize=3, label=f"{keep:.0%} FLOPs")
+        axes[1].bar(positions, [r["step_speedup"] for r in chosen], width=width, color=colour)
+        axes[2].bar(positions, [r["onnx_b16_speedup"] for r in chosen], width=width, color=colour)
+    for axis, label in zip(axes, ("Delta_T vs dense (%)", "training step speed-up vs dense",
+                                  "ONNX Runtime batch 16 speed-up vs dense")):
+        axis.set_xticks([i + width * (len(keeps) - 1) / 2 for i in range(len(METHODS))], METHODS)
         axis.set_ylabel(label)
     axes[0].legend(fontsize=8)
     figure.tight_layout()

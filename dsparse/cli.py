@@ -464,6 +464,10 @@ def _fail(args, error: Exception, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "torch" not in sys.modules:  # OpenMP reads its wait policy once, when torch loads it
+        from dsparse.cpus import set_openmp_wait_policy
+
+        set_openmp_wait_policy()
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
     args.exit_code = 0

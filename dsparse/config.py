@@ -169,18 +169,18 @@ class TrainConfig:
     """Checkpoint every N iterations (and at the end of each invocation)."""
     keep_checkpoints: int = 2
     """Published checkpoints kept; older ones are deleted."""
-    threads: int | Literal["auto"] | None = None
-    """Intra-op threads of each training process: a number; ``auto``, the cores this process
-    may use (its CPU affinity, shared among the training processes of its node) minus its
-    data loader workers, at least 1; or None, torch's default (every core; measured the
-    faster choice on 2 cores, where the loader mostly waits). The value used is logged and
-    written to ``summary.json``."""
+    threads: int | Literal["auto", "torch"] | None = "auto"
+    """Intra-op threads of each training process: ``auto`` (null: the same), the cores it
+    may really use (CPU affinity less what other programs keep busy, within the cgroup CPU
+    quota, shared among the node's training processes, within Ray's assignment:
+    ``dsparse.cpus``); a number; or ``torch``, torch's default (one per core of the
+    machine). The choice and its inputs are logged and written to ``summary.json``."""
 
     def __post_init__(self):
         for name in ("iterations", "eval_interval", "log_interval", "checkpoint_interval", "keep_checkpoints"):
             _check_positive(f"train.{name}", getattr(self, name))
-        if isinstance(self.threads, str) and self.threads != "auto":
-            raise ValueError(f"train.threads must be a number of threads, auto or null, got {self.threads!r}")
+        if isinstance(self.threads, str) and self.threads not in ("auto", "torch"):
+            raise ValueError(f"train.threads must be a number of threads, auto or torch, got {self.threads!r}")
         if isinstance(self.threads, int):
             _check_positive("train.threads", self.threads)
 

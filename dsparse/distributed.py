@@ -43,18 +43,20 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def trainer_threads(setting: int | str | None, loader_workers: int) -> int:
-    """Intra-op threads for this training process (``train.threads``): a number as given;
-    ``"auto"``, the cores it may use (CPU affinity divided among the node's
-    ``LOCAL_WORLD_SIZE`` processes) minus its loader workers, at least 1; None, torch's
-    current setting."""
-    if setting is None:
-        return torch.get_num_threads()
-    if setting != "auto":
-        return int(setting)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    per_process = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    return max(1, per_process - loader_workers)
+def trainer_threads(setting: int | str | None) -> tuple[int, dict | None]:
+    """Intra-op threads for this training process (``train.threads``) and, for ``auto``
+    (or None), the budget they came from (``dsparse.cpus.CpuBudget.as_dict``): a number as
+    given; ``torch``, torch's current setting. Every rank probes the cores' load at the
+    same moment (after a barrier), so the ranks of a node do not count each other."""
+    if setting == "torch":
+        return torch.get_num_threads(), None
+    if setting not in (None, "auto"):
+        return int(setting), None
+    from dsparse.cpus import cpu_budget
+
+    barrier()
+    budget = cpu_budget()
+    return budget.threads, budget.as_dict()
 
 
 @contextlib.contextmanager

@@ -160,11 +160,23 @@ def _init_ray(address: str | None) -> None:
             raise ValueError("this Python process already ran a sweep on a local Ray instance, and Ray Tune "
                              "cannot then run trials on a cluster from it; start a new process (e.g. "
                              f"`dsparse sweep SPEC --address {address}`)")
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, runtime_env=_worker_environment())
     elif not ray.is_initialized():
         # One logical CPU more than the machine has: trial drivers only wait on their workers.
-        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False, log_to_driver=False,
+                 runtime_env=_worker_environment())
         _started_local_ray = True
+
+
+def _worker_environment() -> dict:
+    """Ray workers start their own Python (and OpenMP): they get the passive wait policy
+    (``dsparse.cpus``) through the runtime environment, unless the user chose one."""
+    from dsparse.cpus import set_openmp_wait_policy
+
+    environment = {key: os.environ[key] for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+                   if key in os.environ}
+    set_openmp_wait_policy(environment)
+    return {"env_vars": environment}
 
 
 def _parent_run(spec: SweepSpec, tracking, out_dir: Path, resume: bool) -> RunTracker:

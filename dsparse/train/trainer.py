@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import weakref
 
 import torch
@@ -57,7 +58,7 @@ class Trainer:
         self.config = config
         self.on_validation, self.on_checkpoint = on_validation, on_checkpoint
         self.rank, self.world_size, self.device = init_distributed()
-        self.threads = trainer_threads(config.train.threads, config.data.num_workers)
+        self.threads, self.cpu_budget = trainer_threads(config.train.threads)
         # everything a bad config or mask file can break is checked before the run directory is touched
         self.manifest = load_manifest(config.data.path)
         self.tasks = build_run_tasks(config, self.manifest)
@@ -137,8 +138,11 @@ class Trainer:
         batches = TrainBatches(self._spec("train", train=True), self.state.data_position)
         progress = Progress(start, iterations, self.config.data.batch_size * self.world_size)
         if is_main():
-            log.info("%d intra-op thread(s) per training process, beside %d loader worker(s) (train.threads)",
-                     self.threads, self.config.data.num_workers)
+            log.info("%d intra-op thread(s) per training process (train.threads=%s%s), beside %d loader worker(s); "
+                     "OpenMP wait policy %s", self.threads, self.config.train.threads or "auto",
+                     "" if self.cpu_budget is None else ": " + ", ".join(
+                         f"{k} {v}" for k, v in self.cpu_budget.items() if v is not None and k != "threads"),
+                     self.config.data.num_workers, os.environ.get("OMP_WAIT_POLICY", "unset (spinning)"))
         try:
             with intra_op_threads(self.threads):
                 metrics = None
@@ -233,6 +237,8 @@ class Trainer:
             "bad_samples_skipped": batches.num_bad,
             "world_size": self.world_size,
             "threads": self.threads,
+            "cpu_budget": self.cpu_budget,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "sparsity": self.sparsifier.summary(),
             "mlflow_run_id": self.state.mlflow_run_id,
             "mlflow_tracking_uri": self.tracker.uri,
