@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -104,7 +105,9 @@ def main() -> None:
             variants["channel", keep, multiple] = pruned_model(args, tasks, keep, multiple)
     models = list(variants.values())
     steps = interleaved_median_times([training_step(m, tasks, batch) for m in models], args.repeats, warmup=2)
-    shares = [conv_share(training_step(m, tasks, batch)) for m in models]
+    steps_of = [training_step(m, tasks, batch) for m in models]
+    rounds = [[conv_share(step) for step in steps_of] for _ in range(3)]  # the models in turn, 3 rounds
+    shares = [tuple(statistics.median(r[i][part] for r in rounds) for part in (0, 1)) for i in range(len(models))]
     latency = {}
     with tempfile.TemporaryDirectory() as directory:
         sessions = []
@@ -139,7 +142,7 @@ def main() -> None:
                      f"{r['onnx_b1_ms']:.2f} ({r['onnx_b1_speedup']:.2f}x) | "
                      f"{r['onnx_b16_ms']:.1f} ({r['onnx_b16_speedup']:.2f}x) |")
     lines += ["", "Convolutions and the rest are the profiler's self CPU time per step (the profiler adds a little "
-                  "to each); the step is timed without it."]
+                  "to each; median of 3 rounds, the models profiled in turn); the step is timed without it."]
     name = f"channel-speed-{args.arch}-w{args.width}"
     result_path(name, ".md", args.out).write_text("\n".join(lines) + "\n")
     with open(result_path(name, ".csv", args.out), "w", newline="") as file:

@@ -13,7 +13,9 @@ threads from what the process may use:
   not count each other), within its cgroup CPU quota (v2 ``cpu.max`` or v1
   ``cpu.cfs_quota_us``, the tightest along the cgroup's path), shared among the node's
   training processes (``LOCAL_WORLD_SIZE``), within the CPUs Ray assigned to it;
-* **threads** = those cores, rounded, at least 1;
+* **threads** = those cores less the process's data loader workers (they decode on the
+  same cores), rounded, at least 1: on 2 quiet cores with one worker, 2 passive threads
+  trained 0.71x as fast as 1 (``benchmarks/bench_threads.py``);
 * **OpenMP waits passively** (``OMP_WAIT_POLICY=PASSIVE``) unless the user set a wait
   policy: a waiting thread sleeps instead of spinning, which costs little when the cores
   are free and saves the run when they are not. OpenMP reads it once, when it starts, so
@@ -162,6 +164,8 @@ class CpuBudget:
     """Training processes on this node sharing those CPUs (``LOCAL_WORLD_SIZE``)."""
     busy: float
     """Cores other programs kept busy during the probe."""
+    loader_workers: int = 0
+    """Its data loader worker processes, which share its cores."""
 
     @property
     def cores(self) -> float:
@@ -174,17 +178,17 @@ class CpuBudget:
 
     @property
     def threads(self) -> int:
-        """Intra-op threads: the cores, rounded half down (a core half taken by another
-        program is one thread's stall at every barrier), at least 1."""
-        return max(1, math.ceil(self.cores - 0.5))
+        """Intra-op threads: the cores less the loader workers, rounded half down (a core
+        half taken by another program is one thread's stall at every barrier), at least 1."""
+        return max(1, math.ceil(self.cores - self.loader_workers - 0.5))
 
     def as_dict(self) -> dict:
         return {**asdict(self), "cores": round(self.cores, 2), "threads": self.threads}
 
 
-def cpu_budget(busy: float | None = None) -> CpuBudget:
-    """This process's budget now; ``busy`` from a probe taken elsewhere (e.g. at a point
-    where every rank on the node probes together), else a probe now."""
+def cpu_budget(loader_workers: int = 0, busy: float | None = None) -> CpuBudget:
+    """This process's budget now, beside ``loader_workers``; ``busy`` from a probe taken
+    elsewhere, else a probe now."""
     return CpuBudget(affinity=_affinity(), quota=cgroup_quota(), ray=ray_cpus(),
                      local_processes=max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))),
-                     busy=probe_busy_cores() if busy is None else busy)
+                     busy=probe_busy_cores() if busy is None else busy, loader_workers=loader_workers)

@@ -43,7 +43,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def trainer_threads(setting: int | str | None) -> tuple[int, dict | None]:
+def trainer_threads(setting: int | str | None, loader_workers: int = 0) -> tuple[int, dict | None]:
     """Intra-op threads for this training process (``train.threads``) and, for ``auto``
     (or None), the budget they came from (``dsparse.cpus.CpuBudget.as_dict``): a number as
     given; ``torch``, torch's current setting. Every rank probes the cores' load at the
@@ -55,7 +55,7 @@ def trainer_threads(setting: int | str | None) -> tuple[int, dict | None]:
     from dsparse.cpus import cpu_budget
 
     barrier()
-    budget = cpu_budget()
+    budget = cpu_budget(loader_workers)
     return budget.threads, budget.as_dict()
 
 

@@ -58,7 +58,7 @@ class Trainer:
         self.config = config
         self.on_validation, self.on_checkpoint = on_validation, on_checkpoint
         self.rank, self.world_size, self.device = init_distributed()
-        self.threads, self.cpu_budget = trainer_threads(config.train.threads)
+        self.threads, self.cpu_budget = trainer_threads(config.train.threads, config.data.num_workers)
         # everything a bad config or mask file can break is checked before the run directory is touched
         self.manifest = load_manifest(config.data.path)
         self.tasks = build_run_tasks(config, self.manifest)

@@ -165,6 +165,27 @@ def test_the_budget_is_exact_to_one_channel():
         assert abs(other_cost - target) >= abs(vote.cost_kept - target)
 
 
+def test_the_chosen_count_is_the_best_of_every_count_brute_force():
+    """Every number of kept channels, voted and costed: none lands closer to the target, and
+    at the chosen count each task keeps exactly its own top channels by score."""
+    model = hidden()
+    groups = channel_groups(model, INPUT[:1])
+    cost = ChannelCost.of(model, INPUT[:1], "params")
+    scores = normalised_random_scores(model, seed=3)
+    vote = solve_channel_vote(scores, groups, cost, sparsity=0.3, min_fraction=0.0)
+    target = round(0.7 * vote.cost_total)
+    pooled = channel_scores(scores, groups, cost)
+    users = {g.name: g.users for g in groups if not g.fixed}
+    total = sum(g.channels for g in groups if not g.fixed)
+    best = min(abs(cost.total({n: int(m.sum()) for n, m in solve_vote(pooled, users, num_keep=k).masks.items()},
+                              groups) - target) for k in range(1, total + 1))
+    assert abs(vote.cost_kept - target) == best
+    for task, per_group in vote.task_kept.items():  # each task's choice: its top fraction, by its own scores
+        flat = torch.cat([pooled[task][name] for name in per_group])
+        chosen = torch.cat([per_group[name] for name in per_group])
+        assert float(flat[chosen].min()) >= float(flat[~chosen].max()) if bool((~chosen).any()) else True
+
+
 @pytest.mark.parametrize("multiple", [4, 8])
 def test_rounded_counts_are_multiples_that_keep_every_channel_a_user_kept(multiple):
     model = build_model("resnet18", TASKS, base_width=16, head_dilations=(1, 2), head_hidden=12)

@@ -26,6 +26,9 @@ def test_the_tightest_limit_wins_and_node_processes_share_it():
     assert budget(affinity=2, busy=1.0).threads == 1  # another program holds one of two cores
     assert budget(affinity=2, busy=0.3).threads == 2  # background noise is not a core
     assert budget(affinity=2, busy=5.0).threads == 1  # never below one
+    assert budget(loader_workers=2).threads == 6  # the loader decodes on the same cores
+    assert budget(affinity=2, loader_workers=1).threads == 1
+    assert budget(quota=1.0, loader_workers=1).threads == 1
 
 
 def write(path, text):
@@ -81,7 +84,7 @@ def test_a_ray_worker_is_held_to_its_assigned_cpus(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(16)))
     monkeypatch.setattr(cpus, "cgroup_quota", lambda: None)
-    chosen = cpu_budget(busy=0.0)
+    chosen = cpu_budget(busy=0.0)  # no loader workers
     assert (chosen.ray, chosen.local_processes, chosen.threads) == (2.0, 2, 2)
 
 

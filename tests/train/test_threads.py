@@ -18,6 +18,8 @@ def test_auto_threads_come_from_the_cpu_budget_and_a_number_or_torch_win(monkeyp
     threads, budget = trainer_threads("auto")
     assert threads == 1 and budget["busy"] == 1.0 and budget["affinity"] == 2  # one of two cores taken
     assert trainer_threads(None)[0] == 1, "null is auto"
+    monkeypatch.setattr(cpus, "_affinity", lambda: 8)
+    assert trainer_threads("auto", loader_workers=2) == (5, trainer_threads("auto", 2)[1])  # 8 - 1 busy - 2
     assert trainer_threads(3) == (3, None), "an explicit setting wins"
     assert trainer_threads("torch") == (torch.get_num_threads(), None), "torch's own setting"
 
