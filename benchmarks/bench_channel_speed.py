@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_model import add_model_args, bench_model, bench_tasks, fake_batch
+from bench_model import adam_step, add_model_args, bench_model, bench_tasks, fake_batch
 from results_io import RESULTS_DIR, machine_tag, result_path, today
 from timing import interleaved_median_times
 from torch.profiler import ProfilerActivity, profile
@@ -59,18 +59,6 @@ def pruned_model(args, tasks, keep: float, multiple: int) -> torch.nn.Module:
                           multiple=multiple)
     shrink_model(model, masks.meta["channels"])
     return model
-
-
-def training_step(model: torch.nn.Module, tasks: dict, batch: dict):
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-
-    def step():
-        outputs = model(batch["rgb"])
-        sum(task.loss(outputs[name], batch[name]) for name, task in tasks.items()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
 
 
 def conv_share(step, calls: int = 5) -> tuple[float, float]:
@@ -104,8 +92,8 @@ def main() -> None:
         for multiple in (int(m) for m in args.multiples.split(",")):
             variants["channel", keep, multiple] = pruned_model(args, tasks, keep, multiple)
     models = list(variants.values())
-    steps = interleaved_median_times([training_step(m, tasks, batch) for m in models], args.repeats, warmup=2)
-    steps_of = [training_step(m, tasks, batch) for m in models]
+    steps_of = [adam_step(m, tasks, batch) for m in models]
+    steps = interleaved_median_times(steps_of, args.repeats, warmup=2)
     rounds = [[conv_share(step) for step in steps_of] for _ in range(3)]  # the models in turn, 3 rounds
     shares = [tuple(statistics.median(r[i][part] for r in rounds) for part in (0, 1)) for i in range(len(models))]
     latency = {}

@@ -44,6 +44,20 @@ def fake_batch(batch: int, size: int, num_classes: int = NUM_CLASSES) -> dict:
             "edge": torch.rand(batch, 1, size, size, generator=generator)}
 
 
+def adam_step(model: nn.Module, tasks: dict, batch: dict):
+    """A plain-PyTorch training step of ``model`` (forward, the unweighted task losses,
+    backward, Adam), as a function to time; no DeepSpeed, so two models compare directly."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+
+    def step():
+        outputs = model(batch["rgb"])
+        sum(task.loss(outputs[name], batch[name]) for name, task in tasks.items()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def train_step(engine, tasks: dict, batch: dict) -> None:
     """One DeepSpeed step on the unweighted sum of the task losses."""
     outputs = engine(batch["rgb"])

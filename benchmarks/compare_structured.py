@@ -56,21 +56,9 @@ def run(name: str, overrides: list[str], args, root: Path, seed: int) -> Path:
     return out
 
 
-def training_step(model: torch.nn.Module, tasks, batch: dict):
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-
-    def step():
-        outputs = model(batch["rgb"])
-        sum(task.loss(outputs[name], batch[name]) for name, task in tasks.items()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
 def measure(run_dir: Path, dense_dir: Path, tasks, args, exports: Path) -> dict:
     """Size, FLOPs, step time and ONNX latency of a run against the dense run."""
-    from bench_model import fake_batch as bench_batch
+    from bench_model import adam_step, fake_batch as bench_batch
 
     sparse, dense = restore_run(run_dir), restore_run(dense_dir)
     size = sparse.manifest.image_size[0]
@@ -78,7 +66,7 @@ def measure(run_dir: Path, dense_dir: Path, tasks, args, exports: Path) -> dict:
     flops = [ChannelCost.of(m.model, example, "flops").total({}, []) for m in (dense, sparse)]
     params = [sum(p.numel() for p in m.model.parameters()) for m in (dense, sparse)]
     batch = bench_batch(16, size)
-    steps = [training_step(m.model, tasks, batch) for m in (dense, sparse)]
+    steps = [adam_step(m.model, tasks, batch) for m in (dense, sparse)]
     step_dense, step_sparse = interleaved_median_times(steps, args.repeats, warmup=2)
     files = []
     for label, directory in (("dense", dense_dir), ("sparse", run_dir)):
