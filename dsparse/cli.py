@@ -54,10 +54,32 @@ def _cmd_synth(args) -> dict:
 
     manifest = write_synthetic_dataset(args.out, num_train=args.num_train, num_val=args.num_val, size=args.size,
                                        seed=args.seed, shard_size=args.shard_size, num_procs=args.procs,
-                                       overwrite=args.overwrite)
+                                       overwrite=args.overwrite, codec=_codec(args))
     counts = {split: info.num_samples for split, info in manifest.splits.items()}
     _say(args, f"wrote {counts} samples with tasks {manifest.tasks} to {args.out}")
     return {"out": args.out, "samples": counts, "tasks": manifest.tasks}
+
+
+def _codec(args):
+    from dsparse.data.codecs import DatasetCodec
+
+    if args.jpeg_quality is not None and args.rgb_encoding != "jpeg":
+        raise ValueError("--jpeg-quality sets the quality of JPEG images; add --rgb-encoding jpeg, or drop it")
+    quality = {} if args.jpeg_quality is None else {"jpeg_quality": args.jpeg_quality}
+    return DatasetCodec(labels=args.encoding, rgb=args.rgb_encoding, **quality)
+
+
+def _add_codec_flags(parser) -> None:
+    from dsparse.data.codecs import CODECS, LABEL_CODECS
+    from dsparse.data.writer import DEFAULT_CODEC
+
+    parser.add_argument("--encoding", choices=LABEL_CODECS, default=DEFAULT_CODEC.labels,
+                        help=f"how labels (and, unless --rgb-encoding, the image) are stored: zstd-compressed raw "
+                             f"arrays (fast to decode) or PNG (default: {DEFAULT_CODEC.labels})")
+    parser.add_argument("--rgb-encoding", choices=sorted(CODECS), default=None,
+                        help="the image's encoding, if not --encoding's: jpeg is lossy and about 10x smaller")
+    parser.add_argument("--jpeg-quality", type=int, default=None,
+                        help="JPEG quality 1-100 (with --rgb-encoding jpeg; default 95)")
 
 
 def _cmd_convert(args) -> dict:
@@ -66,7 +88,8 @@ def _cmd_convert(args) -> dict:
     options = {option.name.replace("-", "_"): getattr(args, option.name.replace("-", "_"))
                for option in CONVERTERS[args.converter].options}
     manifest = convert(args.converter, args.src, args.out, splits=args.split, workers=args.workers,
-                       shard_size=args.shard_size, on_error=args.on_error, overwrite=args.overwrite, **options)
+                       shard_size=args.shard_size, on_error=args.on_error, overwrite=args.overwrite,
+                       codec=_codec(args), **options)
     counts = {split: info.num_samples for split, info in manifest.splits.items()}
     shards = sum(len(info.shards) for info in manifest.splits.values())
     _say(args, f"wrote {counts} samples in {shards} shards with tasks {manifest.tasks} to {args.out}"
@@ -292,6 +315,7 @@ def _add_convert_parser(data, common) -> None:
         sub.add_argument("--on-error", choices=("stop", "skip"), default="stop",
                          help="stop at the first bad file, or skip and record it in the manifest")
         sub.add_argument("--overwrite", action="store_true", help="replace a dataset already in OUT")
+        _add_codec_flags(sub)
         for option in converter.options:
             sub.add_argument(f"--{option.name}", default=option.default, type=option.type, choices=option.choices,
                              nargs=option.nargs, help=option.help)
@@ -328,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--shard-size", default="250", help="samples per shard, or a size such as 256MB")
     synth.add_argument("--procs", type=int, default=None, help="render processes (default: all cores)")
+    _add_codec_flags(synth)
     synth.add_argument("--overwrite", action="store_true", help="replace a dataset already in --out")
     synth.set_defaults(func=_cmd_synth)
     _add_convert_parser(data, common)

@@ -59,6 +59,10 @@ class DataConfig:
     """Samples per epoch over all ranks when ``resampled`` (required then)."""
     skip_bad: bool = False
     """Skip (and count) corrupt samples instead of stopping with an error."""
+    decode_on: str = "auto"
+    """Who turns the stored integer labels into float tensors: ``worker`` (the loader
+    processes), ``device`` (the trainer, on its device: the GPU converts, and the workers
+    only unpack and crop), ``auto`` (device on a GPU, else worker)."""
     class_weights: bool = False
     """Weight the segmentation loss per class: by the weights the dataset ships (Taskonomy's
     prior, when its manifest has them), else by median-frequency balancing of the
@@ -80,6 +84,8 @@ class DataConfig:
                                  "them batchable)")
         if self.shard_url is not None and "{name}" not in self.shard_url:
             raise ValueError(f"data.shard_url must contain {{name}} (the shard file name), got {self.shard_url!r}")
+        if self.decode_on not in ("auto", "worker", "device"):
+            raise ValueError(f"data.decode_on must be auto, worker or device, got {self.decode_on!r}")
         if self.resampled and not self.epoch_length:
             raise ValueError("data.resampled: true needs data.epoch_length (samples per epoch over all ranks)")
 

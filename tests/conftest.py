@@ -24,6 +24,17 @@ from dsparse.data.synth.dataset import write_synthetic_dataset
 
 
 @pytest.fixture(scope="session")
+def tiny_png_dataset(tmp_path_factory):
+    """The tiny dataset's val split (16 samples, 3 shards) in the PNG codec of the first datasets."""
+    from dsparse.data.codecs import DatasetCodec
+
+    out = tmp_path_factory.mktemp("synthetic-png")
+    write_synthetic_dataset(out, num_train=48, num_val=16, size=32, seed=0, shard_size=6, num_procs=2,
+                            progress=False, codec=DatasetCodec(labels="png"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """48 train samples in 8 shards of 6, 16 val samples in 3 shards (6, 6, 4); 32x32 images."""
     out = tmp_path_factory.mktemp("synthetic")

@@ -28,7 +28,7 @@ class CheckReport:
 def check_dataset(data_dir: str | Path, splits: list[str] | None = None, progress: bool = True) -> CheckReport:
     """Decode every sample of ``splits`` (default: all) and collect one line per problem."""
     manifest = load_manifest(data_dir)
-    specs = manifest.label_specs()
+    specs, codec = manifest.label_specs(), manifest.dataset_codec()
     report = CheckReport()
     wanted = splits or list(manifest.splits)
     unknown = [s for s in wanted if s not in manifest.splits]
@@ -40,7 +40,7 @@ def check_dataset(data_dir: str | Path, splits: list[str] | None = None, progres
         count = 0
         for raw in read_shard(str(Path(data_dir) / shard.name), skip_bad=True):
             try:
-                decode_sample(raw, specs, manifest.image_size, manifest.num_classes)
+                decode_sample(raw, specs, codec, manifest.image_size, manifest.num_classes)
                 count += 1
             except SampleError as error:
                 report.problems.append(str(error))

@@ -35,10 +35,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dsparse.data.codecs import DatasetCodec
 from dsparse.data.manifest import Manifest
 from dsparse.data.records import SampleError, decode_sample, read_shard
 from dsparse.data.resize import resize_image, resize_nearest
-from dsparse.tasks.labels import LabelSpec
+from dsparse.tasks.labels import RGB, LabelSpec
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class StreamSpec:
     rgb_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     rgb_std: tuple[float, float, float] = (0.25, 0.25, 0.25)
     shard_url: str | None = None
+    codec: DatasetCodec = field(default_factory=DatasetCodec)
+    decode_device: str | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -182,7 +185,7 @@ class ShardStream(IterableDataset):
                 skipped += 1
                 continue
             try:
-                batch.append(decode_sample(raw, spec.labels, spec.image_size, spec.num_classes))
+                batch.append(decode_sample(raw, spec.labels, spec.codec, spec.image_size, spec.num_classes))
             except SampleError as error:
                 if not spec.skip_bad:
                     raise
@@ -239,14 +242,16 @@ class ShardStream(IterableDataset):
             yield from read_shard(spec.url(shard), spec.skip_bad, shard["num_samples"])
 
     def _collate(self, samples: list[dict], reader: int, index: int, num_bad: int) -> dict:
-        if self.spec.train:
+        spec = self.spec
+        if spec.train:
             # Augmentation draws from a per-batch RNG so skipped batches (resume) need no replay.
-            rng = np.random.default_rng([self.spec.seed, self.epoch, reader, index, 1])
-            spec = self.spec
+            rng = np.random.default_rng([spec.seed, self.epoch, reader, index, 1])
             fill = tuple(int(round(255 * m)) for m in spec.rgb_mean)
             samples = [augment(s, spec.labels, spec.crop_size, spec.flip, rng, spec.scale_range, fill)
                        for s in samples]
-        batch = collate(samples, self.spec.labels, self.spec.rgb_mean, self.spec.rgb_std)
+        batch = collate(samples, spec.labels)
+        if spec.decode_device is None:
+            batch = decode_batch(batch, spec.labels, spec.rgb_mean, spec.rgb_std)
         batch["__num_bad__"] = num_bad  # bad samples skipped while filling this batch
         return batch
 
@@ -267,12 +272,14 @@ def _buffer_shuffle(samples: Iterator[dict], size: int, rng: np.random.Generator
 def augment(sample: dict, labels: dict[str, LabelSpec], crop_size: int | None, flip: bool,
             rng: np.random.Generator, scale_range: tuple[float, float] | None = None,
             rgb_fill: tuple[int, int, int] = (128, 128, 128)) -> dict:
-    """Random rescale, crop and horizontal flip, identical for the image and every label.
+    """Random rescale, crop and horizontal flip of stored arrays, identical for the image
+    and every label.
 
     Rescaling resizes the image bilinearly and labels by nearest neighbour (no invented
     classes or depths; label values are not changed). A crop larger than the rescaled
     image pads it: the image with ``rgb_fill`` (the dataset mean, 0 after normalisation),
-    each label with its invalid value. Each label flips by its own rule (normals negate x).
+    each label with its stored invalid value. Each label flips by its own rule (normals
+    negate x).
     """
     height, width = sample["rgb"].shape[:2]
     arrays = {name: array for name, array in sample.items() if name != "__key__"}
@@ -285,14 +292,14 @@ def augment(sample: dict, labels: dict[str, LabelSpec], crop_size: int | None, f
         height, width = size
     if crop_size is not None and (scaled or crop_size < min(height, width)):
         if scaled and crop_size > min(height, width):
-            fills = {name: rgb_fill if name == "rgb" else labels[name].fill for name in arrays}
+            fills = {name: rgb_fill if name == "rgb" else labels[name].stored_fill for name in arrays}
             arrays = {name: _pad(array, crop_size, fills[name]) for name, array in arrays.items()}
             height, width = arrays["rgb"].shape[:2]
         top = int(rng.integers(height - crop_size + 1))
         left = int(rng.integers(width - crop_size + 1))
         arrays = {name: array[top : top + crop_size, left : left + crop_size] for name, array in arrays.items()}
     if flip and bool(rng.integers(2)):
-        arrays = {name: labels[name].flip(array) if name in labels else array[:, ::-1]
+        arrays = {name: labels[name].flip_stored(array) if name in labels else array[:, ::-1]
                   for name, array in arrays.items()}
     return {"__key__": sample["__key__"], **arrays}
 
@@ -305,19 +312,47 @@ def _pad(array: np.ndarray, crop_size: int, fill) -> np.ndarray:
     return out
 
 
-def collate(samples: list[dict], labels: dict[str, LabelSpec], rgb_mean, rgb_std) -> dict:
-    """Stack decoded samples into the batch layout the tasks expect; the image is
-    normalised with the dataset's per-channel statistics from the manifest. The image is
-    made contiguous NCHW: the permuted view is channels-last, which would carry through the
-    network, and oneDNN's conv weight gradient corrupts the heap on some channels-last shapes
-    (tests/data/test_loader.py)."""
-    rgb = torch.from_numpy(np.stack([s["rgb"] for s in samples])).permute(0, 3, 1, 2).contiguous().float() / 255.0
-    mean = torch.tensor(rgb_mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(rgb_std, dtype=torch.float32).view(1, 3, 1, 1)
-    batch = {"__key__": [s["__key__"] for s in samples], "rgb": (rgb - mean) / std}
-    for task, spec in labels.items():
-        batch[task] = spec.to_batch(np.stack([s[task] for s in samples]))
+def collate(samples: list[dict], labels: dict[str, LabelSpec]) -> dict:
+    """Stack the samples' stored arrays (after augmentation: crops are views) into one
+    array per entry, copied once, straight into the batch; decoded by :func:`decode_batch`.
+    Stored batches are also what crosses from a loader worker to the trainer: 3-4x fewer
+    bytes than float targets."""
+    batch = {"__key__": [s["__key__"] for s in samples], "__stored__": True}
+    for entry in ("rgb", *labels):
+        batch[entry] = torch.from_numpy(np.stack([s[entry] for s in samples]))
     return batch
+
+
+def decode_batch(batch: dict, labels: dict[str, LabelSpec], rgb_mean, rgb_std, device=None) -> dict:
+    """A stored batch -> the inputs and targets the tasks expect, on ``device`` (default:
+    where the batch is). One vectorised step per label (:meth:`LabelSpec.from_stored`);
+    on a GPU the host sends the small integer arrays and the GPU converts them.
+
+    The image is normalised with the dataset's per-channel statistics from the manifest
+    and made contiguous NCHW: the permuted view is channels-last, which would carry through
+    the network, and oneDNN's conv weight gradient corrupts the heap on some channels-last
+    shapes (tests/data/test_loader.py)."""
+    if not batch.get("__stored__"):
+        return batch
+    decoded = {name: value for name, value in batch.items() if name.startswith("__")}
+    decoded["__stored__"] = False
+    rgb = RGB.from_stored(_to_device(batch["rgb"], device))
+    mean = torch.tensor(rgb_mean, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
+    std = torch.tensor(rgb_std, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
+    decoded["rgb"] = (rgb - mean) / std
+    for task, spec in labels.items():
+        decoded[task] = spec.from_stored(_to_device(batch[task], device))
+    return decoded
+
+
+def _to_device(stored: torch.Tensor, device) -> torch.Tensor:
+    """``stored`` on ``device``. uint16 has almost no kernels on the GPU: its bits travel as
+    int16 and are widened to int32 there (exact)."""
+    if device is None:
+        return stored
+    if stored.dtype == torch.uint16:
+        return stored.view(torch.int16).to(device, non_blocking=True).to(torch.int32) & 0xFFFF
+    return stored.to(device, non_blocking=True)
 
 
 def make_loader(spec: StreamSpec) -> tuple[ShardStream, DataLoader]:
@@ -377,7 +412,7 @@ class TrainBatches:
                 self.stream.set_position(self.epoch, self.consumed)
                 self._iterator = iter(self.loader)
             try:
-                batch = _next_batch(self._iterator)
+                batch = self._decode(_next_batch(self._iterator))
                 break
             except StopIteration:
                 self._iterator = None
@@ -396,6 +431,10 @@ class TrainBatches:
     def __iter__(self):
         return self
 
+    def _decode(self, batch: dict) -> dict:
+        spec = self.spec
+        return decode_batch(batch, spec.labels, spec.rgb_mean, spec.rgb_std, spec.decode_device)
+
     def close(self) -> None:
         self._iterator = None
 
@@ -408,7 +447,7 @@ def eval_batches(spec: StreamSpec, max_batches: int | None = None) -> Iterator[d
         if max_batches is not None and index >= max_batches:
             return
         try:
-            yield _next_batch(iterator)
+            yield decode_batch(_next_batch(iterator), spec.labels, spec.rgb_mean, spec.rgb_std, spec.decode_device)
         except StopIteration:
             return
 
@@ -433,8 +472,9 @@ def _next_batch(iterator) -> dict:
 
 
 def stream_spec(data_cfg, manifest: Manifest, split: str, tasks: list[str], *, seed: int, rank: int,
-                world_size: int, train: bool) -> StreamSpec:
-    """Build the StreamSpec of one split from a DataConfig and the dataset manifest."""
+                world_size: int, train: bool, device=None) -> StreamSpec:
+    """Build the StreamSpec of one split from a DataConfig and the dataset manifest;
+    ``device`` is where the batches are used (``data.decode_on`` decides who decodes)."""
     if split not in manifest.splits:
         raise ValueError(f"dataset at {data_cfg.path} has no {split!r} split; it has {sorted(manifest.splits)}")
     missing = [t for t in tasks if t not in manifest.tasks]
@@ -465,7 +505,17 @@ def stream_spec(data_cfg, manifest: Manifest, split: str, tasks: list[str], *, s
         rgb_mean=tuple(manifest.rgb_mean),
         rgb_std=tuple(manifest.rgb_std),
         shard_url=data_cfg.shard_url,
+        codec=manifest.dataset_codec(),
+        decode_device=decode_device(data_cfg.decode_on, device),
     )
+
+
+def decode_device(decode_on: str, device) -> str | None:
+    """Where stored batches become float tensors: None = in the loader workers; else the
+    device, in the trainer's process (``auto``: on a GPU, else in the workers)."""
+    if decode_on == "worker" or (decode_on == "auto" and (device is None or torch.device(device).type != "cuda")):
+        return None
+    return str(device if device is not None else "cpu")
 
 
 __all__ = [

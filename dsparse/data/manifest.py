@@ -17,6 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dsparse.data.codecs import DatasetCodec
 from dsparse.io import read_json
 from dsparse.tasks.labels import LabelError, LabelSpec
 
@@ -60,6 +61,9 @@ class Manifest:
         tasks: the tasks with a label in every sample, in a fixed order.
         encodings: per task, the label spec's description and parameters
             (:meth:`LabelSpec.manifest_entry`), restored by :meth:`label_specs`.
+        codec: how stored arrays are packed into shard members
+            (:meth:`DatasetCodec.to_manifest`); absent (None) in datasets written before
+            codecs existed, which are PNG throughout.
         splits: split name -> shards with sample counts.
         classes: segmentation class names, id order (empty without ``seg``).
         class_pixel_frequency: per class, its share of labelled train pixels.
@@ -84,6 +88,7 @@ class Manifest:
     source: dict = field(default_factory=dict)
     skipped: list[dict] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    codec: dict | None = None
     format: str = FORMAT
     version: int = VERSION
 
@@ -92,9 +97,15 @@ class Manifest:
         return len(self.classes) if self.classes else None
 
     def identity(self) -> dict:
-        """What makes two datasets the same for comparing runs (recorded in summary.json)."""
+        """What makes two datasets the same for comparing runs (recorded in summary.json). The
+        lossless codecs give the same batches, so they are left out; a JPEG image is named."""
+        codec = self.dataset_codec()
         return {"name": self.name, "image_size": list(self.image_size), "classes": list(self.classes),
-                "splits": {split: info.num_samples for split, info in self.splits.items()}}
+                "splits": {split: info.num_samples for split, info in self.splits.items()},
+                **({"lossy_rgb": codec.describe()} if not codec.codec("rgb").lossless else {})}
+
+    def dataset_codec(self) -> DatasetCodec:
+        return DatasetCodec.from_manifest(self.codec)
 
     def label_specs(self) -> dict[str, LabelSpec]:
         """Each task's label spec with this dataset's parameters (e.g. its depth scale)."""
@@ -128,6 +139,10 @@ class Manifest:
             self.label_specs()
         except LabelError as error:
             raise ValueError(f"encodings: {error}") from None
+        try:
+            self.dataset_codec()
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"codec: {error}") from None
         if "seg" in self.tasks and not self.classes:
             raise ValueError("task 'seg' needs the class names in 'classes'")
         if self.classes and len(self.classes) > 255:

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 from webdataset.tariterators import tarfile_samples
 
+from dsparse.data.codecs import CodecError, DatasetCodec
 from dsparse.tasks.labels import RGB, LabelError, LabelSpec
 
 
@@ -63,32 +64,32 @@ def read_shard(url: str, skip_bad: bool = False, expected: int | None = None) ->
         yield {"__bad__": message, "__lost__": expected - count, "__key__": last_key, "__shard__": name}
 
 
-def decode_sample(raw: dict, labels: Mapping[str, LabelSpec], image_size: tuple[int, int] | None = None,
+def decode_sample(raw: dict, labels: Mapping[str, LabelSpec], codec: DatasetCodec, image_size: tuple[int, int],
                   num_classes: int | None = None) -> dict:
-    """Decode ``rgb`` and the label of every task in ``labels``; check presence, shapes, ids.
+    """Unpack ``rgb`` and the label of every task in ``labels`` into their stored arrays
+    (:mod:`dsparse.tasks.labels`); check presence, dtype, shapes and class ids.
 
     Raises:
-        SampleError: naming shard and key, for a missing label, undecodable bytes, a label
-            whose shape does not match the image, or a class id outside the manifest's classes.
+        SampleError: naming shard and key, for a missing label, bytes that do not unpack, a
+            label whose shape does not match the image, or a class id outside the manifest's
+            classes.
     """
     where = f"sample {raw.get('__key__')!r} in shard {raw.get('__shard__')}"
     if "__bad__" in raw:
         raise SampleError(raw["__bad__"])
     decoded = {"__key__": raw["__key__"]}
     for entry, spec in [("rgb", RGB), *labels.items()]:
-        member = f"{entry}.{spec.extension}"
+        member_codec = codec.codec(entry)
+        member = f"{entry}.{member_codec.extension}"
         if member not in raw:
             present = sorted(k for k in raw if not k.startswith("__"))
             raise SampleError(f"{where} has no {member!r} (label of {entry!r}); it has {present}")
         try:
-            array = spec.decode(raw[member])
+            array = member_codec.unpack(raw[member], spec.stored_dtype, spec.stored_shape(image_size))
             spec.check_shape(array, f"label {entry!r}")
-            if array.dtype != np.dtype(spec.dtype):
-                raise LabelError(f"label {entry!r} decodes to {array.dtype}, expected {spec.dtype} "
-                                 "(a PNG of another bit depth)")
-            spec.check_decoded(array, num_classes)
-        except LabelError as error:
-            raise SampleError(f"{where}: {error}") from None
+            spec.check_stored(array, num_classes)
+        except (LabelError, CodecError) as error:
+            raise SampleError(f"{where}: label {entry!r}: {error}") from None
         except Exception as error:
             raise SampleError(f"{where}: cannot decode {member!r}: {error}") from error
         decoded[entry] = array
@@ -96,9 +97,9 @@ def decode_sample(raw: dict, labels: Mapping[str, LabelSpec], image_size: tuple[
     return decoded
 
 
-def _check_sizes(decoded: dict, where: str, image_size: tuple[int, int] | None) -> None:
+def _check_sizes(decoded: dict, where: str, image_size: tuple[int, int]) -> None:
     height, width = decoded["rgb"].shape[:2]
-    if image_size is not None and (height, width) != tuple(image_size):
+    if (height, width) != tuple(image_size):
         raise SampleError(f"{where}: image is {height}x{width}, manifest says {image_size[0]}x{image_size[1]}")
     for entry, array in decoded.items():
         if entry == "__key__":
@@ -106,3 +107,13 @@ def _check_sizes(decoded: dict, where: str, image_size: tuple[int, int] | None) 
         if array.shape[:2] != (height, width):
             raise SampleError(f"{where}: label {entry!r} is {array.shape[0]}x{array.shape[1]}, "
                               f"the image is {height}x{width}")
+
+
+def decoded_values(raw: dict, manifest) -> dict:
+    """One raw sample as the values of the label table (:mod:`dsparse.tasks.labels`):
+    float depth in metres, unit normals, ... for inspecting or testing a dataset. Training
+    does not use it: the loader batches stored arrays and decodes whole batches."""
+    specs = manifest.label_specs()
+    stored = decode_sample(raw, specs, manifest.dataset_codec(), manifest.image_size, manifest.num_classes)
+    return {"__key__": stored["__key__"], "rgb": stored["rgb"],
+            **{task: spec.decode_stored(stored[task]) for task, spec in specs.items()}}

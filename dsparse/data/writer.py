@@ -21,7 +21,8 @@ encoding would damage, and writes shards in parallel processes. Why it is built 
 Layout::
 
     manifest.json          written last
-    train-000000.tar       <key>.rgb.png, <key>.<task>.png for each task
+    train-000000.tar       <key>.rgb.<ext>, <key>.<task>.<ext> for each task; <ext> is the
+                           codec's (png, zst, jpg: :mod:`dsparse.data.codecs`)
     ...
 """
 
@@ -51,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from dsparse.data.codecs import DatasetCodec
 from dsparse.data.manifest import MANIFEST_NAME, NAME_PATTERN, Manifest, ShardInfo, SplitInfo
 from dsparse.io import atomic_path, write_text_atomic
 from dsparse.locks import holding_lock
@@ -64,6 +66,7 @@ _SIZE_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB|KIB|MIB|GIB)\s*$", 
 _UNITS = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _SHARD_NAME = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.tar$")
 _PROBE_SAMPLES = 8
+DEFAULT_CODEC = DatasetCodec(labels="zstd")  # bench_data.py: several times PNG's decode speed, similar size
 _TAR_BLOCK = 512
 
 
@@ -122,6 +125,7 @@ class _Encoder:
     specs: dict[str, LabelSpec]
     num_classes: int | None
     image_size: tuple[int, int] | None
+    codec: DatasetCodec = field(default_factory=DatasetCodec)
 
     def members(self, key: str, arrays: Mapping[str, np.ndarray]) -> tuple[list[tuple[str, bytes]], dict]:
         """``[(member name, bytes)]`` and the sample's statistics; raises LabelError naming the
@@ -135,12 +139,12 @@ class _Encoder:
             missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
             raise LabelError(f"has entries {sorted(arrays)}; expected {expected}"
                              + (f" (missing {missing})" if missing else "") + (f" (extra {extra})" if extra else ""))
-        rgb = _entry("rgb", files, RGB.to_uint8, arrays["rgb"])
+        rgb = _entry("rgb", files, RGB.to_stored, arrays["rgb"])
         size = tuple(rgb.shape[:2])
         if self.image_size is not None and size != tuple(self.image_size):
             raise LabelError(f"rgb{_source(files, 'rgb')} is {size[0]}x{size[1]}, the dataset's images are "
                              f"{self.image_size[0]}x{self.image_size[1]}; resize it (nearest for labels)")
-        members = [(f"{key}.rgb.png", _entry("rgb", files, RGB.encode, rgb))]
+        members = [self._member(key, "rgb", rgb)]
         unit = rgb.reshape(-1, 3).astype(np.float64) / 255
         stats = {"rgb_sum": unit.sum(0), "rgb_sq": (unit**2).sum(0), "pixels": unit.shape[0]}
         for task in self.tasks:
@@ -148,14 +152,18 @@ class _Encoder:
             if array.shape[:2] != size:
                 raise LabelError(f"label {task!r}{_source(files, task)} is "
                                  f"{'x'.join(str(n) for n in array.shape[:2])}, the image is {size[0]}x{size[1]}")
-            members.append((f"{key}.{task}.{spec.extension}",
-                            _entry(task, files, spec.encode, array, self.num_classes)))
+            members.append(self._member(key, task, _entry(task, files, spec.to_stored, array, self.num_classes)))
             if isinstance(spec, ClassLabel):
                 ids = array[array != spec.ignore].astype(np.int64).ravel()
                 stats["class_counts"] = np.bincount(ids, minlength=self.num_classes)
             elif isinstance(spec, DepthLabel) and (array > 0).any():
                 stats["depth_range"] = (float(array[array > 0].min()), float(array.max()))
         return members, stats
+
+
+    def _member(self, key: str, entry: str, stored: np.ndarray) -> tuple[str, bytes]:
+        codec = self.codec.codec(entry)
+        return f"{key}.{entry}.{codec.extension}", codec.pack(stored)
 
 
 def _source(files: Mapping[str, str], entry: str) -> str:
@@ -374,7 +382,7 @@ def _probe(splits, load, encoder: _Encoder) -> tuple[tuple[int, int], float]:
                 continue
             if image_size is None:
                 image_size = tuple(np.asarray(arrays["rgb"]).shape[:2])
-            sizes.append(sum(len(data) + _TAR_BLOCK for _, data in members) + _TAR_BLOCK)
+            sizes.append(sum(_TAR_BLOCK + -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK for _, data in members))
             if len(sizes) >= _PROBE_SAMPLES:
                 return image_size, float(np.mean(sizes))
     if not sizes:
@@ -447,6 +455,7 @@ def write_dataset(
     on_error: str = "stop",
     progress: bool = True,
     overwrite: bool = False,
+    codec: DatasetCodec | None = None,
 ) -> Manifest:
     """Write ``splits`` as a dsparse dataset in ``out_dir``; rerun to resume a killed write.
 
@@ -466,6 +475,8 @@ def write_dataset(
         on_error: ``"stop"`` at the first bad sample, or ``"skip"`` and record it.
         progress: print samples/s and ETA to stderr.
         overwrite: replace a dataset or unfinished write already in ``out_dir``.
+        codec: how stored arrays become shard members (default :data:`DEFAULT_CODEC`:
+            zstd-compressed raw arrays); recorded in the manifest.
 
     Returns:
         The manifest, also written to ``out_dir/manifest.json``.
@@ -483,12 +494,13 @@ def write_dataset(
     _check_splits(splits)
     specs = _specs(info)
     out_dir = Path(out_dir)
-    fingerprint = _fingerprint(info, splits, load, [shard_size, min_shards, on_error])
+    codec = DEFAULT_CODEC if codec is None else codec
+    fingerprint = _fingerprint(info, splits, load, [shard_size, min_shards, on_error, codec.to_manifest()])
     _check_writable(out_dir)
     with holding_lock(out_dir, "dataset directory", "wait for that write to finish (rerun this command then to "
                       "resume or check it), or write into another directory", remove_when_done=True):
         plan = _prepare_directory(out_dir, fingerprint, overwrite)
-        encoder = _Encoder(list(info.tasks), specs, len(info.classes) or None, None)
+        encoder = _Encoder(list(info.tasks), specs, len(info.classes) or None, None, codec)
         if plan is None:
             image_size, bytes_per_sample = _probe(splits, load, encoder)
             plan = {"fingerprint": fingerprint, "image_size": list(image_size),
@@ -505,7 +517,7 @@ def write_dataset(
             for index, start in enumerate(range(0, len(samples), per_shard))
         ]
         records = _run_jobs(out_dir, jobs, workers, progress, label=info.name)
-        manifest = _manifest(info, specs, plan, jobs, records)
+        manifest = _manifest(info, specs, plan, jobs, records, codec)
         write_text_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
         shutil.rmtree(out_dir / STATE_DIR, ignore_errors=True)
         return manifest
@@ -607,7 +619,7 @@ def _publish(out_dir: Path, record: dict) -> dict:
 
 
 def _manifest(info: DatasetInfo, specs: dict[str, LabelSpec], plan: dict, jobs: list[_ShardJob],
-              records: dict[str, dict]) -> Manifest:
+              records: dict[str, dict], codec: DatasetCodec) -> Manifest:
     splits: dict[str, SplitInfo] = {}
     for job in jobs:
         record = records[job.name]
@@ -636,10 +648,10 @@ def _manifest(info: DatasetInfo, specs: dict[str, LabelSpec], plan: dict, jobs: 
         rgb_mean=tuple(float(v) for v in mean), rgb_std=tuple(float(max(v, 1e-3)) for v in std),
         source=dict(info.source),
         skipped=list(info.skipped) + [s for job in jobs for s in records[job.name]["skipped"]],
-        stats={**extra, "stats_split": stats_split},
+        stats={**extra, "stats_split": stats_split}, codec=codec.to_manifest(),
     )
     manifest.validate()
     return manifest
 
 
-__all__ = ["DatasetInfo", "DatasetWriteError", "STATE_DIR", "parse_shard_size", "write_dataset"]
+__all__ = ["DEFAULT_CODEC", "DatasetInfo", "DatasetWriteError", "STATE_DIR", "parse_shard_size", "write_dataset"]

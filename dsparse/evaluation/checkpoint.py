@@ -61,7 +61,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data_path: str | None = None,
         check_comparable(baseline_summary, config, manifest.identity(), str(baseline))
     device, _ = device_and_backend()
     spec = stream_spec(config.data, manifest, split, config.tasks, seed=config.seed, rank=0, world_size=1,
-                       train=False)
+                       train=False, device=device)
     total = manifest.splits[split].num_samples  # stream_spec refused an unknown split
     if max_batches is not None:
         total = min(total, max_batches * config.data.eval_batch_size)

@@ -1,23 +1,26 @@
 """How every label is stored, decoded, flipped and masked: one declaration per encoding.
 
 A task's label is declared once, here, and every part of dsparse reads it from there:
-the dataset writer encodes with it (refusing values the encoding would damage), the
-loader decodes, flips and batches with it, and the losses and metrics use its validity
-rule, so a model is never trained on pixels it is not evaluated on (or the reverse).
-"No label here" lives inside the value itself:
+the dataset writer turns values into the stored form with it (refusing values it would
+damage), the loader flips, pads and batches stored labels with it and decodes whole
+batches, and the losses and metrics use its validity rule, so a model is never trained
+on pixels it is not evaluated on (or the reverse). How stored arrays become bytes (PNG,
+or raw arrays compressed with zstd) is the dataset codec's job
+(:mod:`dsparse.data.codecs`), the same for every label. "No label here" lives inside the
+value itself:
 
-==========  ===============  ========================================================
-label       shard member     decoded array (numpy), batch tensor
-==========  ===============  ========================================================
-rgb         ``rgb.png``      uint8 [H, W, 3]; batch float [B, 3, H, W], normalised
-seg         ``seg.png``      uint8 [H, W] class id, 255 = ignore; batch long [B, H, W]
-depth       ``depth.png``    float32 [H, W] metres (or the dataset's unit), 0 = invalid;
-                             16-bit, ``round(d * scale)`` with the manifest's ``scale``
-normal      ``normal.png``   float32 [H, W, 3] unit vectors (x right, y down, z forward),
-                             zero vector = invalid; 8-bit RGB ``(n + 1) * 127.5``
-keypoint,   ``keypoint.png``   float32 [H, W] in [0, 1], negative = invalid; 16-bit,
-edge        ``edge.png``     0 = invalid, else ``round(v * 65534) + 1``
-==========  ===============  ========================================================
+==========  ==========================================  ================================
+label       stored array                                batch tensor
+==========  ==========================================  ================================
+rgb         uint8 [H, W, 3]                             float [B, 3, H, W], normalised
+seg         uint8 [H, W] class id, 255 = ignore         long [B, H, W]
+depth       uint16 [H, W] ``round(d * scale)``, 0 =     float [B, 1, H, W] metres (or the
+            invalid (``scale`` from the manifest)       dataset's unit), 0 = invalid
+normal      uint8 [H, W, 3] ``round((n + 1) * 127.5)``  float [B, 3, H, W] unit vectors (x
+            (grey 128 = invalid)                        right, y down, z forward), 0 = invalid
+keypoint,   uint16 [H, W]: 0 = invalid, else            float [B, 1, H, W] in [0, 1],
+edge        ``round(v * 65534) + 1``                    negative = invalid
+==========  ==========================================  ================================
 
 Encoders refuse what they would damage (a class id past the class count, a depth past
 the 16-bit range, a heat value above 1, a non-unit normal, NaN) with a :class:`LabelError`
@@ -28,13 +31,11 @@ that says what to change. The one documented rescaling: float RGB in [0, 1] is s
 from __future__ import annotations
 
 import dataclasses
-import io
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 IGNORE_INDEX = 255
@@ -43,17 +44,6 @@ _U16_MAX = 65535
 
 class LabelError(ValueError):
     """A label value its encoding would damage, or a decoded label that breaks the rules."""
-
-
-def _png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def _png_array(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image)
 
 
 def _describe_values(array: np.ndarray, bad: np.ndarray) -> str:
@@ -74,40 +64,45 @@ def _finite_float(array: np.ndarray, what: str) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LabelSpec:
-    """The storage and semantics of one label (see the module table).
+    """The stored form and semantics of one label (see the module table).
 
-    A label of task ``t`` is the shard member ``<key>.<t>.<extension>``. Subclasses set
-    ``channels`` (None for ``[H, W]``) and ``dtype`` (of the decoded array), and implement
-    encode/decode. Parameters that vary per
-    dataset (a depth scale) are dataclass fields, recorded in the manifest by
-    :meth:`params` and restored by :meth:`with_params`.
+    A label is kept in its *stored* form, a small integer array (``stored_dtype``), from
+    the writer to the batch: the dataset codec only packs those arrays into bytes, the
+    loader crops, flips and stacks them as they are, and :meth:`from_stored` turns a whole
+    batch into the float targets in one vectorised step (in the loader worker, or on the
+    GPU). Subclasses set ``channels`` (None for ``[H, W]``), ``stored_dtype``,
+    ``stored_fill`` (the stored "no label here" value, used to pad crops) and implement
+    :meth:`to_stored` / :meth:`from_stored`. Parameters that vary per dataset (a depth
+    scale) are dataclass fields, recorded in the manifest by :meth:`params` and restored by
+    :meth:`with_params`.
     """
 
-    extension: ClassVar[str] = "png"
     channels: ClassVar[int | None] = None
-    dtype: ClassVar[str] = "float32"
+    stored_dtype: ClassVar[str] = "uint16"
+    stored_fill: ClassVar[int] = 0
     description: ClassVar[str] = ""
-    fill: ClassVar[float] = 0.0  # the decoded "no label here" value, used to pad crops
 
-    def encode(self, array: np.ndarray, num_classes: int | None = None) -> bytes:
-        """Bytes stored in the shard; raises :class:`LabelError` instead of damaging values."""
+    def to_stored(self, array: np.ndarray, num_classes: int | None = None) -> np.ndarray:
+        """The stored array; raises :class:`LabelError` instead of damaging values."""
         raise NotImplementedError
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """The decoded array of the module table."""
+    def from_stored(self, stored: Tensor) -> Tensor:
+        """``[B, H, W(, C)]`` stored labels (any device) -> the target tensor the task's loss takes."""
         raise NotImplementedError
 
-    def check_decoded(self, array: np.ndarray, num_classes: int | None = None) -> None:
-        """Raise :class:`LabelError` if a decoded label breaks the dataset's rules."""
+    def decode_stored(self, stored: np.ndarray) -> np.ndarray:
+        """One stored label -> its decoded value (``[H, W(, C)]``, the layout of the module
+        table), through the same arithmetic as a batch."""
+        target = self.from_stored(torch.from_numpy(np.array(stored)[None]))[0]
+        return (target.permute(1, 2, 0) if target.dim() == 3 and self.channels else target.squeeze(0)
+                if target.dim() == 3 else target).numpy()
 
-    def flip(self, array: np.ndarray) -> np.ndarray:
-        """The label of the horizontally mirrored image."""
+    def check_stored(self, array: np.ndarray, num_classes: int | None = None) -> None:
+        """Raise :class:`LabelError` if a stored label read from a shard breaks the dataset's rules."""
+
+    def flip_stored(self, array: np.ndarray) -> np.ndarray:
+        """The stored label of the horizontally mirrored image."""
         return array[:, ::-1]
-
-    def to_batch(self, stacked: np.ndarray) -> Tensor:
-        """``[B, H, W(, C)]`` decoded labels -> the target tensor the task's loss takes."""
-        tensor = torch.from_numpy(np.ascontiguousarray(stacked))
-        return tensor.permute(0, 3, 1, 2).contiguous() if tensor.dim() == 4 else tensor.unsqueeze(1)
 
     def valid(self, target: Tensor) -> Tensor:
         """Bool mask of the pixels that carry a label."""
@@ -131,12 +126,20 @@ class LabelSpec:
     def describe(self) -> str:
         return self.description
 
+    def stored_shape(self, image_size: tuple[int, int]) -> tuple[int, ...]:
+        return tuple(image_size) if self.channels is None else (*image_size, self.channels)
+
     def check_shape(self, array: np.ndarray, what: str) -> None:
-        """Rank and channels of an array to encode, or of a decoded one."""
+        """Rank and channels of an array to encode, or of a stored one read back."""
         rank = 2 if self.channels is None else 3
         if array.ndim != rank or (self.channels is not None and array.shape[-1] != self.channels):
             expected = "[H, W]" if self.channels is None else f"[H, W, {self.channels}]"
             raise LabelError(f"{what} has shape {tuple(array.shape)}, expected {expected}")
+
+
+def _channels_first(batch: Tensor) -> Tensor:
+    """``[B, H, W, C]`` -> ``[B, C, H, W]`` (contiguous); ``[B, H, W]`` -> ``[B, 1, H, W]``."""
+    return batch.permute(0, 3, 1, 2).contiguous() if batch.dim() == 4 else batch.unsqueeze(1)
 
 
 @dataclass(frozen=True)
@@ -144,10 +147,10 @@ class ImageSpec(LabelSpec):
     """The RGB input. uint8 (or integers in 0-255) as is; float in [0, 1] is rescaled by 255."""
 
     channels: ClassVar[int | None] = 3
-    dtype: ClassVar[str] = "uint8"
+    stored_dtype: ClassVar[str] = "uint8"
     description: ClassVar[str] = "8-bit RGB; float input in [0, 1] is stored as round(x * 255)"
 
-    def to_uint8(self, array: np.ndarray) -> np.ndarray:
+    def to_stored(self, array: np.ndarray, num_classes: int | None = None) -> np.ndarray:
         """The 8-bit image that is stored (the documented rescaling of float input)."""
         array = np.asarray(array)
         self.check_shape(array, "rgb")
@@ -165,20 +168,20 @@ class ImageSpec(LabelSpec):
             raise LabelError(f"integer rgb must lie in [0, 255]; {_describe_values(values, bad)}")
         return values.astype(np.uint8)
 
-    def encode(self, array: np.ndarray, num_classes: int | None = None) -> bytes:
-        return _png_bytes(self.to_uint8(array))
+    to_uint8 = to_stored
 
-    def decode(self, data: bytes) -> np.ndarray:
-        return _png_array(data)
+    def from_stored(self, stored: Tensor) -> Tensor:
+        """``[B, H, W, 3]`` uint8 -> float ``[B, 3, H, W]`` in [0, 1] (normalised by the caller)."""
+        return _channels_first(stored).float() / 255.0
 
 
 @dataclass(frozen=True)
 class ClassLabel(LabelSpec):
     """Class ids 0..num_classes-1, ``IGNORE_INDEX`` (255) = unlabelled; at most 255 classes."""
 
-    dtype: ClassVar[str] = "uint8"
+    stored_dtype: ClassVar[str] = "uint8"
+    stored_fill: ClassVar[int] = IGNORE_INDEX
     ignore: ClassVar[int] = IGNORE_INDEX
-    fill: ClassVar[float] = IGNORE_INDEX
 
     def describe(self) -> str:
         return f"8-bit class id, {self.ignore} = ignore"
@@ -191,7 +194,7 @@ class ClassLabel(LabelSpec):
             raise LabelError(f"{what}: {_describe_values(values, bad)} outside the {num_classes} classes "
                              f"(ids 0-{num_classes - 1}, {self.ignore} = ignore); {fix}")
 
-    def encode(self, array: np.ndarray, num_classes: int | None = None) -> bytes:
+    def to_stored(self, array: np.ndarray, num_classes: int | None = None) -> np.ndarray:
         array = np.asarray(array)
         self.check_shape(array, "class label")
         if array.dtype.kind not in "iub":
@@ -199,20 +202,17 @@ class ClassLabel(LabelSpec):
                              f"ids 0-{(num_classes or 1) - 1} and {self.ignore} (ignore) and cast to an integer type")
         self._check_ids(array, num_classes, "class label",
                         "list every class (a background class too) or map unlabelled pixels to the ignore id")
-        return _png_bytes(array.astype(np.uint8))
+        return array.astype(np.uint8)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        array = _png_array(data)
-        if array.dtype != np.uint8:
-            raise LabelError(f"class label PNG is {array.dtype}, expected 8-bit")
-        return array
-
-    def check_decoded(self, array: np.ndarray, num_classes: int | None = None) -> None:
+    def check_stored(self, array: np.ndarray, num_classes: int | None = None) -> None:
         self._check_ids(array, num_classes, "class label", "the shard disagrees with manifest.json's classes; "
                         "rewrite the dataset (dsparse data convert or dsparse data synth)")
 
-    def to_batch(self, stacked: np.ndarray) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(stacked)).long()
+    def from_stored(self, stored: Tensor) -> Tensor:
+        return stored.long()
+
+    def decode_stored(self, stored: np.ndarray) -> np.ndarray:
+        return np.asarray(stored)
 
     def valid(self, target: Tensor) -> Tensor:
         return target != self.ignore
@@ -236,7 +236,7 @@ class DepthLabel(LabelSpec):
     def describe(self) -> str:
         return f"16-bit, round(depth * {self.scale:g}), 0 = invalid"
 
-    def encode(self, array: np.ndarray, num_classes: int | None = None) -> bytes:
+    def to_stored(self, array: np.ndarray, num_classes: int | None = None) -> np.ndarray:
         values = _finite_float(array, "depth")
         self.check_shape(values, "depth")
         if (values < 0).any():
@@ -250,10 +250,10 @@ class DepthLabel(LabelSpec):
         if lost.any():
             raise LabelError(f"depth below the resolution 1/{self.scale:g} would become invalid: "
                              f"{_describe_values(values, lost)}; use a larger depth scale or set them to 0")
-        return _png_bytes(stored.astype(np.uint16))
+        return stored.astype(np.uint16)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        return (_png_array(data).astype(np.float32) / np.float32(self.scale)).astype(np.float32)
+    def from_stored(self, stored: Tensor) -> Tensor:
+        return _channels_first(stored.float() / np.float32(self.scale).item())
 
     def valid(self, target: Tensor) -> Tensor:
         return depth_valid(target)
@@ -264,15 +264,17 @@ class NormalLabel(LabelSpec):
     """Unit surface normals (camera frame x right, y down, z forward); zero vector = invalid.
 
     Stored as 8-bit RGB ``round((n + 1) * 127.5)``; a zero vector becomes grey 128, which
-    decodes to a near-zero vector and back to invalid. A flip negates x.
+    decodes to a near-zero vector and back to invalid. A flip negates x: stored ``255 - s``.
     """
 
     channels: ClassVar[int | None] = 3
+    stored_dtype: ClassVar[str] = "uint8"
+    stored_fill: ClassVar[int] = 128
     description: ClassVar[str] = ("8-bit RGB, n = v / 127.5 - 1 renormalised (x right, y down, z forward), "
                                   "grey 128 = invalid")
     tolerance: ClassVar[float] = 0.02
 
-    def encode(self, array: np.ndarray, num_classes: int | None = None) -> bytes:
+    def to_stored(self, array: np.ndarray, num_classes: int | None = None) -> np.ndarray:
         values = _finite_float(array, "normal")
         self.check_shape(values, "normal")
         length = np.linalg.norm(values, axis=-1)
@@ -280,15 +282,17 @@ class NormalLabel(LabelSpec):
         if bad.any():
             raise LabelError(f"normals must be unit vectors or zero (invalid); {int(bad.sum())} pixel(s) have "
                              f"length {float(length[bad].min()):.3g}-{float(length[bad].max()):.3g}; normalise them")
-        return _png_bytes(np.round((values + 1) * 127.5).astype(np.uint8))
+        return np.round((values + 1) * 127.5).astype(np.uint8)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        vectors = _png_array(data).astype(np.float32) / 127.5 - 1.0
-        length = np.linalg.norm(vectors, axis=-1, keepdims=True)
-        return np.where(length > 0.5, vectors / np.maximum(length, 1e-6), 0.0).astype(np.float32)
+    def from_stored(self, stored: Tensor) -> Tensor:
+        vectors = _channels_first(stored).float() / 127.5 - 1.0
+        length = vectors.square().sum(1, keepdim=True).sqrt()
+        return torch.where(length > 0.5, vectors / length.clamp_min(1e-6), torch.zeros((), device=vectors.device))
 
-    def flip(self, array: np.ndarray) -> np.ndarray:
-        return array[:, ::-1] * np.array([-1.0, 1.0, 1.0], dtype=np.float32)
+    def flip_stored(self, array: np.ndarray) -> np.ndarray:
+        flipped = array[:, ::-1].copy()
+        flipped[..., 0] = 255 - flipped[..., 0]
+        return flipped
 
     def valid(self, target: Tensor) -> Tensor:
         return normal_valid(target)
@@ -299,21 +303,19 @@ class HeatLabel(LabelSpec):
     """A map in [0, 1] (keypoints, edges), negative = invalid, as 16-bit ``round(m * 65534) + 1``."""
 
     description: ClassVar[str] = "16-bit s: 0 = invalid, else the map value m = (s - 1) / 65534 in [0, 1]"
-    fill: ClassVar[float] = -1.0
 
-    def encode(self, array: np.ndarray, num_classes: int | None = None) -> bytes:
+    def to_stored(self, array: np.ndarray, num_classes: int | None = None) -> np.ndarray:
         values = _finite_float(array, "map")
         self.check_shape(values, "map")
         above = values > 1
         if above.any():
             raise LabelError(f"map values must lie in [0, 1] (negative = invalid); "
                              f"{_describe_values(values, above)}; rescale the map to [0, 1]")
-        stored = np.where(values < 0, 0, np.round(values * (_U16_MAX - 1)) + 1)
-        return _png_bytes(stored.astype(np.uint16))
+        return np.where(values < 0, 0, np.round(values * (_U16_MAX - 1)) + 1).astype(np.uint16)
 
-    def decode(self, data: bytes) -> np.ndarray:
-        raw = _png_array(data).astype(np.float32)
-        return np.where(raw == 0, -1.0, (raw - 1) / (_U16_MAX - 1)).astype(np.float32)
+    def from_stored(self, stored: Tensor) -> Tensor:
+        raw = stored.float()
+        return _channels_first(torch.where(raw == 0, -1.0, (raw - 1) / (_U16_MAX - 1)))
 
     def valid(self, target: Tensor) -> Tensor:
         return heat_valid(target)

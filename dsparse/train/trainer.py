@@ -96,7 +96,7 @@ class Trainer:
 
     def _spec(self, split: str, train: bool):
         return stream_spec(self.config.data, self.manifest, split, self.config.tasks, seed=self.config.seed,
-                           rank=self.rank, world_size=self.world_size, train=train)
+                           rank=self.rank, world_size=self.world_size, train=train, device=self.device)
 
     def validate(self) -> dict[str, dict[str, float]]:
         return evaluate(self.engine.module, self.tasks, self._spec("val", train=False), self.device,

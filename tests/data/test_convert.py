@@ -3,7 +3,6 @@ values, must decode from the shards to the expected arrays per task."""
 
 import json
 import tarfile
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from dsparse.data.convert.taskonomy import CLASSES as TASKONOMY_CLASSES
 from dsparse.data.loader import augment
 from dsparse.data.manifest import load_manifest
 from dsparse.data.writer import DatasetWriteError
-from dsparse.tasks.labels import RGB
+from dsparse.data.records import decoded_values, read_shard
 
 H, W = 12, 16
 
@@ -34,16 +33,14 @@ def npy(path, array):
 def decoded(out):
     """{split: {key: {entry: array}}} read back through the manifest's label specs."""
     manifest = load_manifest(out)
-    specs = {"rgb": RGB, **manifest.label_specs()}
     result = {}
     for split, info in manifest.splits.items():
-        samples = defaultdict(dict)
+        samples = {}
         for shard in info.shards:
-            with tarfile.open(out / shard.name) as tar:
-                for member in tar.getmembers():
-                    key, entry, _ = member.name.split(".")
-                    samples[key][entry] = specs[entry].decode(tar.extractfile(member).read())
-        result[split] = dict(samples)
+            for raw in read_shard(str(out / shard.name)):
+                values = decoded_values(raw, manifest)
+                samples[values.pop("__key__")] = values
+        result[split] = samples
     return manifest, result
 
 
@@ -85,8 +82,10 @@ def test_nyuv2_converts_to_the_expected_arrays(tmp_path):
     assert (sample["normal"][1] == 0).all()
     np.testing.assert_allclose(sample["normal"][3, 3], [0.6, 0.0, -0.8], atol=0.01)
     assert (sample["depth"][2] == 0).all() and np.allclose(sample["depth"][3:], 3.5)
-    flipped = augment({"__key__": "k", **sample}, manifest.label_specs(), None, True, AlwaysFlip())
-    np.testing.assert_allclose(flipped["normal"][3, 3], [-0.6, 0.0, -0.8], atol=0.01)
+    normal = manifest.label_specs()["normal"]
+    stored = {"__key__": "k", "rgb": sample["rgb"], "normal": normal.to_stored(sample["normal"])}
+    flipped = augment(stored, {"normal": normal}, None, True, AlwaysFlip())
+    np.testing.assert_allclose(normal.decode_stored(flipped["normal"])[3, 3], [-0.6, 0.0, -0.8], atol=0.01)
     assert manifest.source["converter"] == "nyuv2" and manifest.source["splits"] == {"train": "train", "test": "val"}
 
 

@@ -86,17 +86,21 @@ def test_batch_layout_and_dtypes(tiny_dataset):
 
 
 def test_flip_negates_the_x_component_of_normals():
+    spec = NormalLabel()
     sample = {"__key__": "k", "rgb": np.arange(12, dtype=np.uint8).reshape(2, 2, 3),
-              "normal": np.tile(np.array([0.6, 0.0, -0.8], np.float32), (2, 2, 1))}
+              "normal": spec.to_stored(np.tile(np.array([0.6, 0.0, -0.8], np.float32), (2, 2, 1)))}
 
     class AlwaysFlip:
         def integers(self, high):
             return high - 1
 
-    flipped = augment(sample, {"normal": NormalLabel()}, None, True, AlwaysFlip())
+    flipped = augment(sample, {"normal": spec}, None, True, AlwaysFlip())
     np.testing.assert_array_equal(flipped["rgb"], sample["rgb"][:, ::-1])
-    np.testing.assert_allclose(flipped["normal"][..., 0], -0.6)
-    np.testing.assert_allclose(flipped["normal"][..., 2], -0.8)
+    np.testing.assert_array_equal(flipped["normal"], spec.to_stored(np.tile(np.array([-0.6, 0.0, -0.8], np.float32),
+                                                                            (2, 2, 1))))
+    decoded = spec.decode_stored(flipped["normal"])
+    np.testing.assert_allclose(decoded[..., 0], -0.6, atol=0.01)
+    np.testing.assert_allclose(decoded[..., 2], -0.8, atol=0.01)
 
 
 def test_fewer_shards_than_readers_is_a_clear_error(tiny_dataset):
@@ -151,25 +155,57 @@ def test_truncated_shard_names_shard_and_last_key(tiny_dataset, tmp_path):
     assert sum(len(b["__key__"]) for b in batches) < 16
 
 
-def test_missing_label_names_the_sample_key(tiny_dataset, tmp_path):
-    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
-    name = _rewrite_first_val_shard(dataset, lambda m: [x for x in m if x[0] != "val_00000001.depth.png"])
-    with pytest.raises(SampleError, match=f"'val_00000001' in shard {name} has no 'depth.png'"):
+@pytest.fixture(params=["zstd", "png"])
+def coded_dataset(request, tmp_path):
+    """A copy of the tiny dataset in each lossless codec, and the extension of its members."""
+    source = request.getfixturevalue("tiny_dataset" if request.param == "zstd" else "tiny_png_dataset")
+    dataset = _copy_dataset(source, tmp_path / "d")
+    return dataset, load_manifest(dataset).dataset_codec().codec("depth")
+
+
+def test_missing_label_names_the_sample_key(coded_dataset):
+    dataset, codec = coded_dataset
+    member = f"val_00000001.depth.{codec.extension}"
+    name = _rewrite_first_val_shard(dataset, lambda m: [x for x in m if x[0] != member])
+    with pytest.raises(SampleError, match=f"'val_00000001' in shard {name} has no '{member.split('.', 1)[1]}'"):
         _eval_all(dataset)
     batches = _eval_all(dataset, skip_bad=True)
     assert sum(b["__num_bad__"] for b in batches) == 1
     assert sum(len(b["__key__"]) for b in batches) == 15
 
 
-def test_label_of_wrong_shape_names_the_sample_key(tiny_dataset, tmp_path):
-    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
-    wrong = HeatLabel().encode(np.zeros((16, 16), np.float32))
+def test_label_of_wrong_shape_names_the_sample_key(coded_dataset):
+    dataset, codec = coded_dataset
+    wrong = codec.pack(HeatLabel().to_stored(np.zeros((16, 16), np.float32)))
 
     def mutate(members):
-        return [(n, wrong if n == "val_00000002.edge.png" else d) for n, d in members]
+        return [(n, wrong if n == f"val_00000002.edge.{codec.extension}" else d) for n, d in members]
 
     _rewrite_first_val_shard(dataset, mutate)
-    with pytest.raises(SampleError, match="'val_00000002'.*label 'edge' is 16x16, the image is 32x32"):
+    reason = ("label 'edge' is 16x16, the image is 32x32" if codec.name == "png" else
+              "label 'edge': the zstd frame holds 512 bytes, a uint16 array of shape \\[32, 32\\] is 2048")
+    with pytest.raises(SampleError, match=f"'val_00000002'.*{reason}"):
+        _eval_all(dataset)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "wrong type"])
+def test_a_damaged_zstd_member_names_the_sample_key(tiny_dataset, tmp_path, damage):
+    from dsparse.data.codecs import ZstdCodec
+
+    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+    member = "val_00000002.depth.zst"
+
+    def mutate(members):
+        def damaged(data):
+            if damage == "truncated":
+                return data[: len(data) // 2]
+            if damage == "garbage":
+                return b"\x00" * len(data)
+            return ZstdCodec().pack(np.zeros((32, 32), np.uint8))  # an 8-bit array where 16 bits belong
+        return [(n, damaged(d) if n == member else d) for n, d in members]
+
+    _rewrite_first_val_shard(dataset, mutate)
+    with pytest.raises(SampleError, match="'val_00000002'.*label 'depth': .*(zstd|1024 bytes)"):
         _eval_all(dataset)
 
 
@@ -195,19 +231,17 @@ def test_skip_bad_on_only_unreadable_shards_errors_instead_of_spinning(tiny_data
         next(TrainBatches(spec))
 
 
-def test_a_class_id_past_the_manifest_classes_names_the_sample_before_the_loss(tiny_dataset, tmp_path):
-    dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
+def test_a_class_id_past_the_manifest_classes_names_the_sample_before_the_loss(coded_dataset):
+    dataset, codec = coded_dataset
     num_classes = load_manifest(dataset).num_classes
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((32, 32), num_classes, np.uint8)).save(buffer, format="PNG")
+    wrong = codec.pack(np.full((32, 32), num_classes, np.uint8))
 
     def mutate(members):
-        return [(n, buffer.getvalue() if n == "val_00000003.seg.png" else d) for n, d in members]
+        return [(n, wrong if n == f"val_00000003.seg.{codec.extension}" else d) for n, d in members]
 
     name = _rewrite_first_val_shard(dataset, mutate)
-    with pytest.raises(SampleError, match=f"'val_00000003' in shard {name}: class label: .*{num_classes} outside "
+    with pytest.raises(SampleError, match=f"'val_00000003' in shard {name}: label 'seg': class label: "
+                                          f".*{num_classes} outside "
                                           f"the {num_classes} classes.*dsparse data convert"):
         _eval_all(dataset)
 
@@ -250,19 +284,21 @@ def test_random_rescale_keeps_label_values_and_pads_crops_with_invalid_labels(ti
 
     labels = {"seg": ClassLabel(), "depth": DepthLabel(), "normal": NormalLabel(), "edge": HeatLabel()}
     rng = np.random.default_rng(0)
-    sample = {"__key__": "k", "rgb": rng.integers(0, 256, (20, 20, 3), dtype=np.uint8),
-              "seg": rng.integers(0, 5, (20, 20)).astype(np.uint8),
+    values = {"seg": rng.integers(0, 5, (20, 20)).astype(np.uint8),
               "depth": rng.uniform(1, 3, (20, 20)).astype(np.float32),
               "normal": np.tile(np.array([0.6, 0.0, -0.8], np.float32), (20, 20, 1)),
               "edge": rng.uniform(0, 1, (20, 20)).astype(np.float32)}
+    sample = {"__key__": "k", "rgb": rng.integers(0, 256, (20, 20, 3), dtype=np.uint8),
+              **{name: labels[name].to_stored(value, 5) for name, value in values.items()}}
     seen_padding = False
     for seed in range(20):
         out = augment(sample, labels, 24, False, np.random.default_rng(seed), (0.5, 1.5), (1, 2, 3))
         assert all(out[name].shape[:2] == (24, 24) for name in labels) and out["rgb"].shape == (24, 24, 3)
-        padded = out["seg"] == 255
+        decoded = {name: labels[name].decode_stored(out[name]) for name in labels}
+        padded = decoded["seg"] == 255
         seen_padding |= padded.any()
-        assert (out["depth"][padded] == 0).all() and (out["edge"][padded] == -1).all()
-        assert (out["normal"][padded] == 0).all() and (out["rgb"][padded] == [1, 2, 3]).all()
+        assert (decoded["depth"][padded] == 0).all() and (decoded["edge"][padded] == -1).all()
+        assert (decoded["normal"][padded] == 0).all() and (out["rgb"][padded] == [1, 2, 3]).all()
         assert set(np.unique(out["seg"][~padded])) <= set(np.unique(sample["seg"]))
         assert set(np.unique(out["depth"][~padded])) <= set(np.unique(sample["depth"]))
     assert seen_padding
@@ -315,12 +351,12 @@ def test_a_manifest_that_overstates_or_understates_a_shard_is_an_error_naming_it
 
 def test_a_data_error_in_a_loader_worker_is_one_line(tiny_dataset, tmp_path):
     dataset = _copy_dataset(tiny_dataset, tmp_path / "d")
-    name = _rewrite_first_val_shard(dataset, lambda m: [x for x in m if x[0] != "val_00000001.depth.png"])
+    name = _rewrite_first_val_shard(dataset, lambda m: [x for x in m if x[0] != "val_00000001.depth.zst"])
     spec = spec_for(dataset, "val", train=False, num_workers=1)
     with pytest.raises(SampleError) as caught:
         list(eval_batches(spec))
     message = str(caught.value)
-    assert "\n" not in message and f"'val_00000001' in shard {name} has no 'depth.png'" in message
+    assert "\n" not in message and f"'val_00000001' in shard {name} has no 'depth.zst'" in message
     assert "Traceback" in caught.value.worker_traceback
 
 

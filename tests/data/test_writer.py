@@ -7,7 +7,6 @@ import os
 import signal
 import tarfile
 import time
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from dsparse.data.synth import CLASSES, render_scene
 from dsparse.data.synth.dataset import scene_seed, write_synthetic_dataset
 from dsparse.data.writer import DatasetInfo, DatasetWriteError, parse_shard_size, write_dataset
 from dsparse.tasks import TASKS
-from dsparse.tasks.labels import RGB
+from dsparse.data.records import decoded_values, read_shard
 
 SIZE = 32
 ALL_TASKS = ["seg", "normal", "depth", "keypoint", "edge"]
@@ -32,14 +31,13 @@ def dataset(tmp_path_factory):
 
 
 def read_tar(path, manifest):
-    specs = {"rgb": RGB, **manifest.label_specs()}
-    samples = defaultdict(dict)
     with tarfile.open(path) as tar:
         names = tar.getnames()
-        for member in tar.getmembers():
-            key, entry, _ = member.name.split(".")
-            samples[key][entry] = specs[entry].decode(tar.extractfile(member).read())
-    return names, dict(samples)
+    samples = {}
+    for raw in read_shard(str(path)):
+        values = decoded_values(raw, manifest)
+        samples[values.pop("__key__")] = values
+    return names, samples
 
 
 def test_manifest_schema_and_shard_layout(dataset):
@@ -125,7 +123,7 @@ def test_webdataset_reads_the_shards(dataset):
     urls = [str(out / s.name) for s in manifest.splits["train"].shards]
     samples = list(webdataset.WebDataset(urls, shardshuffle=False))
     assert [s["__key__"] for s in samples] == [f"train_{i:08d}" for i in range(12)]
-    assert set(samples[0]) >= {f"{e}.png" for e in ("rgb", *ALL_TASKS)}
+    assert set(samples[0]) >= {f"{e}.zst" for e in ("rgb", *ALL_TASKS)}
 
 
 # ----------------------------------------------------------- generic samples
@@ -145,8 +143,8 @@ def test_shards_are_deterministic_and_keys_sorted_within_a_shard(tmp_path):
     for shard in first.splits["test"].shards:
         assert (tmp_path / "a" / shard.name).read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
     with tarfile.open(tmp_path / "a" / "test-000000.tar") as tar:
-        assert tar.getnames() == ["s_0001.rgb.png", "s_0001.depth.png", "s_0002.rgb.png", "s_0002.depth.png",
-                                  "s_0003.rgb.png", "s_0003.depth.png"]
+        assert tar.getnames() == ["s_0001.rgb.zst", "s_0001.depth.zst", "s_0002.rgb.zst", "s_0002.depth.zst",
+                                  "s_0003.rgb.zst", "s_0003.depth.zst"]
 
 
 def test_a_byte_target_sizes_shards_from_the_encoded_samples(tmp_path):

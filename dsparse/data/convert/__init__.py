@@ -20,6 +20,7 @@ from dsparse.data.convert.folders import FoldersConverter
 from dsparse.data.convert.nyuv2 import NYUv2Converter
 from dsparse.data.convert.taskonomy import TaskonomyConverter
 from dsparse.data.manifest import Manifest
+from dsparse.data.codecs import DatasetCodec
 from dsparse.data.writer import write_dataset
 from dsparse.registry import Registry
 
@@ -31,11 +32,12 @@ for _converter in (NYUv2Converter, CityscapesConverter, TaskonomyConverter, Fold
 
 def convert(name: str, src: str | Path, out: str | Path, *, splits: list[str] | None = None, workers: int = 1,
             shard_size: int | str = "512MB", on_error: str = "stop", overwrite: bool = False,
-            progress: bool = True, **options) -> Manifest:
+            progress: bool = True, codec: DatasetCodec | None = None, **options) -> Manifest:
     """Convert the dataset at ``src`` with converter ``name`` into shards in ``out``.
 
     Rerunning the same command after an interruption resumes it (finished shards are
-    kept). ``options`` are the converter's own (see ``CONVERTERS[name].options``).
+    kept). ``options`` are the converter's own (see ``CONVERTERS[name].options``);
+    ``codec`` packs the shard members (default: :data:`dsparse.data.writer.DEFAULT_CODEC`).
 
     Raises:
         ValueError: unknown converter or option; SourceError for a bad source layout;
@@ -59,7 +61,7 @@ def convert(name: str, src: str | Path, out: str | Path, *, splits: list[str] | 
     except OSError as error:  # e.g. a folder that cannot be listed
         raise SourceError(f"cannot read the source under {src}: {error}") from None
     return write_dataset(out, plan.splits, plan.info, load=plan.load, shard_size=shard_size, workers=workers,
-                         on_error=on_error, progress=progress, overwrite=overwrite)
+                         on_error=on_error, progress=progress, overwrite=overwrite, codec=codec)
 
 
 __all__ = ["CONVERTERS", "Conversion", "Converter", "Option", "SourceError", "convert"]

@@ -10,6 +10,7 @@ import numpy as np
 from dsparse.data.manifest import Manifest
 from dsparse.data.synth.render import TASK_ENTRIES, render_scene
 from dsparse.data.synth.scene import CLASSES
+from dsparse.data.codecs import DatasetCodec
 from dsparse.data.writer import DatasetInfo, write_dataset
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -38,11 +39,12 @@ def render_sample(job: tuple[int, int]) -> dict[str, np.ndarray]:
 def write_synthetic_dataset(out_dir: str | Path, num_train: int = 4000, num_val: int = 500,
                             size: int = 64, seed: int = 0, shard_size: int | str = 250,
                             num_procs: int | None = None, progress: bool = True,
-                            overwrite: bool = False) -> Manifest:
+                            overwrite: bool = False, codec: DatasetCodec | None = None) -> Manifest:
     """Render procedural scenes (``synth.render_scene``) into a sharded dataset.
 
     Rendering runs in ``num_procs`` processes (default: all CPUs), one shard each; the
-    output does not depend on the number of processes.
+    output does not depend on the number of processes. ``codec`` packs the shard members
+    (default: :data:`dsparse.data.writer.DEFAULT_CODEC`).
 
     Raises:
         ValueError: for non-positive counts, sizes or process numbers, or a negative seed.
@@ -60,4 +62,4 @@ def write_synthetic_dataset(out_dir: str | Path, num_train: int = 4000, num_val:
         source={"converter": "synthetic", "seed": seed, "size": size,
                 "scene_seed": "((seed * 3 + {train: 0, val: 1, test: 2}[split]) << 32) | index"})
     return write_dataset(out_dir, splits, info, load=render_sample, shard_size=shard_size,
-                         workers=num_procs, progress=progress, overwrite=overwrite)
+                         workers=num_procs, progress=progress, overwrite=overwrite, codec=codec)
