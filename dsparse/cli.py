@@ -112,9 +112,9 @@ def _cmd_check(args) -> dict:
     report = check_dataset(args.data_dir, args.split)
     for problem in report.problems:
         _say(args, problem)
-    _say(args, f"{report.num_samples} samples read, {len(report.problems)} problem(s)")
+    _say(args, f"{report.num_samples} samples read ({report.codec}), {len(report.problems)} problem(s)")
     args.exit_code = 0 if report.ok else 1
-    return {"samples": report.num_samples, "problems": report.problems, "ok": report.ok}
+    return {"samples": report.num_samples, "problems": report.problems, "ok": report.ok, "codec": report.codec}
 
 
 def _cmd_train(args) -> dict:

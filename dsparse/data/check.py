@@ -19,6 +19,7 @@ from dsparse.progress import ProgressMeter
 class CheckReport:
     num_samples: int = 0
     problems: list[str] = field(default_factory=list)
+    codec: str = ""
 
     @property
     def ok(self) -> bool:
@@ -29,7 +30,7 @@ def check_dataset(data_dir: str | Path, splits: list[str] | None = None, progres
     """Decode every sample of ``splits`` (default: all) and collect one line per problem."""
     manifest = load_manifest(data_dir)
     specs, codec = manifest.label_specs(), manifest.dataset_codec()
-    report = CheckReport()
+    report = CheckReport(codec=codec.describe())
     wanted = splits or list(manifest.splits)
     unknown = [s for s in wanted if s not in manifest.splits]
     if unknown:

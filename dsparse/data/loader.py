@@ -339,7 +339,7 @@ def decode_batch(batch: dict, labels: dict[str, LabelSpec], rgb_mean, rgb_std, d
     rgb = RGB.from_stored(_to_device(batch["rgb"], device))
     mean = torch.tensor(rgb_mean, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
     std = torch.tensor(rgb_std, dtype=torch.float32, device=rgb.device).view(1, 3, 1, 1)
-    decoded["rgb"] = (rgb - mean) / std
+    decoded["rgb"] = rgb.sub_(mean).div_(std)
     for task, spec in labels.items():
         decoded[task] = spec.from_stored(_to_device(batch[task], device))
     return decoded

@@ -202,3 +202,19 @@ def test_the_cli_writes_each_encoding_and_refuses_a_quality_without_jpeg(tmp_pat
     assert main(["data", "synth", "--out", str(tmp_path / "bad"), "--jpeg-quality", "80"]) == 2
     assert "--jpeg-quality sets the quality of JPEG images; add --rgb-encoding jpeg" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (benchmarks/gpu_check.sh runs it)")
+def test_a_stored_batch_decodes_on_the_gpu_to_the_cpu_values(three_encodings):
+    """data.decode_on: device on a GPU: uint16 labels travel as int16 bits and widen there."""
+    cpu = _train_batches(three_encodings / "zstd", 2, num_workers=0)
+    manifest = load_manifest(three_encodings / "zstd")
+    data = DataConfig(path=str(three_encodings / "zstd"), batch_size=4, crop_size=24, num_workers=0)
+    spec = stream_spec(data, manifest, "train", TASK_NAMES, seed=5, rank=0, world_size=1, train=True, device="cuda")
+    assert spec.decode_device == "cuda"  # auto: the GPU decodes
+    stream = TrainBatches(spec)
+    for ours in cpu:
+        theirs = next(stream)
+        for entry in ("rgb", *TASK_NAMES):
+            assert theirs[entry].is_cuda
+            torch.testing.assert_close(theirs[entry].cpu(), ours[entry], rtol=1e-6, atol=1e-6)

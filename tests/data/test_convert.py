@@ -316,7 +316,7 @@ def test_cli_convert_and_check(tmp_path, capsys):
                  "--shard-size", "2"]) == 0
     assert "wrote {'train': 3, 'val': 2} samples in 3 shards" in capsys.readouterr().out
     assert main(["data", "check", str(tmp_path / "out")]) == 0
-    assert "5 samples read, 0 problem(s)" in capsys.readouterr().out
+    assert "5 samples read (labels zstd, rgb zstd), 0 problem(s)" in capsys.readouterr().out
     assert main(["data", "convert", "nyuv2", str(root), str(tmp_path / "out")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "already holds a dataset" in error
