@@ -181,10 +181,28 @@ class TrainConfig:
     quota, shared among the node's training processes, within Ray's assignment:
     ``dsparse.cpus``); a number; or ``torch``, torch's default (one per core of the
     machine). The choice and its inputs are logged and written to ``summary.json``."""
+    loss_weighting: Literal["fixed", "adaptive"] = "fixed"
+    """Task weights of the joint loss: ``fixed`` (``task_weights``) or ``adaptive``
+    (AdapMTL's: from ``adaptive_start`` on, each task's mean relative loss change over the
+    last ``adaptive_window`` steps, renormalised to sum to the task count;
+    ``dsparse.train.loss_weights``)."""
+    adaptive_start: int = 5000
+    """First step of adaptive weighting (AdapMTL: 5,000); it must come before the end."""
+    adaptive_window: int = 500
+    """Steps of relative loss change averaged per task (AdapMTL: 500)."""
 
     def __post_init__(self):
-        for name in ("iterations", "eval_interval", "log_interval", "checkpoint_interval", "keep_checkpoints"):
+        for name in ("iterations", "eval_interval", "log_interval", "checkpoint_interval", "keep_checkpoints",
+                     "adaptive_start", "adaptive_window"):
             _check_positive(f"train.{name}", getattr(self, name))
+        _check_choices(self, "train")
+        if self.loss_weighting == "adaptive" and self.adaptive_start > self.iterations:
+            raise ValueError(f"train.loss_weighting: adaptive starts at step {self.adaptive_start} "
+                             f"(train.adaptive_start) but the run has {self.iterations} iterations, so it would never "
+                             "adapt; lower train.adaptive_start or use loss_weighting: fixed")
+        if self.loss_weighting == "fixed" and (self.adaptive_start, self.adaptive_window) != (5000, 500):
+            raise ValueError("train.adaptive_start and train.adaptive_window set adaptive loss weighting; add "
+                             "train.loss_weighting=adaptive, or leave them out")
         if isinstance(self.threads, str) and self.threads not in ("auto", "torch"):
             raise ValueError(f"train.threads must be a number of threads, auto or torch, got {self.threads!r}")
         if isinstance(self.threads, int):

@@ -52,6 +52,8 @@ class TrainState:
     mlflow_run_id: str | None = None
     history: list[dict] = field(default_factory=list)
     """``{"step", "metrics"}`` of every validation."""
+    loss_weighting: dict | None = None
+    """The adaptive loss weighting's window (``dsparse.train.loss_weights``), None when fixed."""
 
     @classmethod
     def from_dict(cls, values: dict) -> TrainState:

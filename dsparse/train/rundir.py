@@ -50,7 +50,7 @@ one without), ``"auto"`` continues if it can, else starts (requeued jobs)."""
 # directory may differ for a moved or copied run.
 RESUME_SAFE = ("train.iterations", "train.eval_interval", "train.checkpoint_interval", "train.log_interval",
                "train.eval_batches", "train.keep_checkpoints", "train.threads", "optimizer.lr", "schedule.",
-               "data.num_workers", "data.eval_batch_size", "output_dir")
+               "data.num_workers", "data.eval_batch_size", "data.decode_on", "output_dir")
 
 
 def _safe(key: str) -> bool:

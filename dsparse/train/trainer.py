@@ -38,6 +38,7 @@ from dsparse.sparsity.sparsifier import read_sparsifier_state
 from dsparse.tracking.mlflow_tracker import RunTracker, ui_command
 from dsparse.train.checkpoint import TrainState, load_checkpoint
 from dsparse.train.engine import apply_schedule, build_engine, deepspeed_config, input_dtype
+from dsparse.train.loss_weights import build_loss_weights
 from dsparse.train.progress import Progress, format_duration
 from dsparse.train.rundir import open_run
 from dsparse.train.sparsify import run_sparsifier
@@ -83,8 +84,10 @@ class Trainer:
         self.sparsifier.bind(self.engine.optimizer)
         self.input_dtype = input_dtype(self.engine)
         self.state = TrainState()
+        self.loss_weights = build_loss_weights(self.config)
         if checkpoint is not None:
             self.state = load_checkpoint(self.engine, checkpoint)
+            self.loss_weights.load_state_dict(self.state.loss_weighting)
             apply_schedule(self.engine, self.config)
             log.info("resumed from %s at step %d", checkpoint, self.state.step)
         self.tracker = RunTracker.for_run(self.config, self.run, self.state.mlflow_run_id, self.state.step)
@@ -166,13 +169,15 @@ class Trainer:
         losses = {name: task.loss(outputs[name].float(), batch[name].to(self.device))
                   for name, task in self.tasks.items()}
         mean_losses = self._mean_losses(losses, step)
-        self.engine.backward(sum(self.config.weight_of(name) * loss for name, loss in losses.items()))
+        weights = self.loss_weights.weights(step)
+        self.loss_weights.observe(step, mean_losses)
+        self.engine.backward(sum(weights[name] * loss for name, loss in losses.items()))
         self.engine.step()
         if (update := self.sparsifier.step(step, batch)) is not None and is_main():
             self.tracker.log_metrics(update, step)
         settings, metrics = self.config.train, None
         if step % settings.log_interval == 0 or step == end:
-            self._log_train(step, mean_losses, progress, batches)
+            self._log_train(step, mean_losses, weights, progress, batches)
         if step % settings.eval_interval == 0 or step == settings.iterations:
             metrics = self._log_validation(step)
         if self.run.checkpoints.due(step, end):
@@ -195,18 +200,22 @@ class Trainer:
 
     def _save(self, step: int, batches: TrainBatches) -> None:
         self.state.step, self.state.data_position = step, batches.position()
+        self.state.loss_weighting = self.loss_weights.state_dict() or None
         path = self.run.checkpoints.save(self.engine, step, self.state, extra=self.sparsifier.save)
         if self.on_checkpoint is not None:  # every rank, after the checkpoint is published
             self.on_checkpoint(step, path)
 
-    def _log_train(self, step: int, losses: dict[str, float], progress: Progress, batches: TrainBatches) -> None:
+    def _log_train(self, step: int, losses: dict[str, float], weights: dict[str, float], progress: Progress,
+                   batches: TrainBatches) -> None:
         lr = self.engine.get_lr()[0]
         wait = batches.wait_seconds / max(progress.elapsed(), 1e-9)
         num_bad = int(all_reduce_sum(torch.tensor([batches.num_bad], device=self.device)).item())  # all ranks
         if is_main():
             log.info(progress.line(step, losses, lr, wait))
             metrics = {f"train/loss/{n}": v for n, v in losses.items()}
-            metrics.update({"train/loss": sum(self.config.weight_of(n) * v for n, v in losses.items()),
+            if self.config.train.loss_weighting != "fixed":
+                metrics.update({f"train/task_weight/{n}": w for n, w in weights.items()})
+            metrics.update({"train/loss": sum(weights[n] * v for n, v in losses.items()),
                             "train/lr": lr, "train/samples_per_s": progress.samples_per_second(step),
                             "train/data_wait_fraction": wait, "train/bad_samples": num_bad})
             self.tracker.log_metrics(metrics, step)
