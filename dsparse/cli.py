@@ -283,7 +283,7 @@ def _cmd_report(args) -> dict:
     if args.out:  # refused before the runs are read
         check_report_out(args.out, args.overwrite)
     report = build_report(args.runs, sweep=args.sweep, experiment=args.experiment, tracking_uri=args.tracking_uri,
-                          constant=not args.no_constant, baselines=args.baseline)
+                          constant=not args.no_constant, baselines=args.baseline, delta_t=args.delta_t)
     _say(args, to_markdown(report))
     paths = write_report(report, args.out, overwrite=args.overwrite) if args.out else []
     if paths:
@@ -463,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--baseline", action="append", default=[], metavar="RUN",
                         help="dense run every row's Delta_T is against, by seed (repeat per seed), e.g. to compare "
                              "architectures against one reference")
+    report.add_argument("--delta-t", choices=("standard", "per-task-sum"), default="standard",
+                        help="how a task's metric changes combine: their mean (standard) or their sum (AdapMTL's "
+                             "tables, to set published numbers beside yours)")
     report.add_argument("--no-constant", action="store_true", help="leave out the constant-predictor row (it reads "
                         "the dataset)")
     report.set_defaults(func=_cmd_report)

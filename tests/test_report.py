@@ -70,6 +70,21 @@ def test_values_seed_aggregation_and_delta_t_equal_hand_computation(runs):
     assert rows["random"].seeds == [0, 1] and rows["disparse"].cells["sparsity"].mean == pytest.approx(0.9)
 
 
+def test_per_task_sum_delta_t_sums_each_tasks_metric_changes(runs, capsys):
+    from dsparse.cli import main
+
+    paths, dense, disparse, _ = runs
+    report = build_report(paths, constant=False, delta_t="per-task-sum")
+    rows = {row.label: row for row in report.rows}
+    # every task here has two metrics, so the per-task sum is twice the standard mean
+    expected = [2 * delta_by_hand(disparse[s], dense[s]) for s in (0, 1)]
+    assert rows["disparse"].cells["delta_t"].values == pytest.approx(expected)
+    assert "Delta_T % (per-task sum)" in to_markdown(report)
+    assert main(["report", *map(str, paths), "--no-constant", "--delta-t", "per-task-sum", "--quiet"]) in (0, None)
+    with pytest.raises(ValueError, match="delta_t must be one of standard, per-task-sum"):
+        build_report(paths, constant=False, delta_t="sum")
+
+
 def test_best_is_bold_and_seed_noise_is_flagged_by_welch_t_test(runs):
     paths, *_ = runs
     report = build_report(paths, constant=False)

@@ -47,10 +47,12 @@ def collect_runs(runs=(), sweep: str | Path | None = None, experiment: str | Non
 
 
 def build_report(runs=(), sweep: str | Path | None = None, experiment: str | None = None,
-                 tracking_uri: str | None = None, constant: bool = True, baselines=()) -> Report:
+                 tracking_uri: str | None = None, constant: bool = True, baselines=(),
+                 delta_t: str = "standard") -> Report:
     """The comparison table of the runs (see ``collect_runs``), with the constant
     predictor's row when ``constant`` and the dense runs' dataset is readable; with
-    ``baselines`` (dense run directories), Delta_T of every row is against them, by seed."""
+    ``baselines`` (dense run directories), Delta_T of every row is against them, by seed;
+    ``delta_t`` is ``standard`` or ``per-task-sum`` (AdapMTL's)."""
     records = collect_runs(runs, sweep, experiment, tracking_uri)
     baseline_records = [load_run(path) for path in baselines]
     reference = next((r for r in baseline_records + records if r.is_dense), None)
@@ -63,7 +65,7 @@ def build_report(runs=(), sweep: str | Path | None = None, experiment: str | Non
         except (ValueError, OSError) as error:  # data moved or not mounted here: the table stands without it
             log.warning("no constant-predictor row: the data of %s cannot be read (%s)", reference.name, error)
     return build_table(records, constant_metrics, baseline_records or None,
-                       ignore=sampled_keys(Path(sweep)) if sweep is not None else ())
+                       ignore=sampled_keys(Path(sweep)) if sweep is not None else (), delta_t=delta_t)
 
 
 REPORT_SUFFIXES = (".md", ".csv", ".tex", ".png")

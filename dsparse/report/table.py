@@ -150,8 +150,12 @@ def check_comparable(records: list[RunRecord]) -> None:
         seen[key] = record.name
 
 
+DELTA_T_KINDS = {"standard": "mean", "per-task-sum": "sum"}
+"""``dsparse report --delta-t``: how a task's metric changes combine (docs/design.md, "Metrics and Delta_T")."""
+
+
 def build_table(records: list[RunRecord], constant: dict | None = None,
-                baselines: list[RunRecord] | None = None, ignore=()) -> Report:
+                baselines: list[RunRecord] | None = None, ignore=(), delta_t: str = "standard") -> Report:
     """Group ``records`` into rows, compute every cell, mark the best and the ties.
 
     Args:
@@ -161,6 +165,8 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
             the dense run of each row's own configuration; they are rows too.
         ignore: config keys left out when finding a row's dense configuration (a sweep's
             sampled keys).
+        delta_t: ``standard`` (mean of a task's metric changes) or ``per-task-sum``
+            (AdapMTL's sum; ``dsparse.tasks.summary``).
 
     Raises:
         ValueError: mismatched runs (``check_comparable``), or a sparse configuration
@@ -176,12 +182,16 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
             raise ValueError(f"baseline runs must be dense; {sparse} are sparse")
         known = {(b.name, b.seed) for b in baselines}
         records = list(baselines) + [r for r in records if (r.name, r.seed) not in known]
+    if delta_t not in DELTA_T_KINDS:
+        raise ValueError(f"delta_t must be one of {', '.join(DELTA_T_KINDS)}, got {delta_t!r}")
     check_comparable(records)
     tasks = list(records[0].config.tasks)
     task_classes = {t: TASKS[t] for t in tasks}
     columns = [Column(f"{t}/{m}", f"{t} {m}", not lower) for t in tasks
                for m, lower in task_classes[t].metric_lower_is_better.items()]
-    columns += [Column("sparsity", "sparsity", None), Column("delta_t", "Delta_T %", True)]
+    columns += [Column("sparsity", "sparsity", None),
+                Column("delta_t", "Delta_T %" + (" (per-task sum)" if delta_t == "per-task-sum" else ""), True)]
+    within = DELTA_T_KINDS[delta_t]
 
     groups: dict[tuple, list[RunRecord]] = {}
     for record in records:
@@ -191,7 +201,7 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
     rows = [_row(members, settings[key], setting_keys, settings) for key, members in groups.items()]
     dense_runs = list(baselines) if baselines else [r for r in records if r.is_dense]
     for row in rows:
-        _fill(row, columns, task_classes, dense_runs, ignore, any_config=bool(baselines))
+        _fill(row, columns, task_classes, dense_runs, ignore, any_config=bool(baselines), within=within)
     notes = []
     if constant is not None:
         reference = [r for r in dense_runs if baseline_key(r.config.to_dict()) ==
@@ -199,7 +209,8 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
         row = Row("constant predictor", "constant", {k: "" for k in setting_keys}, None, "-")
         row.cells = {c.key: Cell([constant[c.key.split("/")[0]][c.key.split("/")[1]]]) for c in columns[:-2]}
         row.cells["sparsity"] = Cell([])
-        row.cells["delta_t"] = Cell([_delta(constant, _mean_metrics(reference), task_classes)] if reference else [])
+        row.cells["delta_t"] = Cell([_delta(constant, _mean_metrics(reference), task_classes, within)]
+                                    if reference else [])
         rows.append(row)
         notes.append("constant predictor: the best constant output per task, fitted on the training labels; its "
                      "Delta_T is against the mean of the first dense configuration's runs")
@@ -239,14 +250,14 @@ def _mean_metrics(runs: list) -> dict:
     return {t: {m: statistics.fmean(one[t][m] for one in metrics) for m in values} for t, values in metrics[0].items()}
 
 
-def _delta(metrics: dict, baseline: dict, task_classes: dict) -> float:
+def _delta(metrics: dict, baseline: dict, task_classes: dict, within: str) -> float:
     from dsparse.tasks import delta_t
 
-    return delta_t(metrics, baseline, task_classes)
+    return delta_t(metrics, baseline, task_classes, within_task=within)
 
 
 def _fill(row: Row, columns: list[Column], task_classes: dict, dense_runs: list[RunRecord], ignore,
-          any_config: bool) -> None:
+          any_config: bool, within: str) -> None:
     for column in columns[:-2]:
         task, metric = column.key.split("/")
         row.cells[column.key] = Cell([run.metrics[task][metric] for run in row.runs])
@@ -259,7 +270,7 @@ def _fill(row: Row, columns: list[Column], task_classes: dict, dense_runs: list[
         if picked is None:
             raise ValueError(f"no dense run with the configuration of {run.name} (its config without the sparsity "
                              "section); add the dense run of that configuration, or compare with --baseline RUN")
-        deltas.append(_delta(run.metrics, picked[0], task_classes))
+        deltas.append(_delta(run.metrics, picked[0], task_classes, within))
         fallback |= not picked[1]
     row.cells["delta_t"] = Cell(deltas)
     if fallback:

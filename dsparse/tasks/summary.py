@@ -6,6 +6,10 @@ with ``l_m = 1`` when lower is better, so a positive ``Delta_T`` means the run b
 baseline on average. Every task weighs the same regardless of how many metrics it reports,
 and the metric set ``M_t`` is the task's declared ``metric_lower_is_better`` keys, so a run
 cannot improve its score by leaving a metric out.
+
+AdapMTL's tables (ACM MM 2024) *sum* the per-metric changes within a task instead
+(``within_task="sum"``, ``dsparse report --delta-t per-task-sum``), so a task with more
+metrics weighs more; offered to put published numbers beside one's own, never the default.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import math
 from collections.abc import Mapping
 
 from dsparse.tasks.base import Task
+
+
+WITHIN_TASK = ("mean", "sum")
 
 
 def _value(results: Mapping[str, Mapping[str, float]], which: str, task: str, metric: str) -> float:
@@ -29,6 +36,7 @@ def delta_t(
     metrics: Mapping[str, Mapping[str, float]],
     baseline: Mapping[str, Mapping[str, float]],
     tasks: Mapping[str, Task],
+    within_task: str = "mean",
 ) -> float:
     """Mean relative improvement (percent) of ``metrics`` over ``baseline``.
 
@@ -36,6 +44,7 @@ def delta_t(
         metrics: ``{task: {metric: value}}`` of the run, e.g. from ``Metric.compute``.
         baseline: the same for the dense baseline of the same run configuration.
         tasks: the tasks to average over; each supplies its metric names and directions.
+        within_task: ``"mean"`` (the standard) or ``"sum"`` (AdapMTL's) of a task's metric changes.
 
     Returns:
         ``Delta_T`` in percent.
@@ -46,6 +55,8 @@ def delta_t(
     """
     if not tasks:
         raise ValueError("delta_t needs at least one task")
+    if within_task not in WITHIN_TASK:
+        raise ValueError(f"within_task must be one of {sorted(WITHIN_TASK)}, got {within_task!r}")
     per_task = []
     for name, task in tasks.items():
         terms = []
@@ -59,5 +70,5 @@ def delta_t(
             value = _value(metrics, "metrics", name, metric)
             sign = -1.0 if lower_is_better else 1.0
             terms.append(sign * (value - base) / base * 100.0)
-        per_task.append(sum(terms) / len(terms))
+        per_task.append(sum(terms) / (len(terms) if within_task == "mean" else 1))
     return sum(per_task) / len(per_task)

@@ -188,6 +188,10 @@ def test_delta_t_hand_example():
     # depth: (+25 - 10) / 2 = 7.5 (lower is better: 0.3 vs 0.4 is +25, 0.22 vs 0.2 is -10)
     assert delta_t(metrics, baseline, tasks) == pytest.approx(5.0)
     assert delta_t(baseline, baseline, tasks) == 0.0
+    # AdapMTL's per-task sum: seg +10 - 5 = 5, depth +25 - 10 = 15, mean over tasks 10
+    assert delta_t(metrics, baseline, tasks, within_task="sum") == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="within_task must be one of"):
+        delta_t(metrics, baseline, tasks, within_task="median")
 
 
 def test_delta_t_errors_name_task_and_metric():
