@@ -173,8 +173,6 @@ class ImageSpec(LabelSpec):
             raise LabelError(f"integer rgb must lie in [0, 255]; {_describe_values(values, bad)}")
         return values.astype(np.uint8)
 
-    to_uint8 = to_stored
-
     def from_stored(self, stored: Tensor) -> Tensor:
         """``[B, H, W, 3]`` uint8 -> float ``[B, 3, H, W]`` in [0, 1] (normalised by the caller)."""
         return _channels_first(stored).div_(255.0)

@@ -218,3 +218,8 @@ def test_a_stored_batch_decodes_on_the_gpu_to_the_cpu_values(three_encodings):
         for entry in ("rgb", *TASK_NAMES):
             assert theirs[entry].is_cuda
             torch.testing.assert_close(theirs[entry].cpu(), ours[entry], rtol=1e-6, atol=1e-6)
+
+
+def test_a_bad_decode_on_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="data.decode_on must be auto, worker or device, got 'gpu'"):
+        DataConfig(decode_on="gpu")
