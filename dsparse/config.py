@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -230,12 +231,35 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class AdapMTLConfig:
+    """``sparsity.method: adapmtl``: learned soft thresholds, one per component (trunk, each
+    head or branch), ``w_eff = sign(w) * relu(|w| - sigmoid(s))``; see docs/design.md, "AdapMTL"."""
+
+    sinit: float = -5.0
+    """The starting ``s`` of every threshold (sigmoid(-5) = 0.0067). AdapMTL's code
+    defaults to -30.5 and its README suggests about -20, for hundreds of thousands of SGD
+    steps; with Adam each step moves ``s`` by about the learning rate, so a short run must
+    start near the magnitudes it will cut (the sweep sweeps/adapmtl_thresholds.yaml)."""
+    threshold_weight_decay: float = 0.05
+    """Weight decay of the thresholds' own optimizer group: it pulls ``s`` towards 0
+    (threshold 0.5), against the loss, and so sets how fast sparsity grows."""
+
+    def __post_init__(self):
+        if not math.isfinite(self.sinit):
+            raise ValueError(f"sparsity.adapmtl.sinit must be a finite number, got {self.sinit}")
+        if not (math.isfinite(self.threshold_weight_decay) and self.threshold_weight_decay >= 0):
+            raise ValueError("sparsity.adapmtl.threshold_weight_decay must be >= 0, got "
+                             f"{self.threshold_weight_decay}")
+
+
+@dataclass
 class SparsityConfig:
     """Prune at the start of training (or load a mask file); ``method: null`` = dense."""
 
     method: str | None = None
     """Static (prune once): disparse | snip | random | magnitude | lottery. Dynamic (masks
-    evolve during training): disparse_dynamic | rigl | set. See dsparse.sparsity.methods.METHODS."""
+    evolve during training): disparse_dynamic | rigl | set | adapmtl (learned thresholds,
+    projected to exactly ``target`` at the end). See dsparse.sparsity.methods.METHODS."""
     target: float = 0.9
     """Fraction of prunable weights (Conv2d/Linear weights) to prune, in (0, 1)."""
     criterion: str | None = None
@@ -259,7 +283,8 @@ class SparsityConfig:
     masks: str | None = None
     """Use this mask file (from ``dsparse prune``) instead of pruning."""
     interval: int = 50
-    """Dynamic: update the masks every ``interval`` steps..."""
+    """Dynamic: update the masks every ``interval`` steps (adapmtl: log its sparsity every
+    ``interval`` steps)..."""
     end: float = 0.75
     """...until this fraction of train.iterations (NYU-v2/Cityscapes: 15k of 20k)."""
     alpha0: float = 0.5
@@ -287,6 +312,8 @@ class SparsityConfig:
     other counts run slower per FLOP. 1 keeps the vote's exact counts."""
     block: Literal[16, 32, 64] = 32
     """Block side for ``granularity: block``."""
+    adapmtl: AdapMTLConfig = field(default_factory=AdapMTLConfig)
+    """Settings of ``method: adapmtl`` (an error with any other method)."""
     kernel: Kernel = "auto"
     """What block-sparse layers run: auto (the Triton kernels on CUDA; on the CPU the
     compiled kernels for fp32 where they build, else the PyTorch path) | cpu (always the
@@ -322,6 +349,9 @@ class SparsityConfig:
                              f"got {self.pretrained_criterion!r}")
         from dsparse.sparsity.methods import get_method, refuse_score_init
 
+        if self.method != "adapmtl" and self.adapmtl != AdapMTLConfig():
+            raise ValueError(f"sparsity.adapmtl has no effect with method {self.method!r}; set "
+                             "sparsity.method=adapmtl or leave sparsity.adapmtl out")
         if self.method is not None:
             get_method(self.method).check(self)  # what the method may be given, worded by the method
         elif self.score_init == "xavier":

@@ -236,7 +236,10 @@ def _declarations(model: nn.Module) -> list[tuple[nn.Module, frozenset[str]]]:
     members = {id(m) for m in model.modules()}
     users_of: dict[int, frozenset[str]] = {}
     declarations = []
-    for module, users in model.task_modules():
+    # submodules that declare their own users (e.g. the soft thresholds a sparsifier attaches)
+    attached = [pair for m in model.modules() if m is not model and isinstance(m, TaskStructure)
+                for pair in m.task_modules()]
+    for module, users in [*model.task_modules(), *attached]:
         users = frozenset(users)
         if not users or not all(isinstance(t, str) for t in users):
             raise ValueError(
@@ -254,7 +257,9 @@ def _declarations(model: nn.Module) -> list[tuple[nn.Module, frozenset[str]]]:
 def parameter_users(model: nn.Module) -> dict[str, frozenset[str]]:
     """Map every parameter FQN to the set of tasks whose loss depends on it.
 
-    The users come from ``model.task_modules()``. When declared modules nest, the
+    The users come from ``model.task_modules()``, and from the ``task_modules()`` of any
+    submodule that declares its own (the soft thresholds of ``dsparse.sparsity.soft_threshold``).
+    When declared modules nest, the
     innermost declaration containing a parameter decides (so a model may declare its
     whole body for all tasks and override parts of it). A parameter reached through two
     declarations that are not nested (e.g. a weight tied between two heads) is an error

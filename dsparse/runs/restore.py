@@ -15,7 +15,7 @@ from dsparse.data.manifest import Manifest, load_manifest
 from dsparse.runs.checkpoints import load_model_weights, resolve_checkpoint, run_config_of
 from dsparse.sparsity.block.layers import BlockSparseLayer
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.sparsifier import checkpoint_masks, read_sparsifier_state, swap_sparse_layers
+from dsparse.sparsity.sparsifier import checkpoint_masks, plain_weights, read_sparsifier_state, swap_sparse_layers
 from dsparse.tasks import Task
 from dsparse.runs.components import build_run_model, build_run_tasks
 
@@ -63,10 +63,11 @@ def restore_run(checkpoint: str | Path, *, data_path: str | Path | None = None) 
         config.data.path = str(data_path)
     manifest = load_manifest(config.data.path)
     tasks = build_run_tasks(config, manifest)
-    masks = masks_of(path)
+    state = read_sparsifier_state(path)
+    masks = checkpoint_masks(state)
     model = build_run_model(config, tasks)
     layers = swap_sparse_layers(model, masks)  # block runs store only their kept blocks
-    model.load_state_dict(load_model_weights(path))
+    model.load_state_dict(plain_weights(load_model_weights(path), state))  # AdapMTL: thresholds folded in
     return RestoredRun(path, config, manifest, tasks, model, masks, layers)
 
 

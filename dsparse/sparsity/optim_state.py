@@ -33,6 +33,27 @@ class OptimizerState(abc.ABC):
             positions: bool tensor of ``param``'s shape; True = zero it.
         """
 
+    @abc.abstractmethod
+    def write_(self, param: torch.nn.Parameter, values: torch.Tensor) -> None:
+        """Set ``param`` to ``values`` (its shape), master copy included; its optimizer state stays."""
+
+    @abc.abstractmethod
+    def zero_state_(self, param: torch.nn.Parameter) -> None:
+        """Zero all of ``param``'s optimizer state (momenta, moments), not the value: with a zero
+        gradient and no weight decay every optimizer dsparse builds then leaves it unchanged."""
+
+    def param_group(self, name: str) -> dict:
+        """The optimizer parameter group tagged ``"name": name`` (its hyperparameters may be
+        changed in place).
+
+        Raises:
+            KeyError: no group of that name.
+        """
+        for group in _torch_optimizer(self.optimizer).param_groups:
+            if group.get("name") == name:
+                return group
+        raise KeyError(f"the optimizer has no parameter group named {name!r}")
+
 
 class TorchOptimizerState(OptimizerState):
     """A ``torch.optim.Optimizer`` (also DeepSpeed ZeRO 0 in fp32, which steps the client
@@ -48,6 +69,15 @@ class TorchOptimizerState(OptimizerState):
             for value in self.optimizer.state.get(param, {}).values():
                 if torch.is_tensor(value) and value.shape == param.shape:
                     value.mul_(keep.to(value.dtype))
+
+    def write_(self, param: torch.nn.Parameter, values: torch.Tensor) -> None:
+        with torch.no_grad():
+            param.copy_(values)
+
+    def zero_state_(self, param: torch.nn.Parameter) -> None:
+        for value in self.optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value.zero_()
 
 
 class PartitionedOptimizerState(OptimizerState):
@@ -67,6 +97,27 @@ class PartitionedOptimizerState(OptimizerState):
         with torch.no_grad():
             param.mul_(keep)
             _zero_fragments(mapping, keep)
+
+    def write_(self, param: torch.nn.Parameter, values: torch.Tensor) -> None:
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            self._fallback.write_(param, values)
+            return
+        _keep(param, torch.zeros_like(param, dtype=torch.bool))  # refuses ZeRO 3
+        with torch.no_grad():
+            param.copy_(values)
+            address = mapping.lp_fragment_address
+            master = mapping.get_hp_fragment(None)
+            master.copy_(values.flatten().narrow(0, address.start, address.numel).to(master.device, master.dtype))
+
+    def zero_state_(self, param: torch.nn.Parameter) -> None:
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            self._fallback.zero_state_(param)
+            return
+        with torch.no_grad():
+            for key in (mapping.get_optim_state_keys() if mapping.optim_fragment else []):
+                mapping.get_hp_fragment(key).zero_()
 
 
 def bind_optimizer(optimizer) -> OptimizerState:

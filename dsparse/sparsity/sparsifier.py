@@ -32,15 +32,17 @@ from dsparse.sparsity.appliers import (BlockApplier, ChannelApplier, ElementAppl
                                        count_pruned_nonzeros)
 from dsparse.sparsity.block.layers import BlockSparseLayer
 from dsparse.sparsity.block.geometry import BlockUnits, MaskUnits, mask_units
+from dsparse.sparsity.components import component_sparsity
 from dsparse.sparsity.masks import MaskSet
-from dsparse.sparsity.methods import MaskInputs, Method, first_conv, get_method
+from dsparse.sparsity.methods import MaskInputs, Method, first_conv, get_method, method_class
 from dsparse.sparsity.optim_state import OptimizerState, bind_optimizer
 
 if TYPE_CHECKING:  # the config imports the methods to validate itself
     from dsparse.config import SparsityConfig
 
 __all__ = ["STATE_FILE", "MaskState", "MaskedSparsifier", "Sparsifier", "build_sparsifier",
-           "check_granularity", "check_target_count", "checkpoint_masks", "empty_layers", "read_sparsifier_state",
+           "check_granularity", "check_target_count", "checkpoint_masks", "empty_layers", "plain_weights",
+           "read_sparsifier_state",
            "swap_sparse_layers"]
 
 log = logging.getLogger("dsparse.sparsity")
@@ -60,6 +62,11 @@ class Sparsifier:
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Make, load or initialise masks and apply them; call before DeepSpeed wraps ``model``."""
         return model
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups of parameters the method added to the prepared model
+        (AdapMTL's thresholds); ``build_engine`` puts the model's other parameters first."""
+        return []
 
     def bind(self, optimizer) -> None:
         """Remember where the optimizer keeps state (``engine.optimizer`` or a torch optimizer)."""
@@ -90,6 +97,10 @@ class Sparsifier:
 
     def summary(self) -> dict | None:
         return None
+
+    def final_metrics(self) -> dict[str, float]:
+        """Sparsity metrics of the finished run, overall and per component, for the tracker."""
+        return {}
 
 
 @dataclass
@@ -158,6 +169,8 @@ class MaskedSparsifier(Sparsifier):
             applier = (BlockApplier(model, masks, units, settings.kernel) if isinstance(units, BlockUnits)
                        else ElementApplier(model, masks))
         self.state = MaskState(model, masks, applier, None, self.inputs, {n: users[n] for n in weights}, units)
+        if self.method is not None:
+            self.method.attach(self.state)
         self.empty_layers = empty_layers(masks)
         if self.empty_layers and not self._resumed:
             warn_empty_layers(self.empty_layers, masks, self.state.users, first_conv(unwrap_model(model)))
@@ -166,6 +179,9 @@ class MaskedSparsifier(Sparsifier):
                 masks.save(self.masks_out)
             barrier()
         return model
+
+    def param_groups(self) -> list[dict]:
+        return self.method.param_groups() if self.method is not None else []
 
     def bind(self, optimizer) -> None:
         self.state.optimizer = bind_optimizer(optimizer)
@@ -180,7 +196,10 @@ class MaskedSparsifier(Sparsifier):
         return self.method.update(step, batch if isinstance(batch, list) else [batch], self.state)
 
     def state_dict(self) -> dict:
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "masks": self.masks.state_dict()}
+        state = {"format": STATE_FORMAT, "version": STATE_VERSION, "masks": self.masks.state_dict()}
+        if self.method is not None and (method := self.method.state_dict()):
+            state["method"] = method
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from a checkpoint's state; call before ``prepare``."""
@@ -193,6 +212,8 @@ class MaskedSparsifier(Sparsifier):
         if self.state is not None:
             raise RuntimeError("load_state_dict must come before prepare")
         self._given = MaskSet.from_state_dict(state["masks"])
+        if self.method is not None:
+            self.method.load_state_dict(state.get("method", {}))
         self._resumed = True
 
     def save(self, checkpoint_dir: Path) -> None:
@@ -203,8 +224,8 @@ class MaskedSparsifier(Sparsifier):
         meta = self.masks.meta
         tracker.log_params({f"masks.{key}": meta.get(key) for key in  # as derived, beside the config
                             ("method", "criterion", "scope", "keep_ratio", "sparsity_achieved")})
-        tracker.log_metrics({"sparsity/achieved": self.masks.sparsity, "sparsity/keep_ratio": meta["keep_ratio"],
-                             "sparsity/empty_layers": len(self.empty_layers)}, 0)
+        tracker.log_metrics({"sparsity/keep_ratio": meta["keep_ratio"], "sparsity/empty_layers": len(self.empty_layers),
+                             **self.final_metrics()}, 0)
         if self.empty_layers:
             tracker.set_tags({"sparsity.empty_layers": ", ".join(self.empty_layers)[:5000],
                               "sparsity.cut_off_tasks": ", ".join(cut_off_tasks(self.empty_layers, self.state.users))})
@@ -219,10 +240,17 @@ class MaskedSparsifier(Sparsifier):
                   "granularity": meta.get("granularity", "element"), "block": meta.get("block"),
                   "pruned_nonzeros": count_pruned_nonzeros(self.state.applier.weights(), self.masks),
                   "empty_layers": empty_layers(self.masks),
-                  "cut_off_tasks": cut_off_tasks(empty_layers(self.masks), self.state.users)}
+                  "cut_off_tasks": cut_off_tasks(empty_layers(self.masks), self.state.users),
+                  "components": component_sparsity(self.masks.masks, self.state.users)}
         if self.method is not None:
             result.update(self.method.summary(self.state))
         return result
+
+
+    def final_metrics(self) -> dict[str, float]:
+        return {"sparsity/achieved": self.masks.sparsity,
+                **{f"sparsity/component/{name}": entry["sparsity"]
+                   for name, entry in component_sparsity(self.masks.masks, self.state.users).items()}}
 
 
 def check_target_count(target: float, weights: dict[str, torch.Tensor]) -> None:
@@ -299,6 +327,15 @@ def swap_sparse_layers(model: torch.nn.Module, masks: MaskSet | None,
         return {}
     shapes = {n: tuple(w.shape) for n, w in prunable_parameters(unwrap_model(model)).items()}
     return BlockApplier(model, masks, mask_units("block", masks.meta["block"], shapes), kernel).layers
+
+
+def plain_weights(weights: dict[str, torch.Tensor], state: dict) -> dict[str, torch.Tensor]:
+    """The weights a plain model of the run's architecture computes the same with, from a
+    checkpoint's model ``weights`` and its Sparsifier ``state`` (AdapMTL's thresholds are
+    folded into the weights, see ``Method.plain_weights``)."""
+    if not state or "method" not in state:
+        return weights
+    return method_class(state["masks"]["meta"]["method"]).plain_weights(weights, state["method"])
 
 
 def checkpoint_masks(state: dict) -> MaskSet | None:

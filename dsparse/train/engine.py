@@ -69,13 +69,14 @@ def _read_deepspeed_file(path: Path) -> dict:
     return values
 
 
-def build_engine(config: RunConfig, model: torch.nn.Module, device: torch.device):
+def build_engine(config: RunConfig, model: torch.nn.Module, device: torch.device, groups: list[dict] = ()):
     """``deepspeed.initialize`` of ``model`` with the run's optimizer, schedule and config
-    (the process group must exist: ``dsparse.distributed.init_distributed``)."""
+    (the process group must exist: ``dsparse.distributed.init_distributed``); ``groups``
+    are extra optimizer parameter groups (``Sparsifier.param_groups``)."""
     import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    optimizer = build_optimizer(model.parameters(), config.optimizer)
+    optimizer = build_optimizer(model.parameters(), config.optimizer, groups)
     scheduler = build_scheduler(optimizer, config.schedule, config.train.iterations)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(config, device))

@@ -14,8 +14,12 @@ import torch
 from dsparse.config import OptimizerConfig, ScheduleConfig
 
 
-def build_optimizer(parameters, config: OptimizerConfig) -> torch.optim.Optimizer:
-    params = [p for p in parameters if p.requires_grad]
+def build_optimizer(parameters, config: OptimizerConfig, groups: list[dict] = ()) -> torch.optim.Optimizer:
+    """The run's optimizer over ``parameters``: one group with the config's settings, then
+    ``groups`` (dicts of ``params`` and the settings they override, e.g. AdapMTL's
+    thresholds with their own weight decay); a parameter in ``groups`` leaves the first."""
+    grouped = {id(p) for group in groups for p in group["params"]}
+    params = [{"params": [p for p in parameters if p.requires_grad and id(p) not in grouped]}, *groups]
     if config.name == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.name == "adamw":

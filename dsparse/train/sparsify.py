@@ -21,7 +21,7 @@ from dsparse.distributed import init_distributed, is_main
 from dsparse.io import check_output_file
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.methods import MaskInputs, require_static
-from dsparse.sparsity.sparsifier import Sparsifier, build_sparsifier
+from dsparse.sparsity.sparsifier import Sparsifier, build_sparsifier, plain_weights, read_sparsifier_state
 from dsparse.tasks import Task
 from dsparse.runs import RunLayout, load_model_weights, resolve_checkpoint
 from dsparse.runs.components import build_run_model, build_run_tasks
@@ -39,11 +39,16 @@ def mask_inputs(config: RunConfig, tasks: dict[str, Task], manifest: dict, rank:
         return itertools.islice(stream, stream.batches_per_epoch)
 
     source = config.sparsity.from_checkpoint
-    pretrained = None if source is None else (lambda: load_model_weights(resolve_checkpoint(source)))
+    def pretrained():
+        checkpoint = resolve_checkpoint(source)
+        return plain_weights(load_model_weights(checkpoint), read_sparsifier_state(checkpoint))
+
+
     crop = config.data.crop_size
     size = (crop, crop) if crop is not None else tuple(manifest.image_size)
     return MaskInputs(tasks=tasks, settings=config.sparsity, seed=config.seed, task_weights=dict(config.task_weights),
-                      total_steps=config.train.iterations, batches=batches, pretrained=pretrained, input_size=size)
+                      total_steps=config.train.iterations, batches=batches,
+                      pretrained=None if source is None else pretrained, input_size=size)
 
 
 def run_sparsifier(config: RunConfig, tasks: dict[str, Task], manifest: dict, rank: int, world_size: int,

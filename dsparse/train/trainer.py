@@ -80,7 +80,8 @@ class Trainer:
         checkpoint = self.run.resume_from
         if checkpoint is not None:
             self.sparsifier.load_state_dict(read_sparsifier_state(checkpoint))
-        self.engine = build_engine(self.config, self.sparsifier.prepare(model), self.device)
+        model = self.sparsifier.prepare(model)
+        self.engine = build_engine(self.config, model, self.device, self.sparsifier.param_groups())
         self.sparsifier.bind(self.engine.optimizer)
         self.input_dtype = input_dtype(self.engine)
         self.state = TrainState()
@@ -257,6 +258,7 @@ class Trainer:
         }
         if is_main():
             if complete:
+                self.tracker.log_metrics(self.sparsifier.final_metrics(), end)
                 write_text_atomic(layout.summary, json.dumps(summary, indent=2, default=str))
                 self.tracker.log_artifact(layout.summary)
                 self.tracker.finish("FINISHED")

@@ -113,7 +113,7 @@ def test_keep_first_dense_is_reported_and_counted(model_and_tasks):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"method": "obd"}, r"unknown pruning method 'obd'; known methods: \['disparse'"),
+    ({"method": "obd"}, r"unknown pruning method 'obd'; known methods: \['adapmtl', 'disparse'"),
     ({"method": "snip", "criterion": "grad_w2"}, "always scores by 'snip'"),
     ({"method": "disparse", "criterion": "taylor"}, "taylor"),
     ({"method": "disparse", "sparsity": 1.0}, r"sparsity must be in \(0, 1\)"),

@@ -1,5 +1,5 @@
 """Pruning methods, one file per family: ``static`` (DiSparse, SNIP, random, magnitude,
-lottery) and ``dynamic`` (DiSparse dynamic, RigL, SET), behind the ``Method`` interface
+lottery), ``dynamic`` (DiSparse dynamic, RigL, SET) and ``adapmtl`` (learned thresholds), behind the ``Method`` interface
 of ``base``. Importing this package registers the built-in methods in ``METHODS``.
 """
 
@@ -17,7 +17,8 @@ from dsparse.sparsity.methods.base import (
 )
 from dsparse.sparsity.methods.static import StaticMethod, xavier_copy
 from dsparse.sparsity.methods.dynamic import DynamicMethod
+from dsparse.sparsity.methods.adapmtl import AdapMTL
 
-__all__ = ["METHODS", "DynamicMethod", "MaskInputs", "Method", "StaticMethod", "first_conv", "get_method",
+__all__ = ["METHODS", "AdapMTL", "DynamicMethod", "MaskInputs", "Method", "StaticMethod", "first_conv", "get_method",
            "method_class", "refuse_score_init", "register_method", "require_static", "verify_masks_agree",
            "xavier_copy"]

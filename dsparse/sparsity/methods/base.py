@@ -101,6 +101,31 @@ class Method(abc.ABC):
     def initial_masks(self, model: torch.nn.Module, inputs: MaskInputs) -> MaskSet:
         """The masks training starts from; may load or rewind ``model``'s weights."""
 
+    def attach(self, state) -> None:
+        """Give ``state.model`` what the method trains besides its weights (AdapMTL: its
+        thresholds); called by the Sparsifier's ``prepare`` on a new and a resumed run
+        alike, after the masks are applied and before DeepSpeed wraps the model."""
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups (``torch.optim`` dicts with a ``name``) for the
+        parameters ``attach`` added to the model; the model's other parameters form the
+        first group."""
+        return []
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs besides the masks and the model's parameters."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()`` before ``prepare``."""
+
+    @classmethod
+    def plain_weights(cls, weights: dict[str, torch.Tensor], state: dict) -> dict[str, torch.Tensor]:
+        """The state dict a plain model of the run's architecture computes the same with, from
+        a checkpoint's model ``weights`` and the method's saved ``state`` (for evaluation,
+        export and analysis); the weights themselves for every method that adds nothing."""
+        return weights
+
     def begin_step(self, step: int, batch: dict, state) -> None:
         """Called before the forward of the training step that ends at ``step``, with its batch."""
 
