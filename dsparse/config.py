@@ -96,9 +96,11 @@ class ModelConfig:
     """Multitask network: dilated ResNet trunk plus one ASPP head per task."""
 
     arch: str = "resnet18"
-    """Trunk architecture, a name of ``dsparse.models`` (resnet18, resnet34, ...)."""
+    """Trunk architecture, a name of ``dsparse.models``: resnet18, resnet34, mobilenet_v2
+    (element masks only)."""
     base_width: int = 64
-    """Channels of the first stage (64 = the standard ResNet; the demo uses 16)."""
+    """Channels of the first stage (64 = the standard ResNet; the demo uses 16; 32 = the
+    standard MobileNetV2)."""
     output_stride: int = 8
     """Input size over feature-map size: later stages trade stride for dilation."""
     head_dilations: list[int] = field(default_factory=lambda: [6, 12, 18, 24])
@@ -106,7 +108,7 @@ class ModelConfig:
     head_hidden: int | None = None
     """Channels inside each head; None = the trunk's output channels."""
     stem_pool: bool = True
-    """Max-pool after the stem convolution (the standard ResNet stem)."""
+    """Max-pool after the stem convolution (the standard ResNet stem; MobileNetV2 has none)."""
     branches: list[list[str]] | None = None
     """Task groups, each with its own copy of the trunk from ``branch_from`` on (a branched
     network, e.g. from ``dsparse analyze RUN --branch``); None = one trunk shared by all."""
@@ -437,6 +439,13 @@ class RunConfig:
             if not weight > 0:
                 raise ValueError(f"task_weights.{name} must be > 0, got {weight}")
         self._check_branches()
+        from dsparse.models import MODEL_GRANULARITIES
+
+        supported = MODEL_GRANULARITIES.get(self.model.arch)
+        if self.sparsity.enabled and supported and self.sparsity.granularity not in supported:
+            raise ValueError(f"model.arch {self.model.arch} supports sparsity.granularity {' or '.join(supported)} only "
+                             f"(block-sparse layers and channel pruning need groups=1 convolutions), not "
+                             f"{self.sparsity.granularity}; use sparsity.granularity=element or a resnet trunk")
 
     def _check_branches(self) -> None:
         """Branches must partition the tasks: every task in exactly one group."""

@@ -25,6 +25,8 @@ from dsparse.models.multitask import (
     prunable_parameters,
     unwrap_model,
 )
+from dsparse.models import mobilenet
+from dsparse.models.mobilenet import MobileNetV2Trunk
 from dsparse.models.resnet import BasicBlock, ResNetTrunk
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "BranchedMultiTaskNet",
     "DEEPLAB_V2_DILATIONS",
     "MODELS",
+    "MODEL_GRANULARITIES",
+    "MobileNetV2Trunk",
     "MultiTaskNet",
     "ResNetTrunk",
     "TaskStructure",
@@ -52,8 +56,15 @@ MODELS: dict[str, TrunkFactory] = {}
 (and ``stage_names``/``split`` for branched models)."""
 
 
-def register_model(name: str) -> Callable[[TrunkFactory], TrunkFactory]:
-    """Decorator adding a trunk factory to ``MODELS`` under ``name``.
+MODEL_GRANULARITIES: dict[str, tuple[str, ...]] = {}
+"""Architecture name -> the mask granularities (``sparsity.granularity``) its layers support."""
+
+
+def register_model(name: str, granularities: tuple[str, ...] = ("element", "block", "channel")
+                   ) -> Callable[[TrunkFactory], TrunkFactory]:
+    """Decorator adding a trunk factory to ``MODELS`` under ``name``, with the mask
+    granularities its layers support (block-sparse layers and channel pruning need
+    ``groups=1`` convolutions).
 
     Raises:
         ValueError: if ``name`` is already registered.
@@ -63,6 +74,7 @@ def register_model(name: str) -> Callable[[TrunkFactory], TrunkFactory]:
         if name in MODELS:
             raise ValueError(f"model {name!r} is already registered")
         MODELS[name] = factory
+        MODEL_GRANULARITIES[name] = tuple(granularities)
         return factory
 
     return decorator
@@ -76,6 +88,14 @@ def resnet18(*, base_width: int = 64, output_stride: int = 8, stem_pool: bool = 
 @register_model("resnet34")
 def resnet34(*, base_width: int = 64, output_stride: int = 8, stem_pool: bool = True) -> ResNetTrunk:
     return ResNetTrunk((3, 4, 6, 3), base_width=base_width, output_stride=output_stride, stem_pool=stem_pool)
+
+
+@register_model("mobilenet_v2", granularities=mobilenet.GRANULARITIES)
+def mobilenet_v2(*, base_width: int = 32, output_stride: int = 8, stem_pool: bool = True) -> MobileNetV2Trunk:
+    """MobileNetV2 (``base_width`` 32 = width multiplier 1.0); it has no stem pool."""
+    if not stem_pool:
+        raise ValueError("model.stem_pool applies to ResNet trunks; MobileNetV2 has no stem pool (leave it out)")
+    return MobileNetV2Trunk(base_width=base_width, output_stride=output_stride)
 
 
 def _trunk_factory(arch: str) -> TrunkFactory:

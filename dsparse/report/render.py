@@ -19,7 +19,8 @@ def column_decimals(report: Report) -> dict[str, int]:
     decimals = {}
     for column in report.columns:
         means = [abs(row.cells[column.key].mean) for row in report.rows if row.cells[column.key].values]
-        decimals[column.key] = {"delta_t": 2, "sparsity": 3}.get(column.key, 2 if max(means, default=0) >= 10 else 4)
+        decimals[column.key] = (3 if column.key.startswith("sparsity") else
+                                {"delta_t": 2}.get(column.key, 2 if max(means, default=0) >= 10 else 4))
     return decimals
 
 
@@ -28,7 +29,7 @@ def cell_text(cell: Cell, key: str, decimals: int, pm: str = "±") -> str:
         return "-"
     sign = "+" if key == "delta_t" else ""
     text = f"{cell.mean:{sign}.{decimals}f}"
-    if cell.std is not None and key != "sparsity":
+    if cell.std is not None and not key.startswith("sparsity"):
         text += f" {pm} {cell.std:.{decimals}f}"
     return text
 

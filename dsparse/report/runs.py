@@ -23,6 +23,10 @@ class RunRecord:
     metrics: dict[str, dict[str, float]]
     dataset: dict | None
     achieved_sparsity: float
+    trained_sparsity: float | None = None
+    """AdapMTL: the sparsity its thresholds reached before the projection to ``achieved``."""
+    component_sparsity: dict[str, float] | None = None
+    """Component (trunk, each head or branch) -> its sparsity, for sparse runs."""
 
     @property
     def seed(self) -> int:
@@ -43,8 +47,11 @@ def record_from_summary(summary: dict, name: str) -> RunRecord:
         raise ValueError(f"run {name} has not finished (its summary.json holds no final metrics); finish it with "
                          "dsparse train ... --resume, or leave it out")
     config = config_from_dict(summary["config"])
-    achieved = (summary.get("sparsity") or {}).get("achieved", 0.0)
-    return RunRecord(name, config, summary["final_metrics"], summary.get("dataset"), float(achieved))
+    sparsity = summary.get("sparsity") or {}
+    trained = (sparsity.get("adapmtl") or {}).get("trained_sparsity")
+    parts = {name: float(entry["sparsity"]) for name, entry in (sparsity.get("components") or {}).items()}
+    return RunRecord(name, config, summary["final_metrics"], summary.get("dataset"), float(sparsity.get("achieved", 0.0)),
+                     None if trained is None else float(trained), parts or None)
 
 
 def load_run(path: str | Path) -> RunRecord:

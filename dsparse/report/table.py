@@ -40,7 +40,8 @@ KIND_ORDER = {"constant": 0, "dense": 1, "sparse": 2}
 @dataclass
 class Column:
     key: str
-    """``task/metric``, ``sparsity`` or ``delta_t``."""
+    """``task/metric``, ``sparsity``, ``sparsity/trained`` (AdapMTL before its projection),
+    ``sparsity/<component>`` (trunk, each head) or ``delta_t``."""
     title: str
     higher_is_better: bool | None
     """None: no better direction (sparsity)."""
@@ -189,8 +190,13 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
     task_classes = {t: TASKS[t] for t in tasks}
     columns = [Column(f"{t}/{m}", f"{t} {m}", not lower) for t in tasks
                for m, lower in task_classes[t].metric_lower_is_better.items()]
-    columns += [Column("sparsity", "sparsity", None),
-                Column("delta_t", "Delta_T %" + (" (per-task sum)" if delta_t == "per-task-sum" else ""), True)]
+    num_metrics = len(columns)
+    columns += [Column("sparsity", "sparsity", None)]
+    if any(r.trained_sparsity is not None for r in records):
+        columns.append(Column("sparsity/trained", "sparsity trained", None))
+    parts = list(dict.fromkeys(c for r in records for c in (r.component_sparsity or {})))
+    columns += [Column(f"sparsity/{c}", f"{c} sparsity", None) for c in parts]
+    columns += [Column("delta_t", "Delta_T %" + (" (per-task sum)" if delta_t == "per-task-sum" else ""), True)]
     within = DELTA_T_KINDS[delta_t]
 
     groups: dict[tuple, list[RunRecord]] = {}
@@ -201,19 +207,25 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
     rows = [_row(members, settings[key], setting_keys, settings) for key, members in groups.items()]
     dense_runs = list(baselines) if baselines else [r for r in records if r.is_dense]
     for row in rows:
-        _fill(row, columns, task_classes, dense_runs, ignore, any_config=bool(baselines), within=within)
+        _fill(row, columns, num_metrics, task_classes, dense_runs, ignore, any_config=bool(baselines), within=within)
     notes = []
     if constant is not None:
         reference = [r for r in dense_runs if baseline_key(r.config.to_dict()) ==
                      baseline_key(dense_runs[0].config.to_dict())] if dense_runs else None
         row = Row("constant predictor", "constant", {k: "" for k in setting_keys}, None, "-")
-        row.cells = {c.key: Cell([constant[c.key.split("/")[0]][c.key.split("/")[1]]]) for c in columns[:-2]}
-        row.cells["sparsity"] = Cell([])
+        row.cells = {c.key: Cell([constant[c.key.split("/")[0]][c.key.split("/")[1]]]) for c in columns[:num_metrics]}
+        row.cells.update({c.key: Cell([]) for c in columns[num_metrics:-1]})
         row.cells["delta_t"] = Cell([_delta(constant, _mean_metrics(reference), task_classes, within)]
                                     if reference else [])
         rows.append(row)
         notes.append("constant predictor: the best constant output per task, fitted on the training labels; its "
                      "Delta_T is against the mean of the first dense configuration's runs")
+    if parts:
+        notes.append("<component> sparsity: of the weights of the trunk (shared by every task), of a task's own head, "
+                     "or of a branch (its tasks joined by -); sparsity: of all prunable weights")
+    if any(c.key == "sparsity/trained" for c in columns):
+        notes.append("sparsity trained: what AdapMTL's learned thresholds reached before its projection to exactly "
+                     "the requested sparsity (the sparsity column)")
     if baselines:
         notes.append("Delta_T of every row against the baseline runs " + ", ".join(b.name for b in baselines)
                      + " (by seed)")
@@ -256,12 +268,18 @@ def _delta(metrics: dict, baseline: dict, task_classes: dict, within: str) -> fl
     return delta_t(metrics, baseline, task_classes, within_task=within)
 
 
-def _fill(row: Row, columns: list[Column], task_classes: dict, dense_runs: list[RunRecord], ignore,
+def _fill(row: Row, columns: list[Column], num_metrics: int, task_classes: dict, dense_runs: list[RunRecord], ignore,
           any_config: bool, within: str) -> None:
-    for column in columns[:-2]:
+    for column in columns[:num_metrics]:
         task, metric = column.key.split("/")
         row.cells[column.key] = Cell([run.metrics[task][metric] for run in row.runs])
     row.cells["sparsity"] = Cell([run.achieved_sparsity for run in row.runs])
+    for column in columns[num_metrics + 1:-1]:  # as trained, per component: where the runs have them
+        part = column.key.removeprefix("sparsity/")
+        values = [run.trained_sparsity if part == "trained" else (run.component_sparsity or {}).get(part)
+                  for run in row.runs]
+        row.cells[column.key] = Cell([v for v in values if v is not None] if all(v is not None for v in values)
+                                     else [])
     deltas, fallback = [], False
     for run in row.runs:
         config = run.config.to_dict()

@@ -19,8 +19,9 @@ TRUNK = "trunk"
 
 def component_of(users: frozenset[str], tasks: frozenset[str]) -> str:
     """The component a weight with ``users`` belongs to among ``tasks`` (all the model's):
-    ``trunk`` if every task uses it, else its users joined by ``+`` (a head: one task)."""
-    return TRUNK if users == tasks else "+".join(sorted(users))
+    ``trunk`` if every task uses it, else its users joined by ``-`` (a head: one task; MLflow
+    metric names allow no ``+``)."""
+    return TRUNK if users == tasks else "-".join(sorted(users))
 
 
 def components(users: dict[str, frozenset[str]]) -> dict[str, str]:

@@ -159,9 +159,7 @@ class SweepSpec:
         A dense point (``sparsity.method`` null) ignores the other ``sparsity.*`` keys, so
         ``method: [null, disparse]`` x ``target: [0.5, 0.9]`` gives one dense trial, not two.
         """
-        base = self.base_config()
-        base_method = (base.get("sparsity") or {}).get("method")
-        base_method = self.overrides.get("sparsity.method", base_method)
+        base_method = self._base_method(self.base_config())
         points, seen = [], set()
         for point in self._combinations():
             if point.get("sparsity.method", base_method) is None:
@@ -171,6 +169,10 @@ class SweepSpec:
                 seen.add(key)
                 points.append(point)
         return points
+
+    def _base_method(self, base: dict) -> str | None:
+        """The method of a trial whose grid point sets none: the overrides', else the base config's."""
+        return self.overrides.get("sparsity.method", (base.get("sparsity") or {}).get("method"))
 
     def _combinations(self) -> list[dict[str, Any]]:
         """The grid's product; a mapping value sets each of its keys under the grid key, so
@@ -200,9 +202,16 @@ class SweepSpec:
         """Build the run config of every grid point (with a sample of the search space)."""
         sample = {key: _representative(distribution) for key, distribution in self.search.items()}
         base = self.base_config()
-        for point in self._combinations():  # before dense points drop sparsity keys: check those too
+        method = self._base_method(base)
+        combinations = self._combinations()
+        sparse = any(point.get("sparsity.method", method) is not None for point in combinations)
+        for point in combinations:
+            values = {**point, **sample}
+            if sparse and values.get("sparsity.method", method) is None:
+                # a dense trial drops the grid's sparsity keys (grid_points); the sparse trials check them
+                values = {k: v for k, v in values.items() if not k.startswith("sparsity.") or k == "sparsity.method"}
             try:
-                config = config_from_dict(base, self.trial_overrides({**point, **sample}))
+                config = config_from_dict(base, self.trial_overrides(values))
             except ValueError as error:
                 raise ValueError(f"sweep {self.name!r}: trial {point or '(base)'} is not a valid run config: "
                                  f"{error}") from error
