@@ -18,7 +18,8 @@ def metrics(miou, acc, abs_err, rel_err):
     return {"seg": {"miou": miou, "pixel_acc": acc}, "depth": {"abs_err": abs_err, "rel_err": rel_err}}
 
 
-def write_run(root, name, seed, values, method=None, iterations=600, tasks=TASKS, dataset=None, **sparsity):
+def write_run(root, name, seed, values, method=None, iterations=600, tasks=TASKS, dataset=None, summary_sparsity=None,
+              **sparsity):
     overrides = [f"seed={seed}", f"train.iterations={iterations}", f"tasks=[{', '.join(tasks)}]",
                  f"output_dir={root / name}"]
     if method:
@@ -29,7 +30,7 @@ def write_run(root, name, seed, values, method=None, iterations=600, tasks=TASKS
     run_dir.mkdir(parents=True)
     summary = {"status": "complete", "final_metrics": values, "config": config.to_dict(),
                "dataset": dataset or {"name": "synthetic", "splits": {"train": 4000}},
-               "sparsity": {"achieved": 0.9} if method else None}
+               "sparsity": (summary_sparsity or {"achieved": 0.9}) if method else None}
     (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -196,3 +197,27 @@ def test_a_sweeps_sampled_keys_do_not_hide_its_dense_trial(tmp_path):
     row = next(r for r in report.rows if r.kind == "sparse")
     assert row.cells["delta_t"].values == pytest.approx([delta_by_hand(metrics(0.3, 0.8, 0.5, 0.2),
                                                                        metrics(0.4, 0.8, 0.5, 0.2))])
+
+
+def test_sparsity_as_trained_and_per_component_come_from_each_summary(tmp_path):
+    def parts(trunk, seg, depth):
+        return {"trunk": {"sparsity": trunk}, "seg": {"sparsity": seg}, "depth": {"sparsity": depth}}
+
+    values = metrics(0.4, 0.8, 0.5, 0.2)
+    paths = [write_run(tmp_path, f"dense{s}", s, values) for s in (0, 1)]
+    paths += [write_run(tmp_path, f"adapmtl{s}", s, values, "adapmtl", summary_sparsity={
+        "achieved": 0.9, "components": parts(0.85 + 0.01 * s, 0.99, 0.98),
+        "adapmtl": {"trained_sparsity": 0.8 + 0.02 * s}}) for s in (0, 1)]
+    paths += [write_run(tmp_path, "snip0", 0, values, "snip", summary_sparsity={
+        "achieved": 0.9, "components": parts(0.9, 0.8, 0.7)})]
+    report = build_report(paths, constant=False)
+    keys = [c.key for c in report.columns]
+    assert keys[-5:] == ["sparsity/trained", "sparsity/trunk", "sparsity/seg", "sparsity/depth", "delta_t"]
+    rows = {row.label: row for row in report.rows}
+    assert rows["adapmtl"].cells["sparsity/trained"].mean == pytest.approx(0.81)
+    assert rows["adapmtl"].cells["sparsity/trunk"].values == pytest.approx([0.85, 0.86])
+    assert rows["snip"].cells["sparsity/trained"].values == [] and rows["snip"].cells["sparsity/seg"].mean == 0.8
+    assert rows["dense"].cells["sparsity/trunk"].values == []
+    markdown = to_markdown(report)
+    assert "| sparsity trained | trunk sparsity | seg sparsity | depth sparsity |" in markdown
+    assert "0.810" in markdown and "trunk (shared by every task)" in markdown

@@ -183,6 +183,9 @@ class AdapMTL(Method):
         if step >= state.inputs.total_steps:
             return self._project(state, step, measured)
         if froze or step % settings.interval == 0:
+            if not froze:
+                log.info("AdapMTL: step %d sparsity %.4f of target %.4f (%s)", step, measured["sparsity"],
+                         settings.target, ", ".join(f"{c} {s:.3f}" for c, s in measured["components"].items()))
             return self._metrics(measured)
         return None
 
