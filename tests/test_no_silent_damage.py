@@ -162,6 +162,13 @@ def test_block_masks_keep_the_stem_dense_and_empty_layers_are_loud_and_recorded(
     mlflow_run = client.get_run(summary["mlflow_run_id"])
     assert mlflow_run.data.metrics["sparsity/empty_layers"] == len(empty)
     assert mlflow_run.data.tags["sparsity.empty_layers"].split(", ") == empty
+    # where the sparsity went, per component, in the summary and in MLflow alike
+    parts = summary["sparsity"]["components"]
+    assert list(parts) == ["trunk", "seg", "normal", "depth", "keypoint", "edge"]
+    assert sum(p["kept"] for p in parts.values()) / sum(p["weights"] for p in parts.values()) == pytest.approx(
+        1 - summary["sparsity"]["achieved"])
+    assert {c: mlflow_run.data.metrics[f"sparsity/component/{c}"] for c in parts} == {
+        c: p["sparsity"] for c, p in parts.items()}
 
 
 def test_analyze_of_a_copied_run_never_logs_into_the_originals_mlflow_run(tiny_dataset, tmp_path, caplog):

@@ -3,6 +3,7 @@ the model, the freeze at the target, the exact projection, resume, ranks, refusa
 
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -273,7 +274,14 @@ def test_checkpoints_restore_as_plain_models_computing_what_the_run_computed(tin
 
 @pytest.mark.e2e
 def test_two_process_zero2_adapmtl_training(tiny_dataset, tmp_path, torchrun_train):
-    summary = torchrun_train(adapmtl_config(tiny_dataset, tmp_path / "ddp", sinit=-3.5, iterations=6, zero_stage=2))
+    summary, log = torchrun_train(adapmtl_config(tiny_dataset, tmp_path / "ddp", sinit=-3.5, iterations=6,
+                                                 zero_stage=2), with_log=True)
     # the projection checked the mask digest across both ranks; exactly the target, pruned weights zero
+    adapmtl = summary["sparsity"]["adapmtl"]
     assert summary["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-5)
-    assert summary["sparsity"]["pruned_nonzeros"] == 0 and summary["sparsity"]["adapmtl"]["projected_at"] == 6
+    assert summary["sparsity"]["pruned_nonzeros"] == 0 and adapmtl["projected_at"] == 6
+    # frozen before the end under ZeRO 2's partitioned optimizer: the thresholds did not move after it
+    assert adapmtl["target_reached"] and adapmtl["reached_at"] < 6
+    frozen = re.search(r"thresholds frozen at (.*)", log).group(1)
+    values = dict(part.split(" ") for part in frozen.split(", "))
+    assert {c: float(v) for c, v in values.items()} == pytest.approx(adapmtl["thresholds"], rel=1e-3)
