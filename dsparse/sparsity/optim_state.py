@@ -94,9 +94,29 @@ class PartitionedOptimizerState(OptimizerState):
             self._fallback.zero_(param, positions)
             return
         keep = _keep(param, positions)
+        self._link_states(mapping)
         with torch.no_grad():
             param.mul_(keep)
             _zero_fragments(mapping, keep)
+
+    def _link_states(self, mapping) -> None:
+        """Link every parameter group's optimizer state to its parameters' fragments.
+
+        DeepSpeed links them once, after the first group's first step, when the state of
+        any later group (e.g. AdapMTL's thresholds) does not exist yet; those fragments
+        then stay unlinked and their state could not be reached."""
+        if mapping.optim_fragment:
+            return
+        groups = getattr(self.optimizer, "bit16_groups", None)
+        partitions = getattr(self.optimizer, "single_partition_of_fp32_groups", None)
+        if groups is None or partitions is None:
+            return
+        from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+        state = _torch_optimizer(self.optimizer).state
+        for params, partition in zip(groups, partitions):
+            if partition in state:
+                lazy_init_hp_params_optimizer_state(params, partition, state)
 
     def write_(self, param: torch.nn.Parameter, values: torch.Tensor) -> None:
         mapping = getattr(param, "_hp_mapping", None)
@@ -115,6 +135,7 @@ class PartitionedOptimizerState(OptimizerState):
         if mapping is None:
             self._fallback.zero_state_(param)
             return
+        self._link_states(mapping)
         with torch.no_grad():
             for key in (mapping.get_optim_state_keys() if mapping.optim_fragment else []):
                 mapping.get_hp_fragment(key).zero_()

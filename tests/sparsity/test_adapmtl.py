@@ -251,6 +251,30 @@ def test_a_run_resumed_after_a_stop_equals_the_uninterrupted_run(tiny_dataset, t
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_frozen_thresholds_stay_put_under_every_zero_stage(tiny_dataset, tmp_path, zero_stage):
+    """ZeRO 1/2 link a later parameter group's optimizer state to nothing (DeepSpeed links
+    them after the first group's first step); the freeze must reach that state anyway."""
+    from dsparse.train.trainer import Trainer
+
+    trainer = Trainer(config_from_dict(adapmtl_config(tiny_dataset, tmp_path / "run", sinit=-3.5, iterations=6,
+                                                      zero_stage=zero_stage)))
+    method, seen = trainer.sparsifier.method, {}
+    update = method.update
+
+    def spy(step, batches, state):
+        result = update(step, batches, state)
+        seen[step] = method.thresholds.values()
+        return result
+
+    method.update = spy
+    trainer.fit()
+    assert method.reached_at is not None and method.reached_at < 5
+    frozen = [seen[step] for step in range(method.reached_at, 7)]
+    assert all(values == frozen[0] for values in frozen)
+
+
+@pytest.mark.e2e
 def test_checkpoints_restore_as_plain_models_computing_what_the_run_computed(tiny_dataset, tmp_path):
     from dsparse.train.trainer import Trainer
 
