@@ -138,7 +138,7 @@ def _cmd_prune(args) -> dict:
     for key, value in (("criterion", args.criterion), ("from_checkpoint", args.from_checkpoint),
                        ("num_batches", args.num_batches), ("scope", args.scope),
                        ("granularity", args.granularity), ("block", args.block), ("budget", args.budget),
-                       ("channel_multiple", args.channel_multiple)):
+                       ("channel_multiple", args.channel_multiple), ("min_density", args.min_density)):
         if value is not None:
             overrides.append(f"sparsity.{key}={value}")
     if args.keep_first_dense:
@@ -161,6 +161,10 @@ def _cmd_prune(args) -> dict:
                    f"{masks.meta['cost_total']:,} kept); wrote {args.out}")
     else:
         _say(args, masks.format_table(users))
+        at_floor = masks.meta.get("layers_at_floor") or []
+        if at_floor:
+            _say(args, f"{len(at_floor)} layer(s) held at their floor (sparsity.min_density "
+                       f"{masks.meta['min_density']}): {', '.join(at_floor)}")
         _say(args, f"requested sparsity {args.sparsity:.4f}, achieved {masks.sparsity:.6f} "
                    f"({masks.num_kept} of {masks.num_total} weights kept); wrote {args.out}")
     return {"out": args.out, "requested": args.sparsity, "achieved": masks.sparsity, "kept": masks.num_kept,
@@ -393,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--channel-multiple", type=int, default=None,
                        help="--granularity channel: keep a multiple of this many channels per group (default 8; "
                             "1 = the vote's exact counts)")
+    prune.add_argument("--min-density", type=float, default=None,
+                       help="element masks: every layer keeps at least this fraction of its weights (default "
+                            "0.001; 0 = no layer floors)")
     prune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prune.add_argument("--out", default="masks.pt")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

@@ -10,6 +10,7 @@ import torch
 
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.methods import require_static
+from dsparse.sparsity.methods.static import DEFAULT_MIN_DENSITY
 from dsparse.tasks import Task
 
 __all__ = ["prune"]
@@ -18,7 +19,8 @@ __all__ = ["prune"]
 def prune(model: torch.nn.Module, tasks: dict[str, Task], batches: Iterable[dict] | None, *, method: str,
           sparsity: float, criterion: str | None = None, num_batches: int = 50, scope: str = "global",
           keep_first_dense: bool = False, task_weights: dict[str, float] | None = None, seed: int = 0,
-          pretrained: bool = False, granularity: str = "element", block: int = 32) -> MaskSet:
+          pretrained: bool = False, granularity: str = "element", block: int = 32,
+          min_density: float = DEFAULT_MIN_DENSITY) -> MaskSet:
     """Masks for ``model`` at exactly ``sparsity``, identical on every rank.
 
     Args:
@@ -37,6 +39,8 @@ def prune(model: torch.nn.Module, tasks: dict[str, Task], batches: Iterable[dict
         granularity: ``element`` or ``block`` (score, vote and prune ``block x block``
             tiles of each weight's GEMM view; sparsity exact to the block).
         block: the block side for ``granularity="block"``: 16, 32 or 64.
+        min_density: element masks: every layer keeps at least this fraction of its
+            weights (at least one); 0 = no floor.
 
     Raises:
         ValueError: unknown method/criterion, criterion given to a baseline, a dynamic
@@ -44,4 +48,4 @@ def prune(model: torch.nn.Module, tasks: dict[str, Task], batches: Iterable[dict
     """
     return require_static(method).masks(model, tasks, batches, sparsity=sparsity, criterion=criterion, num_batches=num_batches,
                       scope=scope, keep_first_dense=keep_first_dense, task_weights=task_weights, seed=seed,
-                      pretrained=pretrained, granularity=granularity, block=block)
+                      pretrained=pretrained, granularity=granularity, block=block, min_density=min_density)

@@ -225,6 +225,7 @@ class MaskedSparsifier(Sparsifier):
         tracker.log_params({f"masks.{key}": meta.get(key) for key in  # as derived, beside the config
                             ("method", "criterion", "scope", "keep_ratio", "sparsity_achieved")})
         tracker.log_metrics({"sparsity/keep_ratio": meta["keep_ratio"], "sparsity/empty_layers": len(self.empty_layers),
+                             "sparsity/layers_at_floor": len(meta.get("layers_at_floor") or []),
                              **self.final_metrics()}, 0)
         if self.empty_layers:
             tracker.set_tags({"sparsity.empty_layers": ", ".join(self.empty_layers)[:5000],
@@ -240,6 +241,7 @@ class MaskedSparsifier(Sparsifier):
                   "granularity": meta.get("granularity", "element"), "block": meta.get("block"),
                   "pruned_nonzeros": count_pruned_nonzeros(self.state.applier.weights(), self.masks),
                   "empty_layers": empty_layers(self.masks),
+                  "min_density": meta.get("min_density"), "layers_at_floor": meta.get("layers_at_floor"),
                   "cut_off_tasks": cut_off_tasks(empty_layers(self.masks), self.state.users),
                   "components": component_sparsity(self.masks.masks, self.state.users)}
         if self.method is not None:

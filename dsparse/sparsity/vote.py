@@ -87,6 +87,7 @@ def solve_vote(
     scope: str = "global",
     dense: Iterable[str] = (),
     num_keep: int | None = None,
+    floors: dict[str, int] | None = None,
 ) -> VoteResult:
     """Vote per DiSparse and keep exactly ``round((1 - sparsity) * num_total)`` weights.
 
@@ -103,6 +104,8 @@ def solve_vote(
             deriving the count from ``sparsity``; give one of the two. Kept sets are
             nested in ``num_keep`` (the vote's order is a fixed total order), which the
             block vote's search relies on.
+        floors: FQN -> the fewest weights the layer keeps (see ``_solve_with_floors``);
+            layers not listed, and dense ones, have none. The budget stays exact.
 
     Returns:
         A ``VoteResult`` whose ``num_kept`` is exactly the budget, deterministic for a
@@ -110,10 +113,13 @@ def solve_vote(
 
     Raises:
         ValueError: bad sparsity or scope, an unknown dense FQN, missing/extra/mis-shaped
-            or negative/NaN scores, or dense layers larger than the keep budget.
+            or negative/NaN scores, or dense layers (and floors) larger than the keep budget.
     """
     if (sparsity is None) == (num_keep is None):
         raise ValueError("give exactly one of sparsity and num_keep")
+    if floors:
+        return _solve_with_floors(scores, users, sparsity=sparsity, scope=scope, dense=dense, num_keep=num_keep,
+                                  floors=floors)
     if sparsity is not None:
         _check_sparsity(sparsity)
     layout = _layout(scores, users, scope, dense)
@@ -136,6 +142,58 @@ def solve_vote(
     keep, level, dropped = _select(levels, num_keep, scores, layout, rankings)
     task_masks = _task_masks(layout, rankings, level, dropped)
     return VoteResult(_final_masks(layout, keep), task_masks, level, budget, layout.num_total)
+
+
+def _solve_with_floors(scores, users, *, sparsity, scope, dense, num_keep, floors: dict[str, int]) -> VoteResult:
+    """The vote with a floor per layer, still exactly at the budget.
+
+    Each floored layer first keeps its ``floors[fqn]`` best weights by a vote restricted to
+    the layer (each user task nominates by its own score, as in the vote). The rest of the
+    budget goes to the unrestricted vote's order: with ``F`` the floor weights and ``V(k)``
+    the vote's first ``k``, the kept set is ``F ∪ V(k)`` for the least ``k`` with
+    ``|F ∪ V(k)|`` equal to the budget, found by iterating ``k = budget - |F| + |V(k) ∩ F|``
+    from below (``V`` is nested in ``k``, so the iteration only rises and stops there).
+    Without a binding floor this is the plain vote. The kept sets stay nested in the budget.
+    """
+    layout = _layout(scores, users, scope, dense)
+    if num_keep is None:
+        _check_sparsity(sparsity)
+        num_keep = round((1.0 - float(sparsity)) * layout.num_total)
+    unknown = sorted(set(floors).difference(users))
+    if unknown:
+        raise ValueError(f"floors name {unknown}, which are not prunable weights in users")
+    floor_masks, nominated = {}, {}
+    for fqn, count in floors.items():
+        size = layout.shapes[fqn].numel()
+        if fqn in layout.dense or count <= 0:
+            continue
+        one = {task: {fqn: scores[task][fqn]} for task in layout.users[fqn] if task in scores}
+        kept = solve_vote(one, {fqn: layout.users[fqn]}, num_keep=min(count, size))
+        floor_masks[fqn], nominated[fqn] = kept.masks[fqn], {t: m[fqn] for t, m in kept.task_masks.items()}
+    num_floor = sum(int(m.sum()) for m in floor_masks.values())
+    num_dense = layout.num_total - layout.num_voted
+    if num_dense + num_floor > num_keep:
+        reachable = 1.0 - (num_dense + num_floor) / layout.num_total
+        raise ValueError(f"the layer floors keep {num_floor:,} weights (plus {num_dense:,} in dense layers) but the "
+                         f"budget keeps {num_keep:,} of {layout.num_total:,}; the largest reachable sparsity is "
+                         f"{math.floor(reachable * 1e4) / 1e4:.4f} (lower the sparsity or sparsity.min_density)")
+
+    def union(k: int) -> tuple[VoteResult, int]:
+        result = solve_vote(scores, users, scope=scope, dense=dense, num_keep=k)
+        overlap = sum(int((result.masks[fqn] & mask).sum()) for fqn, mask in floor_masks.items())
+        return result, overlap
+
+    k = num_keep - num_floor
+    result, overlap = union(k)
+    while num_keep - num_floor + overlap != k:
+        k = num_keep - num_floor + overlap
+        result, overlap = union(k)
+    masks = {fqn: mask | floor_masks[fqn] if fqn in floor_masks else mask for fqn, mask in result.masks.items()}
+    task_masks = {task: {fqn: mask | nominated.get(fqn, {}).get(task, torch.zeros_like(mask))
+                         for fqn, mask in per.items()} for task, per in result.task_masks.items()}
+    kept = sum(int(m.sum()) for m in masks.values())
+    assert kept == num_keep, (kept, num_keep)
+    return VoteResult(masks, task_masks, result.keep_ratio, kept, layout.num_total)
 
 
 def _rankings(layout: _Layout, scope: str) -> list[_Ranking]:

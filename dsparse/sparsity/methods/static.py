@@ -13,6 +13,7 @@ Each is a class registered in ``METHODS`` (``dsparse.sparsity.methods.base``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from copy import deepcopy as copy_module
 from typing import ClassVar
@@ -29,6 +30,10 @@ from dsparse.sparsity.methods.base import MaskInputs, Method, first_conv, regist
 from dsparse.sparsity.saliency import JOINT, all_reduce_scores, compute_saliency, normalize_scores
 from dsparse.sparsity.vote import solve_vote
 from dsparse.tasks import Task
+
+
+DEFAULT_MIN_DENSITY = 0.001
+"""The layer floor of static element masks unless ``sparsity.min_density`` says otherwise."""
 
 
 class StaticMethod(Method):
@@ -59,10 +64,11 @@ class StaticMethod(Method):
               sparsity: float, criterion: str | None = None, num_batches: int = 50, scope: str = "global",
               keep_first_dense: bool = False, task_weights: dict[str, float] | None = None, seed: int = 0,
               pretrained: bool = False, granularity: str = "element", block: int = 32, budget: str = "params",
-              input_size: tuple[int, int] = (64, 64), channel_multiple: int = 8) -> MaskSet:
+              input_size: tuple[int, int] = (64, 64), channel_multiple: int = 8,
+              min_density: float = DEFAULT_MIN_DENSITY) -> MaskSet:
         """Masks for ``model`` at exactly ``sparsity``, identical on every rank (see ``prune``);
         ``budget``, ``input_size`` (the training crop) and ``channel_multiple`` serve channel
-        granularity."""
+        granularity, ``min_density`` (element masks) is every layer's floor (``layer_floors``)."""
         criterion = self.criterion_for(criterion, pretrained)
         data = needs_data(criterion)
         weights = prunable_parameters(unwrap_model(model))
@@ -88,8 +94,11 @@ class StaticMethod(Method):
                                          "num_total": vote.num_total, "sparsity_achieved": vote.sparsity},
                             vote.task_masks)
         else:
-            result = solve_vote(scores, self.vote_users(model), sparsity=sparsity, scope=scope, dense=dense)
-            masks = MaskSet.from_vote(result, **meta)
+            floors = layer_floors({fqn: w.numel() for fqn, w in weights.items()}, min_density, dense)
+            result = solve_vote(scores, self.vote_users(model), sparsity=sparsity, scope=scope, dense=dense,
+                                floors=floors)
+            at_floor = [fqn for fqn, count in floors.items() if int(result.masks[fqn].sum()) <= count]
+            masks = MaskSet.from_vote(result, **meta, min_density=min_density, layers_at_floor=at_floor)
         verify_masks_agree(masks)
         return masks
 
@@ -109,7 +118,16 @@ class StaticMethod(Method):
                           task_weights=dict(inputs.task_weights),
                           seed=inputs.seed, pretrained=pretrained, granularity=settings.granularity,
                           block=settings.block, budget=settings.budget, input_size=inputs.input_size,
-                          channel_multiple=settings.channel_multiple)
+                          channel_multiple=settings.channel_multiple,
+                          min_density=settings.floor_density(dynamic=False))
+
+
+def layer_floors(sizes: dict[str, int], min_density: float, dense=()) -> dict[str, int]:
+    """FQN -> the fewest weights the layer keeps: ``ceil(min_density * size)``, at least one
+    (none when ``min_density`` is 0; dense layers keep all anyway)."""
+    if min_density <= 0:
+        return {}
+    return {fqn: max(1, math.ceil(min_density * size)) for fqn, size in sizes.items() if fqn not in dense}
 
 
 def xavier_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
