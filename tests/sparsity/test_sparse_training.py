@@ -70,6 +70,7 @@ def test_lottery_rewinds_to_initial_weights(tiny_dataset, tmp_path):
     train(config_from_dict(raw))
     ticket = tmp_path / "ticket"
     raw = sparse_config(tiny_dataset, ticket, iterations=1, method="lottery", from_checkpoint=str(dense))
+    raw["sparsity"]["min_density"] = 0  # no layer floors: the pure global top-k
     train(config_from_dict(raw), stop_after=0)
     masks = MaskSet.load(ticket / "masks.pt")
     trained = load_model_weights(latest_checkpoint(dense / "checkpoints"))
