@@ -381,7 +381,7 @@ class SparsityConfig:
     def floor_density(self, dynamic: bool) -> float:
         """The layer floor of the solve (``min_density``, resolved): 0.001 for static element
         masks by default, 0 (none yet) for block and channel masks and dynamic methods."""
-        from dsparse.sparsity.methods.static import DEFAULT_MIN_DENSITY
+        from dsparse.sparsity.vote import DEFAULT_MIN_DENSITY
 
         if self.granularity != "element" or dynamic:
             return 0.0

@@ -24,10 +24,10 @@ so this trunk supports ``sparsity.granularity: element`` (``GRANULARITIES``).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
+
+from dsparse.models.resnet import init_conv_and_norm, split_stages
 
 VALID_OUTPUT_STRIDES = (8, 16)
 GRANULARITIES = ("element",)
@@ -112,28 +112,15 @@ class MobileNetV2Trunk(nn.Module):
                     in_channels = out_channels
             self.add_module(f"layer{index + 1}", nn.Sequential(*blocks))
         self.out_channels = in_channels
-        self._init_weights()
+        init_conv_and_norm(self)
 
     def stage_names(self) -> tuple[str, ...]:
         """Names of the sequential parts in forward order: the stem, then the stages."""
         return ("stem",) + tuple(f"layer{i + 1}" for i in range(len(_STAGES)))
 
     def split(self, num_shared: int) -> tuple[nn.Sequential, nn.Sequential]:
-        """Cut the trunk into its first ``num_shared`` parts and the rest (see
-        ``ResNetTrunk.split``)."""
-        names = self.stage_names()
-        if not 1 <= num_shared < len(names):
-            raise ValueError(f"num_shared must be in [1, {len(names) - 1}], got {num_shared}")
-        parts = [(name, getattr(self, name)) for name in names]
-        return nn.Sequential(OrderedDict(parts[:num_shared])), nn.Sequential(OrderedDict(parts[num_shared:]))
-
-    def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        """Cut the trunk into its first ``num_shared`` parts and the rest (``split_stages``)."""
+        return split_stages(self, num_shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.stage_names():

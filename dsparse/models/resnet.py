@@ -146,25 +146,40 @@ class ResNetTrunk(nn.Module):
         Raises:
             ValueError: if either side would be empty.
         """
-        names = self.stage_names()
-        if not 1 <= num_shared < len(names):
-            raise ValueError(f"num_shared must be in [1, {len(names) - 1}], got {num_shared}")
-        parts = [(name, getattr(self, name)) for name in names]
-        return nn.Sequential(OrderedDict(parts[:num_shared])), nn.Sequential(OrderedDict(parts[num_shared:]))
+        return split_stages(self, num_shared)
 
     def _init_weights(self) -> None:
-        # Kaiming (fan_out) suits ReLU networks trained from scratch; norms start as identity.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_conv_and_norm(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for name in self.stage_names():
             x = getattr(self, name)(x)
         return x
+
+
+def split_stages(trunk: nn.Module, num_shared: int) -> tuple[nn.Sequential, nn.Sequential]:
+    """A trunk's first ``num_shared`` parts (``trunk.stage_names()``) and the rest, as two
+    Sequentials keeping the parts' names and modules (shared, not copied).
+
+    Raises:
+        ValueError: if either side would be empty.
+    """
+    names = trunk.stage_names()
+    if not 1 <= num_shared < len(names):
+        raise ValueError(f"num_shared must be in [1, {len(names) - 1}], got {num_shared}")
+    parts = [(name, getattr(trunk, name)) for name in names]
+    return nn.Sequential(OrderedDict(parts[:num_shared])), nn.Sequential(OrderedDict(parts[num_shared:]))
+
+
+def init_conv_and_norm(trunk: nn.Module) -> None:
+    """Kaiming (fan_out) convolutions, which suit ReLU networks trained from scratch, and
+    norms that start as the identity."""
+    for module in trunk.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def _check_args(depths: Sequence[int], base_width: int, output_stride: int) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.methods import require_static
-from dsparse.sparsity.methods.static import DEFAULT_MIN_DENSITY
+from dsparse.sparsity.vote import DEFAULT_MIN_DENSITY
 from dsparse.tasks import Task
 
 __all__ = ["prune"]

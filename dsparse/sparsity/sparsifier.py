@@ -98,8 +98,8 @@ class Sparsifier:
     def summary(self) -> dict | None:
         return None
 
-    def final_metrics(self) -> dict[str, float]:
-        """Sparsity metrics of the finished run, overall and per component, for the tracker."""
+    def sparsity_metrics(self) -> dict[str, float]:
+        """Sparsity metrics for the tracker, overall and per component (at the start and the end of a run)."""
         return {}
 
 
@@ -226,7 +226,7 @@ class MaskedSparsifier(Sparsifier):
                             ("method", "criterion", "scope", "keep_ratio", "sparsity_achieved")})
         tracker.log_metrics({"sparsity/keep_ratio": meta["keep_ratio"], "sparsity/empty_layers": len(self.empty_layers),
                              "sparsity/layers_at_floor": len(meta.get("layers_at_floor") or []),
-                             **self.final_metrics()}, 0)
+                             **self.sparsity_metrics()}, 0)
         if self.empty_layers:
             tracker.set_tags({"sparsity.empty_layers": ", ".join(self.empty_layers)[:5000],
                               "sparsity.cut_off_tasks": ", ".join(cut_off_tasks(self.empty_layers, self.state.users))})
@@ -249,7 +249,7 @@ class MaskedSparsifier(Sparsifier):
         return result
 
 
-    def final_metrics(self) -> dict[str, float]:
+    def sparsity_metrics(self) -> dict[str, float]:
         return {"sparsity/achieved": self.masks.sparsity,
                 **{f"sparsity/component/{name}": entry["sparsity"]
                    for name, entry in component_sparsity(self.masks.masks, self.state.users).items()}}

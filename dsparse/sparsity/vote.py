@@ -41,9 +41,11 @@ from fractions import Fraction
 
 import torch
 
-__all__ = ["SCOPES", "VoteResult", "solve_vote"]
+__all__ = ["DEFAULT_MIN_DENSITY", "SCOPES", "VoteResult", "layer_floors", "solve_vote"]
 
 SCOPES = ("global", "layerwise")
+DEFAULT_MIN_DENSITY = 0.001
+"""The layer floor of static element masks unless ``sparsity.min_density`` says otherwise."""
 _CHUNK = 1 << 22  # ranked weights scattered per step; bounds the int64/float64 temporaries
 _SAMPLE_SIZE = 1 << 18  # weights sampled to estimate the solved level and candidate thresholds
 _MAX_RANKING = 1 << 26  # float64 levels (r + 1) / N stay distinct and ordered up to here
@@ -142,6 +144,14 @@ def solve_vote(
     keep, level, dropped = _select(levels, num_keep, scores, layout, rankings)
     task_masks = _task_masks(layout, rankings, level, dropped)
     return VoteResult(_final_masks(layout, keep), task_masks, level, budget, layout.num_total)
+
+
+def layer_floors(sizes: dict[str, int], min_density: float, dense=()) -> dict[str, int]:
+    """FQN -> the fewest weights the layer keeps: ``ceil(min_density * size)``, at least one
+    (none when ``min_density`` is 0; dense layers keep all anyway)."""
+    if min_density <= 0:
+        return {}
+    return {fqn: max(1, math.ceil(min_density * size)) for fqn, size in sizes.items() if fqn not in dense}
 
 
 def _solve_with_floors(scores, users, *, sparsity, scope, dense, num_keep, floors: dict[str, int]) -> VoteResult:

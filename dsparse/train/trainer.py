@@ -258,7 +258,7 @@ class Trainer:
         }
         if is_main():
             if complete:
-                self.tracker.log_metrics(self.sparsifier.final_metrics(), end)
+                self.tracker.log_metrics(self.sparsifier.sparsity_metrics(), end)
                 write_text_atomic(layout.summary, json.dumps(summary, indent=2, default=str))
                 self.tracker.log_artifact(layout.summary)
                 self.tracker.finish("FINISHED")

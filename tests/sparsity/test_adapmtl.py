@@ -185,6 +185,7 @@ def test_component_sparsity_counts_each_component():
     ({"masks": "masks.pt"}, "cannot take sparsity.masks"),
     ({"score_init": "xavier"}, "no effect with method 'adapmtl'"),
     ({"adapmtl": {"threshold_weight_decay": -1}}, "threshold_weight_decay must be >= 0"),
+    ({"adapmtl": {"sinit": float("nan")}}, "sinit must be a finite number"),
 ])
 def test_settings_adapmtl_cannot_honour_are_refused(setting, message):
     with pytest.raises(ValueError, match=message):

@@ -6,9 +6,8 @@ import torch
 
 from dsparse.config import config_from_dict
 from dsparse.models import build_model, prunable_parameters
-from dsparse.sparsity.methods.static import layer_floors
 from dsparse.sparsity.prune import prune
-from dsparse.sparsity.vote import solve_vote
+from dsparse.sparsity.vote import layer_floors, solve_vote
 from dsparse.tasks import build_tasks
 
 from .test_distributed_masks import TASKS, make_batches

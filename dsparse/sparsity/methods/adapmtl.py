@@ -79,6 +79,9 @@ class AdapMTL(Method):
         """Weight FQN -> component, of every thresholded layer."""
         self.thresholds: SoftThresholds | None = None
         self._modules: dict[str, torch.nn.Module] = {}
+        self._component: dict[str, str] = {}
+        """Masked weight FQN -> component (every masked layer, the dense ones included)."""
+        self._names: list[str] = []
         self._settings = None
 
     def check(self, settings) -> None:
@@ -118,7 +121,8 @@ class AdapMTL(Method):
         but plain layers."""
         self._settings = state.inputs.settings
         dense = set(state.masks.meta.get("dense_layers", []))
-        component = components(state.users)
+        self._component = component = components(state.users)
+        self._names = list(dict.fromkeys(component[fqn] for fqn in state.masks.masks))
         self.layers = {fqn: component[fqn] for fqn in state.masks.masks if fqn not in dense}
         users = {component[fqn]: state.users[fqn] for fqn in self.layers}
         model = unwrap_model(state.model)
@@ -146,8 +150,7 @@ class AdapMTL(Method):
     def measure(self, state) -> dict:
         """Sparsity of the effective weights over all masked layers (dense ones count as
         kept), overall and per component; the rank mean, so every rank decides alike."""
-        component = components(state.users)
-        names = list(dict.fromkeys(component[fqn] for fqn in state.masks.masks))
+        component, names = self._component, self._names
         device = next(self.thresholds.parameters()).device
         counts = torch.zeros(2, len(names), dtype=torch.float64, device=device)
         with torch.no_grad():

@@ -13,7 +13,6 @@ Each is a class registered in ``METHODS`` (``dsparse.sparsity.methods.base``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from copy import deepcopy as copy_module
 from typing import ClassVar
@@ -28,12 +27,8 @@ from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.criteria import needs_data
 from dsparse.sparsity.methods.base import MaskInputs, Method, first_conv, register_method, verify_masks_agree
 from dsparse.sparsity.saliency import JOINT, all_reduce_scores, compute_saliency, normalize_scores
-from dsparse.sparsity.vote import solve_vote
+from dsparse.sparsity.vote import DEFAULT_MIN_DENSITY, layer_floors, solve_vote
 from dsparse.tasks import Task
-
-
-DEFAULT_MIN_DENSITY = 0.001
-"""The layer floor of static element masks unless ``sparsity.min_density`` says otherwise."""
 
 
 class StaticMethod(Method):
@@ -120,14 +115,6 @@ class StaticMethod(Method):
                           block=settings.block, budget=settings.budget, input_size=inputs.input_size,
                           channel_multiple=settings.channel_multiple,
                           min_density=settings.floor_density(dynamic=False))
-
-
-def layer_floors(sizes: dict[str, int], min_density: float, dense=()) -> dict[str, int]:
-    """FQN -> the fewest weights the layer keeps: ``ceil(min_density * size)``, at least one
-    (none when ``min_density`` is 0; dense layers keep all anyway)."""
-    if min_density <= 0:
-        return {}
-    return {fqn: max(1, math.ceil(min_density * size)) for fqn, size in sizes.items() if fqn not in dense}
 
 
 def xavier_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
