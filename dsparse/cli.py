@@ -398,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--granularity channel: keep a multiple of this many channels per group (default 8; "
                             "1 = the vote's exact counts)")
     prune.add_argument("--min-density", type=float, default=None,
-                       help="element masks: every layer keeps at least this fraction of its weights (default "
-                            "0.001; 0 = no layer floors)")
+                       help="the floors: every layer (element masks), block row (block masks) or channel group "
+                            "keeps at least this fraction of its weights, blocks or channels, at least one "
+                            "(default 0.001, channel groups 0.1; 0 = no floors)")
     prune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     prune.add_argument("--out", default="masks.pt")
     prune.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

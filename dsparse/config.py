@@ -315,11 +315,13 @@ class SparsityConfig:
     block: Literal[16, 32, 64] = 32
     """Block side for ``granularity: block``."""
     min_density: float | None = None
-    """The fewest weights every prunable layer keeps in the exact-sparsity solve, as a
-    fraction of the layer (at least one weight), so no layer and no task's own head is pruned
-    away; the budget stays exact, taken from the other layers. None = the default, 0.001 for
-    static methods with element masks; 0 switches the floors off. Block, channel and dynamic
-    floors are not built yet (an explicit value is refused there)."""
+    """The floors of the exact-sparsity solve, so no layer and no task's own head is pruned
+    away (the budget stays exact, taken from the other layers): the fewest weights every
+    prunable layer keeps as a fraction of the layer (element masks), the fewest blocks of
+    every block row as a fraction of the row (block masks), the fewest channels of every
+    channel group (channel masks); always at least one. None = the default: 0.001 (one block
+    per block row), 0.1 for channel groups; 0 switches the floors off. Dynamic floors are
+    not built yet (an explicit value is refused there)."""
     adapmtl: AdapMTLConfig = field(default_factory=AdapMTLConfig)
     """Settings of ``method: adapmtl`` (an error with any other method)."""
     kernel: Kernel = "auto"
@@ -360,9 +362,6 @@ class SparsityConfig:
         if self.min_density is not None and not 0.0 <= self.min_density < 1.0:
             raise ValueError(f"sparsity.min_density must be in [0, 1), got {self.min_density}; e.g. 0.001 keeps at "
                              "least 0.1% of every layer, 0 switches the floors off")
-        if self.min_density is not None and self.granularity != "element":
-            raise ValueError(f"sparsity.min_density applies to element masks so far; layer floors for "
-                             f"{self.granularity} masks are not built yet (leave it out)")
         if self.method != "adapmtl" and self.adapmtl != AdapMTLConfig():
             raise ValueError(f"sparsity.adapmtl has no effect with method {self.method!r}; set "
                              "sparsity.method=adapmtl or leave sparsity.adapmtl out")
@@ -379,13 +378,13 @@ class SparsityConfig:
         return self.method is not None or self.masks is not None
 
     def floor_density(self, dynamic: bool) -> float:
-        """The layer floor of the solve (``min_density``, resolved): 0.001 for static element
-        masks by default, 0 (none yet) for block and channel masks and dynamic methods."""
-        from dsparse.sparsity.vote import DEFAULT_MIN_DENSITY
+        """The floors of the solve (``min_density``, resolved): ``MIN_DENSITY`` of the
+        granularity by default, 0 (none yet) for dynamic methods."""
+        from dsparse.sparsity.vote import MIN_DENSITY
 
-        if self.granularity != "element" or dynamic:
+        if dynamic:
             return 0.0
-        return DEFAULT_MIN_DENSITY if self.min_density is None else self.min_density
+        return MIN_DENSITY[self.granularity] if self.min_density is None else self.min_density
 
     def first_conv_dense(self, dynamic: bool) -> bool:
         """Whether the stem convolution stays dense: ``keep_first_dense`` when set, else on

@@ -10,7 +10,6 @@ import torch
 
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.methods import require_static
-from dsparse.sparsity.vote import DEFAULT_MIN_DENSITY
 from dsparse.tasks import Task
 
 __all__ = ["prune"]
@@ -20,7 +19,7 @@ def prune(model: torch.nn.Module, tasks: dict[str, Task], batches: Iterable[dict
           sparsity: float, criterion: str | None = None, num_batches: int = 50, scope: str = "global",
           keep_first_dense: bool = False, task_weights: dict[str, float] | None = None, seed: int = 0,
           pretrained: bool = False, granularity: str = "element", block: int = 32,
-          min_density: float = DEFAULT_MIN_DENSITY) -> MaskSet:
+          min_density: float | None = None) -> MaskSet:
     """Masks for ``model`` at exactly ``sparsity``, identical on every rank.
 
     Args:
@@ -39,8 +38,9 @@ def prune(model: torch.nn.Module, tasks: dict[str, Task], batches: Iterable[dict
         granularity: ``element`` or ``block`` (score, vote and prune ``block x block``
             tiles of each weight's GEMM view; sparsity exact to the block).
         block: the block side for ``granularity="block"``: 16, 32 or 64.
-        min_density: element masks: every layer keeps at least this fraction of its
-            weights (at least one); 0 = no floor.
+        min_density: the floors: every layer (element masks) or block row (block masks)
+            keeps at least this fraction of its weights or blocks, at least one; 0 = no
+            floors; None = ``MIN_DENSITY`` of the granularity.
 
     Raises:
         ValueError: unknown method/criterion, criterion given to a baseline, a dynamic

@@ -36,16 +36,20 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 
-__all__ = ["DEFAULT_MIN_DENSITY", "SCOPES", "VoteResult", "layer_floors", "solve_vote"]
+__all__ = ["MIN_DENSITY", "SCOPES", "Floors", "VoteResult", "layer_floors", "pick_floors", "solve_vote"]
 
 SCOPES = ("global", "layerwise")
-DEFAULT_MIN_DENSITY = 0.001
-"""The layer floor of static element masks unless ``sparsity.min_density`` says otherwise."""
+MIN_DENSITY = {"element": 0.001, "block": 0.001, "channel": 0.1}
+"""The floors unless ``sparsity.min_density`` says otherwise, per granularity, always at least
+one unit: 0.1% of every layer's weights (element masks), of every block row's blocks (block
+masks: one block per row up to 1,000 blocks), 10% of every channel group's channels (a FLOPs
+budget empties the high-resolution groups first, their channels costing the most FLOPs: on
+the tiny model 30% of the FLOPs already emptied one)."""
 _CHUNK = 1 << 22  # ranked weights scattered per step; bounds the int64/float64 temporaries
 _SAMPLE_SIZE = 1 << 18  # weights sampled to estimate the solved level and candidate thresholds
 _MAX_RANKING = 1 << 26  # float64 levels (r + 1) / N stay distinct and ordered up to here
@@ -64,10 +68,27 @@ class VoteResult:
     """The solved per-task keep ratio ``rho`` (the entry level of the last kept weight)."""
     num_kept: int
     num_total: int
+    held_by_floor: list[str] = field(default_factory=list)
+    """The layers whose floor kept weights the vote alone would have pruned."""
 
     @property
     def sparsity(self) -> float:
         return 1.0 - self.num_kept / self.num_total
+
+
+@dataclass
+class Floors:
+    """Weights the solve keeps whatever the budget (``pick_floors``), with the tasks that
+    nominated each, so the task masks still OR to the final masks."""
+
+    masks: dict[str, torch.Tensor]
+    """FQN -> bool mask of the floor weights (the score tensor's shape)."""
+    nominated: dict[str, dict[str, torch.Tensor]]
+    """task -> FQN -> the floor weights this task ranks best among the layer's users."""
+
+    @property
+    def num_kept(self) -> int:
+        return sum(int(mask.sum()) for mask in self.masks.values())
 
 
 @dataclass
@@ -89,7 +110,7 @@ def solve_vote(
     scope: str = "global",
     dense: Iterable[str] = (),
     num_keep: int | None = None,
-    floors: dict[str, int] | None = None,
+    floors: Floors | dict[str, int] | None = None,
 ) -> VoteResult:
     """Vote per DiSparse and keep exactly ``round((1 - sparsity) * num_total)`` weights.
 
@@ -106,8 +127,9 @@ def solve_vote(
             deriving the count from ``sparsity``; give one of the two. Kept sets are
             nested in ``num_keep`` (the vote's order is a fixed total order), which the
             block vote's search relies on.
-        floors: FQN -> the fewest weights the layer keeps (see ``_solve_with_floors``);
-            layers not listed, and dense ones, have none. The budget stays exact.
+        floors: weights kept whatever the budget (``pick_floors``), or FQN -> the fewest
+            weights the layer keeps (picked by ``pick_floors``); layers not listed, and
+            dense ones, have none. The budget stays exact (``_solve_with_floors``).
 
     Returns:
         A ``VoteResult`` whose ``num_kept`` is exactly the budget, deterministic for a
@@ -154,32 +176,85 @@ def layer_floors(sizes: dict[str, int], min_density: float, dense=()) -> dict[st
     return {fqn: max(1, math.ceil(min_density * size)) for fqn, size in sizes.items() if fqn not in dense}
 
 
-def _solve_with_floors(scores, users, *, sparsity, scope, dense, num_keep, floors: dict[str, int]) -> VoteResult:
-    """The vote with a floor per layer, still exactly at the budget.
+def pick_floors(scores: dict[str, dict[str, torch.Tensor]], users: dict[str, frozenset[str]],
+                counts: dict[str, int], *, per_row: bool = False) -> Floors:
+    """The floor weights: each layer's best ``counts[fqn]`` by the vote restricted to the layer
+    (or, with ``per_row``, to each row of its score tensor: a block row of block scores).
 
-    Each floored layer first keeps its ``floors[fqn]`` best weights by a vote restricted to
-    the layer (each user task nominates by its own score, as in the vote). The rest of the
-    budget goes to the unrestricted vote's order: with ``F`` the floor weights and ``V(k)``
-    the vote's first ``k``, the kept set is ``F ∪ V(k)`` for the least ``k`` with
-    ``|F ∪ V(k)|`` equal to the budget, found by iterating ``k = budget - |F| + |V(k) ∩ F|``
-    from below (``V`` is nested in ``k``, so the iteration only rises and stops there).
-    Without a binding floor this is the plain vote. The kept sets stay nested in the budget.
+    The restricted vote is the vote's own rule on one piece whose rankings all have the same
+    length: a weight's entry level is its best rank among its users, and the ``count`` lowest
+    are kept, ties by more users at that rank, then the larger score, then position. Each
+    floor weight counts as nominated by the users that rank it best. Only each task's top
+    ``count`` matter, so large layers rank only candidates.
+    """
+    masks, nominated = {}, {}
+    for fqn, count in counts.items():
+        if count <= 0:
+            continue
+        tasks = [task for task in scores if fqn in scores[task]]
+        if fqn not in users or not tasks:
+            raise ValueError(f"a floor names {fqn!r}, which has no scores or users; floors name prunable weights")
+        shape = scores[tasks[0]][fqn].shape
+        pieces = [scores[task][fqn].detach().reshape(shape[0] if per_row else 1, -1) for task in tasks]
+        kept, by_task = _best_of_each_row(pieces, count)
+        masks[fqn] = kept.view(shape)
+        for task, mask in zip(tasks, by_task):
+            nominated.setdefault(task, {})[fqn] = mask.view(shape)
+    return Floors(masks, nominated)
+
+
+def _best_of_each_row(pieces: list[torch.Tensor], count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The restricted vote of ``pick_floors`` on ``[rows, n]`` score tensors, one per user."""
+    num_rows, n = pieces[0].shape
+    count = min(count, n)
+    ranks, best_rank = [], torch.full((num_rows, n), count, dtype=torch.int32)
+    for piece in pieces:  # rank of each of the task's top `count` per row; `count` = not among them
+        keys = piece.float().abs().contiguous().view(torch.int32).neg()  # ascending = best first (see _keys)
+        if num_rows == 1:
+            order = _top_order(keys[0], count).long().unsqueeze(0)
+        else:
+            order = torch.argsort(keys, dim=1, stable=True)[:, :count]
+        rank = torch.full((num_rows, n), count, dtype=torch.int32)
+        rank.scatter_(1, order, torch.arange(count, dtype=torch.int32).expand(num_rows, count).contiguous())
+        ranks.append(rank)
+        best_rank = torch.minimum(best_rank, rank)
+    at_best = [rank == best_rank for rank in ranks]
+    votes = torch.stack(at_best).sum(0)
+    best_score = torch.stack([torch.where(a, p.float().abs(), -math.inf) for a, p in zip(at_best, pieces)]).amax(0)
+    if num_rows == 1:  # only candidates (some task's top `count`) can be kept
+        columns = torch.nonzero(best_rank[0] < count).squeeze(1).unsqueeze(0)
+    else:
+        columns = torch.arange(n).expand(num_rows, n)
+    for key in (-best_score, -votes, best_rank):  # lexicographic by stable sorts, least significant first
+        columns = columns.gather(1, torch.argsort(key.gather(1, columns), dim=1, stable=True))
+    kept = torch.zeros(num_rows, n, dtype=torch.bool)
+    kept.scatter_(1, columns[:, :count], True)
+    return kept, [kept & a for a in at_best]
+
+
+def _solve_with_floors(scores, users, *, sparsity, scope, dense, num_keep, floors: Floors | dict) -> VoteResult:
+    """The vote with floors, still exactly at the budget.
+
+    The floor weights ``F`` are kept first. The rest of the budget goes to the
+    unrestricted vote's order: with ``V(k)`` the vote's first ``k``, the kept set is
+    ``F ∪ V(k)`` for the least ``k`` with ``|F ∪ V(k)|`` equal to the budget, found by
+    iterating ``k = budget - |F| + |V(k) ∩ F|`` from below (``V`` is nested in ``k``, so the
+    iteration only rises and stops there). Without a binding floor this is the plain vote.
+    The kept sets stay nested in the budget.
     """
     layout = _layout(scores, users, scope, dense)
     if num_keep is None:
         _check_sparsity(sparsity)
         num_keep = round((1.0 - float(sparsity)) * layout.num_total)
-    unknown = sorted(set(floors).difference(users))
+    if not isinstance(floors, Floors):
+        unknown = sorted(set(floors).difference(users))
+        if unknown:
+            raise ValueError(f"floors name {unknown}, which are not prunable weights in users")
+        floors = pick_floors(scores, users, {f: c for f, c in floors.items() if f not in layout.dense})
+    floor_masks = {fqn: mask for fqn, mask in floors.masks.items() if fqn not in layout.dense}
+    unknown = sorted(set(floor_masks).difference(users))
     if unknown:
         raise ValueError(f"floors name {unknown}, which are not prunable weights in users")
-    floor_masks, nominated = {}, {}
-    for fqn, count in floors.items():
-        size = layout.shapes[fqn].numel()
-        if fqn in layout.dense or count <= 0:
-            continue
-        one = {task: {fqn: scores[task][fqn]} for task in layout.users[fqn] if task in scores}
-        kept = solve_vote(one, {fqn: layout.users[fqn]}, num_keep=min(count, size))
-        floor_masks[fqn], nominated[fqn] = kept.masks[fqn], {t: m[fqn] for t, m in kept.task_masks.items()}
     num_floor = sum(int(m.sum()) for m in floor_masks.values())
     num_dense = layout.num_total - layout.num_voted
     if num_dense + num_floor > num_keep:
@@ -199,11 +274,12 @@ def _solve_with_floors(scores, users, *, sparsity, scope, dense, num_keep, floor
         k = num_keep - num_floor + overlap
         result, overlap = union(k)
     masks = {fqn: mask | floor_masks[fqn] if fqn in floor_masks else mask for fqn, mask in result.masks.items()}
-    task_masks = {task: {fqn: mask | nominated.get(fqn, {}).get(task, torch.zeros_like(mask))
+    task_masks = {task: {fqn: mask | floors.nominated.get(task, {}).get(fqn, torch.zeros_like(mask))
                          for fqn, mask in per.items()} for task, per in result.task_masks.items()}
+    held = [fqn for fqn, mask in floor_masks.items() if bool((mask & ~result.masks[fqn]).any())]
     kept = sum(int(m.sum()) for m in masks.values())
     assert kept == num_keep, (kept, num_keep)
-    return VoteResult(masks, task_masks, result.keep_ratio, kept, layout.num_total)
+    return VoteResult(masks, task_masks, result.keep_ratio, kept, layout.num_total, held)
 
 
 def _rankings(layout: _Layout, scope: str) -> list[_Ranking]:

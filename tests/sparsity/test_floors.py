@@ -1,13 +1,18 @@
 """Layer floors in the exact-sparsity solve: no layer, so no task's own head, is pruned away;
 the budget stays exact; a floor the budget cannot pay is refused with the reachable sparsity."""
 
+import math
+
 import pytest
 import torch
 
 from dsparse.config import config_from_dict
 from dsparse.models import build_model, prunable_parameters
+from dsparse.sparsity.methods import require_static
 from dsparse.sparsity.prune import prune
-from dsparse.sparsity.vote import layer_floors, solve_vote
+from dsparse.sparsity.block.geometry import BlockUnits
+from dsparse.sparsity.block.vote import row_floors, solve_block_vote
+from dsparse.sparsity.vote import layer_floors, pick_floors, solve_vote
 from dsparse.tasks import build_tasks
 
 from .test_distributed_masks import TASKS, make_batches
@@ -66,10 +71,11 @@ def test_floors_the_budget_cannot_pay_are_refused_with_the_reachable_sparsity():
         solve_vote(scores, users, sparsity=0.9, floors={"a": 20, "b": 20})
 
 
-def small_model():
+def small_model(width=8):
     torch.manual_seed(0)
     tasks = build_tasks(TASKS, num_classes=10)
-    model = build_model("resnet18", {n: t.num_channels for n, t in tasks.items()}, base_width=8, head_dilations=(1, 2))
+    model = build_model("resnet18", {n: t.num_channels for n, t in tasks.items()}, base_width=width,
+                        head_dilations=(1, 2))
     return model, tasks
 
 
@@ -99,12 +105,117 @@ def test_a_head_that_would_be_emptied_keeps_its_path():
     assert set(emptied) <= set(floored.meta["layers_at_floor"])
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_pick_floors_is_the_vote_restricted_to_each_layer_or_row(per_row):
+    """Three tasks share a layer, one owns another; coarse scores make ties at every rank."""
+    generator = torch.Generator().manual_seed(5)
+    users = {"t": frozenset({"x", "y", "z"}), "h": frozenset({"z"})}
+    scores = {task: {n: torch.randint(0, 4, (6, 9), generator=generator).float() / 4 for n, u in users.items()
+                     if task in u} for task in ("x", "y", "z")}
+    for count in (1, 2, 5, 9):
+        floors = pick_floors(scores, users, {"t": count, "h": count}, per_row=per_row)
+        for fqn in users:
+            rows = range(6) if per_row else [None]
+            for row in rows:
+                piece = {t: {fqn: s[fqn][row] if per_row else s[fqn]} for t, s in scores.items() if fqn in s}
+                alone = solve_vote(piece, {fqn: users[fqn]}, num_keep=count if per_row else count)
+                got = floors.masks[fqn][row] if per_row else floors.masks[fqn]
+                assert torch.equal(got, alone.masks[fqn]), (fqn, row, count)
+            either = torch.zeros_like(floors.masks[fqn])
+            for task in users[fqn]:  # the nominations OR to the floor
+                either |= floors.nominated[task][fqn]
+            assert torch.equal(either, floors.masks[fqn])
+
+
+def test_brute_force_block_row_floors_on_one_ranking():
+    """Each block row's best block first, then the rest of the budget by global score."""
+    generator = torch.Generator().manual_seed(2)
+    grids = {"a": (3, 4), "b": (2, 5)}
+    scores = {"joint": {n: torch.rand(g, generator=generator) for n, g in grids.items()}}
+    scores["joint"]["b"][1] *= 1e-3  # b's second row would lose every block
+    users = {n: frozenset({"joint"}) for n in grids}
+    names = list(grids)
+    flat = torch.cat([scores["joint"][n].flatten() for n in names]).tolist()
+    row_of = [(n, r) for n in names for r in range(grids[n][0]) for _ in range(grids[n][1])]
+    order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
+    floors = pick_floors(scores, users, {"a": 1, "b": 1}, per_row=True)
+    for keep in range(5, len(flat) + 1):
+        chosen = {next(i for i in order if row_of[i] == row) for row in set(row_of)}
+        for i in order:
+            if len(chosen) == keep:
+                break
+            chosen.add(i)
+        result = solve_vote(scores, users, num_keep=keep, floors=floors)
+        got = torch.cat([result.masks[n].flatten() for n in names]).tolist()
+        assert got == [i in chosen for i in range(len(flat))], keep
+
+
+def test_block_floors_keep_every_block_row_and_the_sparsity_exact_to_a_block():
+    generator = torch.Generator().manual_seed(4)
+    shapes = {"trunk": (128, 64, 3, 3), "head.x": (48, 128), "head.y": (40, 128)}
+    users = {"trunk": frozenset({"x", "y"}), "head.x": frozenset({"x"}), "head.y": frozenset({"y"})}
+    scores = {t: {n: torch.rand(shapes[n], generator=generator) for n in shapes if t in users[n]} for t in "xy"}
+    scores["y"]["head.y"] *= 1e-4  # y's head loses the global ranking
+    units = BlockUnits(shapes, 16)
+    total = sum(torch.Size(s).numel() for s in shapes.values())
+    plain = solve_block_vote(scores, users, units, sparsity=0.9)
+    assert not plain.masks["head.y"].any()
+    floored = solve_block_vote(scores, users, units, sparsity=0.9, floors=row_floors(units, 0.001))
+    for fqn in shapes:
+        assert bool(units.unit_mask(fqn, floored.masks[fqn]).any(dim=1).all()), fqn  # a block in every row
+    assert abs(floored.num_kept - round(0.1 * total)) <= 16 * 16 // 2
+    assert "head.y" in floored.result.held_by_floor
+    with pytest.raises(ValueError, match=r"block floors alone keep 3,456 weights, more than the 850 of 84,992 .* "
+                                         r"largest reachable sparsity is 0.9593"):
+        solve_block_vote(scores, users, units, sparsity=0.99, floors=row_floors(units, 0.001))
+    assert row_floors(units, 0.3) == {"trunk": 11, "head.x": 3, "head.y": 3} and row_floors(units, 0) == {}
+
+
+@pytest.mark.parametrize("method", ["disparse", "snip", "random", "magnitude"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.95])
+def test_no_layer_is_emptied_by_block_masks_with_the_default_floor(method, sparsity):
+    """At width 16 every method empties layers without floors; with them each block row keeps
+    a block (99% of this small model is beyond the floors: the test below runs width 64)."""
+    model, tasks = small_model(width=16)
+    units = BlockUnits({n: tuple(w.shape) for n, w in prunable_parameters(model).items()}, 16)
+    batches = make_batches(1, batch=2)
+    masks = prune(model, tasks, iter(batches), method=method, sparsity=sparsity, num_batches=1, granularity="block",
+                  block=16, keep_first_dense=True)
+    assert abs(masks.sparsity - sparsity) * masks.num_total <= 16 * 16
+    for fqn, mask in masks.masks.items():
+        assert bool(units.unit_mask(fqn, mask).any(dim=1).all()), fqn
+    assert masks.meta["min_density"] == 0.001 and masks.meta["layers_at_floor"]
+
+
+@pytest.mark.parametrize("method", ["disparse", "magnitude"])
+def test_no_layer_is_emptied_by_block_masks_at_99_percent(method):
+    model, tasks = small_model(width=64)
+    masks = prune(model, tasks, iter(make_batches(1, batch=2)), method=method, sparsity=0.99, num_batches=1,
+                  granularity="block", block=16, keep_first_dense=True)
+    units = BlockUnits({n: tuple(m.shape) for n, m in masks.masks.items()}, 16)
+    assert abs(masks.sparsity - 0.99) * masks.num_total <= 16 * 16
+    assert all(bool(units.unit_mask(fqn, mask).any(dim=1).all()) for fqn, mask in masks.masks.items())
+
+
+def test_channel_groups_take_min_density_as_their_floor():
+    model, tasks = small_model(width=16)
+    batches = make_batches(1, batch=2)
+    masks = {density: require_static("disparse").masks(model, tasks, iter(batches), sparsity=0.5, num_batches=1,
+                                                       granularity="channel", min_density=density)
+             for density in (None, 0.5)}
+    assert masks[None].meta["min_density"] == 0.1 and masks[0.5].meta["min_density"] == 0.5
+    for name, entry in masks[0.5].meta["channels"].items():
+        if not entry.get("fixed"):
+            assert len(entry["kept"]) >= math.ceil(0.5 * entry["channels"]), name
+
+
 def test_min_density_settings():
     assert config_from_dict({"sparsity": {"method": "snip"}}).sparsity.floor_density(dynamic=False) == 0.001
     assert config_from_dict({"sparsity": {"method": "snip", "min_density": 0}}).sparsity.floor_density(False) == 0.0
     with pytest.raises(ValueError, match="min_density must be in"):
         config_from_dict({"sparsity": {"method": "snip", "min_density": 1.5}})
-    with pytest.raises(ValueError, match="floors for block masks are not built yet"):
-        config_from_dict({"sparsity": {"method": "snip", "granularity": "block", "min_density": 0.01}})
+    blocks = config_from_dict({"sparsity": {"method": "snip", "granularity": "block"}}).sparsity
+    channels = config_from_dict({"sparsity": {"method": "snip", "granularity": "channel", "min_density": 0.2}})
+    assert blocks.floor_density(False) == 0.001 and channels.sparsity.floor_density(False) == 0.2
     with pytest.raises(ValueError, match="floors for rigl .dynamic. are not built yet"):
         config_from_dict({"sparsity": {"method": "rigl", "min_density": 0.01}})

@@ -10,16 +10,32 @@ element count grows with it; the search (bisection over the block count, one vot
 blocks per step) keeps the block count whose element count is closest to
 ``round((1 - sparsity) * num_elements)``, the smaller one on a tie. The achieved
 sparsity is therefore exact to one block.
+
+Floors. Every block row of a voted layer keeps at least ``row_floors`` blocks (by default
+one): its best by the vote restricted to the row (``pick_floors``), so every output
+channel of every layer, and hence every task's own head, keeps a connection. The floors
+are picked once and held by every vote of the search, whose kept sets stay nested.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dsparse.sparsity.block.geometry import BlockUnits
-from dsparse.sparsity.vote import VoteResult, _check_sparsity, solve_vote
+from dsparse.sparsity.vote import VoteResult, _check_sparsity, pick_floors, solve_vote
 
-__all__ = ["BlockVote", "solve_block_vote"]
+__all__ = ["BlockVote", "row_floors", "solve_block_vote"]
+
+
+def row_floors(units: BlockUnits, min_density: float, dense=()) -> dict[str, int]:
+    """FQN -> the fewest blocks each block row keeps: ``ceil(min_density * blocks per row)``,
+    at least one (none when ``min_density`` is 0; dense layers keep all anyway)."""
+    if min_density <= 0:
+        return {}
+    return {fqn: max(1, math.ceil(min_density * grid.grid[1])) for fqn, grid in units.grids.items()
+            if fqn not in dense}
 
 
 class BlockVote:
@@ -39,7 +55,8 @@ class BlockVote:
 
 
 def solve_block_vote(scores: dict[str, dict[str, torch.Tensor]], users: dict[str, frozenset[str]],
-                     units: BlockUnits, *, sparsity: float, scope: str = "global", dense=()) -> BlockVote:
+                     units: BlockUnits, *, sparsity: float, scope: str = "global", dense=(),
+                     floors: dict[str, int] | None = None) -> BlockVote:
     """Vote on blocks and keep the block count whose elements best match ``sparsity``.
 
     Args:
@@ -48,9 +65,11 @@ def solve_block_vote(scores: dict[str, dict[str, torch.Tensor]], users: dict[str
         units: the block tiling of every weight in ``users``.
         sparsity: fraction of all prunable *elements* to prune, in (0, 1).
         scope, dense: as for ``solve_vote``.
+        floors: FQN -> the fewest blocks each of its block rows keeps (``row_floors``).
 
     Raises:
-        ValueError: as ``solve_vote``; dense layers larger than the element budget.
+        ValueError: as ``solve_vote``; dense layers (and floors) larger than the element
+            budget, with the largest reachable sparsity.
     """
     _check_sparsity(sparsity)
     block_scores = {task: {fqn: units.pool(fqn, score.double()).float() for fqn, score in per.items()}
@@ -62,15 +81,23 @@ def solve_block_vote(scores: dict[str, dict[str, torch.Tensor]], users: dict[str
     num_dense_blocks = sum(sizes[fqn].numel() for fqn in dense)
     num_blocks = sum(size.numel() for size in sizes.values())
 
+    held = pick_floors(block_scores, users, {f: c for f, c in (floors or {}).items() if f not in dense},
+                       per_row=True) if floors else None
+
     def vote(num_keep: int) -> tuple[int, VoteResult]:
-        result = solve_vote(block_scores, users, num_keep=num_keep, scope=scope, dense=dense)
+        result = solve_vote(block_scores, users, num_keep=num_keep, scope=scope, dense=dense, floors=held)
         return sum(int(sizes[fqn][mask].sum()) for fqn, mask in result.masks.items()), result
 
-    low, high = num_dense_blocks, num_blocks  # vote(low) keeps <= target (else refused below)
+    low, high = num_dense_blocks + (held.num_kept if held else 0), num_blocks  # vote(low) keeps the least
     kept_low, result_low = vote(low)
     if kept_low > target:
-        raise ValueError(f"dense layers {sorted(dense)} hold {kept_low} weights, more than the {target} the "
-                         f"sparsity {sparsity} keeps; lower the sparsity or keep fewer layers dense")
+        reachable = math.floor((1.0 - kept_low / num_elements) * 1e4) / 1e4
+        parts = ([f"dense layers {sorted(dense)}"] if dense else []) + (["the block floors"] if held else [])
+        what = " and ".join(parts) or "the vote"
+        raise ValueError(f"{what} alone keep {kept_low:,} weights, more than the {target:,} of {num_elements:,} the "
+                         f"sparsity {sparsity} keeps; the largest reachable sparsity is {reachable:.4f} (lower the "
+                         "sparsity" + (", or sparsity.min_density" if held else "") +
+                         (", or keep fewer layers dense" if dense else "") + ")")
     while high - low > 1:  # invariant: kept(low) <= target < kept(high) (or high = all blocks)
         middle = (low + high) // 2
         kept, result = vote(middle)

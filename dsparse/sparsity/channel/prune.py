@@ -17,7 +17,7 @@ from torch import nn
 from dsparse.models import prunable_parameters, unwrap_model
 from dsparse.sparsity.channel.groups import ChannelGroup, channel_groups
 from dsparse.sparsity.channel.shrink import channel_element_masks, channel_meta, shrink_model
-from dsparse.sparsity.channel.vote import ChannelCost, solve_channel_vote
+from dsparse.sparsity.channel.vote import MIN_FRACTION, ChannelCost, solve_channel_vote
 from dsparse.sparsity.masks import MaskSet
 
 __all__ = ["channel_groups_of", "channel_masks", "channel_table"]
@@ -27,7 +27,7 @@ log = logging.getLogger("dsparse.sparsity")
 
 def channel_masks(model: nn.Module, scores: dict[str, dict[str, torch.Tensor]], *, sparsity: float, budget: str,
                   scope: str, input_size: tuple[int, int], joint_task: str | None, meta: dict,
-                  multiple: int = 1) -> MaskSet:
+                  multiple: int = 1, min_fraction: float = MIN_FRACTION) -> MaskSet:
     """The channel vote's masks for ``model`` (dense), as element masks plus the groups.
 
     Args:
@@ -36,6 +36,8 @@ def channel_masks(model: nn.Module, scores: dict[str, dict[str, torch.Tensor]], 
             it alone), or None to vote with the groups' real users (DiSparse).
         meta: how the masks were made (method, criterion, ...), kept in the mask set.
         multiple: each voted group keeps a multiple of this many channels (``solve_channel_vote``).
+        min_fraction: every voted group keeps at least this fraction of its channels, and at
+            least one (``solve_channel_vote``); 0 = no floor.
     """
     model = unwrap_model(model)
     weight = next(model.parameters())
@@ -44,7 +46,8 @@ def channel_masks(model: nn.Module, scores: dict[str, dict[str, torch.Tensor]], 
     if joint_task is not None:
         groups = [dataclasses.replace(g, users=frozenset({joint_task})) for g in groups]
     cost = ChannelCost.of(model, example, budget)
-    vote = solve_channel_vote(scores, groups, cost, sparsity=sparsity, scope=scope, multiple=multiple)
+    vote = solve_channel_vote(scores, groups, cost, sparsity=sparsity, scope=scope, multiple=multiple,
+                              min_fraction=min_fraction)
     record = channel_meta(groups, vote.kept, vote.order)
     weights = prunable_parameters(model)
     masks = channel_element_masks(weights, record)

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from dsparse.sparsity.channel.groups import ChannelGroup
-from dsparse.sparsity.vote import VoteResult, _check_sparsity, solve_vote
+from dsparse.sparsity.vote import MIN_DENSITY, VoteResult, _check_sparsity, solve_vote
 
 __all__ = ["BUDGETS", "ChannelCost", "ChannelVote", "channel_scores", "round_up", "solve_channel_vote"]
 
@@ -144,10 +144,9 @@ class ChannelVote:
         return 1.0 - self.cost_kept / self.cost_total
 
 
-MIN_FRACTION = 0.1
+MIN_FRACTION = MIN_DENSITY["channel"]
 """Default floor: every voted group keeps at least this fraction of its channels (and at
-least one). Without it a FLOPs budget empties the high-resolution groups first (their
-channels cost the most FLOPs): on the tiny model, 30% of the FLOPs already emptied one."""
+least one); ``MIN_DENSITY`` says why."""
 
 
 def solve_channel_vote(scores: dict[str, dict[str, torch.Tensor]], groups: list[ChannelGroup], cost: ChannelCost, *,

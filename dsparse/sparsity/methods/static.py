@@ -20,14 +20,14 @@ from typing import ClassVar
 import torch
 
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
-from dsparse.sparsity.block.vote import solve_block_vote
 from dsparse.sparsity.block.geometry import BlockUnits, mask_units
+from dsparse.sparsity.block.vote import row_floors, solve_block_vote
 from dsparse.sparsity.channel.prune import channel_masks
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.criteria import needs_data
 from dsparse.sparsity.methods.base import MaskInputs, Method, first_conv, register_method, verify_masks_agree
 from dsparse.sparsity.saliency import JOINT, all_reduce_scores, compute_saliency, normalize_scores
-from dsparse.sparsity.vote import DEFAULT_MIN_DENSITY, layer_floors, solve_vote
+from dsparse.sparsity.vote import MIN_DENSITY, layer_floors, solve_vote
 from dsparse.tasks import Task
 
 
@@ -60,10 +60,12 @@ class StaticMethod(Method):
               keep_first_dense: bool = False, task_weights: dict[str, float] | None = None, seed: int = 0,
               pretrained: bool = False, granularity: str = "element", block: int = 32, budget: str = "params",
               input_size: tuple[int, int] = (64, 64), channel_multiple: int = 8,
-              min_density: float = DEFAULT_MIN_DENSITY) -> MaskSet:
+              min_density: float | None = None) -> MaskSet:
         """Masks for ``model`` at exactly ``sparsity``, identical on every rank (see ``prune``);
         ``budget``, ``input_size`` (the training crop) and ``channel_multiple`` serve channel
-        granularity, ``min_density`` (element masks) is every layer's floor (``layer_floors``)."""
+        granularity, ``min_density`` sets the floors (``layer_floors``, ``row_floors``, the channel
+        groups' floor; None = ``MIN_DENSITY`` of the granularity)."""
+        min_density = MIN_DENSITY.get(granularity, 0.0) if min_density is None else min_density
         criterion = self.criterion_for(criterion, pretrained)
         data = needs_data(criterion)
         weights = prunable_parameters(unwrap_model(model))
@@ -77,23 +79,25 @@ class StaticMethod(Method):
                     num_batches=num_batches if data else 0)
         if granularity == "channel":  # the stem's output channels stay by construction
             masks = channel_masks(model, scores, sparsity=sparsity, budget=budget, scope=scope, input_size=input_size,
-                                  multiple=channel_multiple, joint_task=None if self.disentangled else JOINT, meta={**meta, "dense_layers": []})
+                                  multiple=channel_multiple, joint_task=None if self.disentangled else JOINT,
+                                  min_fraction=min_density, meta={**meta, "dense_layers": [], "min_density": min_density})
             verify_masks_agree(masks)
             return masks
         units = mask_units(granularity, block, {fqn: tuple(w.shape) for fqn, w in weights.items()})
         dense = [first_conv(model)] if keep_first_dense else []
         meta = dict(meta, dense_layers=dense, **units.meta())
         if isinstance(units, BlockUnits):
-            vote = solve_block_vote(scores, self.vote_users(model), units, sparsity=sparsity, scope=scope, dense=dense)
+            vote = solve_block_vote(scores, self.vote_users(model), units, sparsity=sparsity, scope=scope, dense=dense,
+                                    floors=row_floors(units, min_density, dense))
             masks = MaskSet(vote.masks, {**meta, "keep_ratio": vote.result.keep_ratio, "num_kept": vote.num_kept,
-                                         "num_total": vote.num_total, "sparsity_achieved": vote.sparsity},
+                                         "num_total": vote.num_total, "sparsity_achieved": vote.sparsity,
+                                         "min_density": min_density, "layers_at_floor": vote.result.held_by_floor},
                             vote.task_masks)
         else:
             floors = layer_floors({fqn: w.numel() for fqn, w in weights.items()}, min_density, dense)
             result = solve_vote(scores, self.vote_users(model), sparsity=sparsity, scope=scope, dense=dense,
                                 floors=floors)
-            at_floor = [fqn for fqn, count in floors.items() if int(result.masks[fqn].sum()) <= count]
-            masks = MaskSet.from_vote(result, **meta, min_density=min_density, layers_at_floor=at_floor)
+            masks = MaskSet.from_vote(result, **meta, min_density=min_density, layers_at_floor=result.held_by_floor)
         verify_masks_agree(masks)
         return masks
 
