@@ -320,8 +320,8 @@ class SparsityConfig:
     prunable layer keeps as a fraction of the layer (element masks), the fewest blocks of
     every block row as a fraction of the row (block masks), the fewest channels of every
     channel group (channel masks); always at least one. None = the default: 0.001 (one block
-    per block row), 0.1 for channel groups; 0 switches the floors off. Dynamic floors are
-    not built yet (an explicit value is refused there)."""
+    per block row), 0.1 for channel groups; 0 switches the floors off. Dynamic methods hold
+    them at every update; AdapMTL's final projection keeps each layer's floor."""
     adapmtl: AdapMTLConfig = field(default_factory=AdapMTLConfig)
     """Settings of ``method: adapmtl`` (an error with any other method)."""
     kernel: Kernel = "auto"
@@ -367,9 +367,6 @@ class SparsityConfig:
                              "sparsity.method=adapmtl or leave sparsity.adapmtl out")
         if self.method is not None:
             get_method(self.method).check(self)  # what the method may be given, worded by the method
-            if self.min_density is not None and get_method(self.method).dynamic:
-                raise ValueError(f"sparsity.min_density applies to static methods so far; layer floors for "
-                                 f"{self.method} (dynamic) are not built yet (leave it out)")
         elif self.score_init == "xavier":
             refuse_score_init(None)
 
@@ -377,13 +374,10 @@ class SparsityConfig:
     def enabled(self) -> bool:
         return self.method is not None or self.masks is not None
 
-    def floor_density(self, dynamic: bool) -> float:
-        """The floors of the solve (``min_density``, resolved): ``MIN_DENSITY`` of the
-        granularity by default, 0 (none yet) for dynamic methods."""
+    def floor_density(self) -> float:
+        """The floors (``min_density``, resolved): ``MIN_DENSITY`` of the granularity by default."""
         from dsparse.sparsity.vote import MIN_DENSITY
 
-        if dynamic:
-            return 0.0
         return MIN_DENSITY[self.granularity] if self.min_density is None else self.min_density
 
     def first_conv_dense(self, dynamic: bool) -> bool:

@@ -136,7 +136,8 @@ def test_block_without_block_granularity_is_refused(sparse_run, tmp_path, capsys
 
 def test_block_masks_keep_the_stem_dense_and_empty_layers_are_loud_and_recorded(tiny_dataset, tmp_path, caplog):
     """The README's block example at width 8 emptied 18 of 34 layers, the stem included, and
-    finished "complete" without a word."""
+    finished "complete" without a word (now the default floors keep a block in every block
+    row; switched off here)."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -150,7 +151,7 @@ def test_block_masks_keep_the_stem_dense_and_empty_layers_are_loud_and_recorded(
         "train": {"iterations": 1, "eval_interval": 1, "log_interval": 1, "checkpoint_interval": 1,
                   "eval_batches": 1},
         "tracking": {"uri": uri, "experiment": "tests"},
-        "sparsity": {"method": "random", "target": 0.9, "granularity": "block", "block": 16}}))
+        "sparsity": {"method": "random", "target": 0.9, "granularity": "block", "block": 16, "min_density": 0}}))
     empty = summary["sparsity"]["empty_layers"]
     assert "trunk.stem.0.weight" not in empty, "block masks keep the stem dense by default"
     assert empty, "this setting empties layers (the tiny heads have one output channel)"

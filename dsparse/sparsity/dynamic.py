@@ -20,6 +20,10 @@ DeepSpeed or devices beyond the tensors it gets).
 A layer with no inactive position (a dense or ERK-capped layer) is left alone: dropping
 and then regrowing all of its dropped weights would only reset them to zero.
 
+Floors. Each layer's count never changes, so a layer floor set by the initial counts holds
+at every update. A row floor (``row_floors``: blocks per block row) is held by never
+dropping a row's strongest ``c`` active units; only the others are candidates.
+
 Everything here is a pure, deterministic function of its inputs, so ranks holding equal
 weights and all-reduced scores derive identical masks. Work per layer is one top-k
 selection for the drop and one per user task for the grow (linear time, ties broken by
@@ -211,6 +215,7 @@ def update_layer_masks(
     grow: str = "votes",
     seed: int = 0,
     update_index: int = 0,
+    row_floors: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, Tensor], UpdateStats]:
     """One drop/grow update of every layer in ``masks``; each keeps its active count exactly.
 
@@ -232,6 +237,8 @@ def update_layer_masks(
         seed: seed of ``"random"`` growth.
         update_index: which update this is (e.g. the step); combined with ``seed`` so
             successive random updates differ while staying reproducible.
+        row_floors: FQN -> the fewest active units each row (first dimension) keeps: each
+            row's strongest ``c`` active ones are never dropped (fewer drop if need be).
 
     Returns:
         (FQN -> new bool mask, in the order of ``masks``; UpdateStats, whose
@@ -255,7 +262,12 @@ def update_layer_masks(
         _check_same_shape(f"masks[{fqn!r}]", mask, weights[fqn])
         active = int(torch.count_nonzero(mask))
         num_drop = int(drop_fraction * active) if active < mask.numel() else 0
-        after_drop = drop_weakest(weights[fqn], mask, num_drop)
+        held = _strongest_per_row(weights[fqn], mask, (row_floors or {}).get(fqn, 0))
+        if held is None:
+            after_drop = drop_weakest(weights[fqn], mask, num_drop)
+        else:
+            num_drop = min(num_drop, active - int(torch.count_nonzero(held)))
+            after_drop = drop_weakest(weights[fqn], mask & ~held, num_drop) | held
         if num_drop == 0:
             grown, per_task = torch.zeros_like(mask), {}
         elif grow == "random":
@@ -297,6 +309,18 @@ def _layer_scores(fqn: str, task_scores, users, grow: str) -> dict[str, Tensor]:
                          "for it; score every task on the weights it uses")
     # Task order of task_scores, so the result does not depend on frozenset iteration order.
     return {t: per_fqn[fqn] for t, per_fqn in task_scores.items() if t in users[fqn]}
+
+
+def _strongest_per_row(weight: Tensor, mask: Tensor, count: int) -> Tensor | None:
+    """The ``count`` largest-magnitude active entries of every row (ties: smaller index), or
+    None without a floor."""
+    if count <= 0:
+        return None
+    rows = mask.shape[0]
+    values = weight.detach().reshape(rows, -1).abs().float().to(mask.device)
+    active = mask.reshape(rows, -1)
+    values = values.masked_fill(~active, -math.inf)
+    return (_top_k_rows(values, min(count, values.shape[1])) & active).reshape(mask.shape)
 
 
 def _top_k(values: Tensor, k: int) -> Tensor:

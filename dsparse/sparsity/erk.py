@@ -21,6 +21,12 @@ Two things cause it, and both are handled here:
 
 ``N`` counts every layer, the forced-dense ones included, so "density 0.1" means 10% of
 all prunable weights whatever the dense option.
+
+Floors. ``floors`` gives layers a least count: a layer whose ERK count falls below its floor
+keeps the floor instead, and the others share what is left by the same rule (fixing a layer
+at its floor only lowers the others' factor, so each round fixes the layers below their
+floors and the loop ends after at most one round per layer). A floor that binds nowhere
+changes nothing. ``random_masks`` can also hold a floor per row (a block row of block masks).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ def erk_counts(
     *,
     power: float = 1.0,
     dense: Iterable[str] = (),
+    floors: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Number of kept weights per layer under ERK, summing exactly to ``round(density * N)``.
 
@@ -47,6 +54,7 @@ def erk_counts(
         density: global kept fraction of all the weights in ``shapes``, in (0, 1).
         power: exponent of the ERK ratio; 0 = uniform, 1 = ERK.
         dense: FQNs kept fully dense; they count towards the budget.
+        floors: FQN -> the fewest weights the layer keeps (see the module docstring).
 
     Returns:
         FQN -> kept count, in the order of ``shapes``. Layers in ``dense`` and capped layers
@@ -54,8 +62,8 @@ def erk_counts(
 
     Raises:
         ValueError: empty ``shapes``, a shape with no weights, ``density`` outside (0, 1),
-            a negative or non-finite ``power``, ``dense`` naming unknown layers, or dense
-            layers that alone hold more weights than the budget.
+            a negative or non-finite ``power``, ``dense`` or ``floors`` naming unknown layers,
+            or dense layers and floors that alone hold more weights than the budget.
     """
     sizes = _sizes(shapes)
     _check_density_and_power(density, power)
@@ -70,12 +78,29 @@ def erk_counts(
             f"the dense layers {sorted(dense)} hold {num_dense} weights, more than the {budget} that density "
             f"{density} allows; raise the density or keep fewer layers dense"
         )
+    floors = {fqn: min(int(count), sizes[fqn]) for fqn, count in (floors or {}).items() if fqn not in dense}
+    unknown = sorted(set(floors) - set(sizes))
+    if unknown:
+        raise ValueError(f"floors name layers {unknown} that are not in shapes; known layers: {list(sizes)}")
+    if num_dense + sum(floors.values()) > budget:
+        reachable = 1.0 - (num_dense + sum(floors.values())) / sum(sizes.values())
+        raise ValueError(f"the layer floors keep {sum(floors.values()):,} weights (plus {num_dense:,} in dense layers), "
+                         f"more than the {budget:,} that density {density} allows; the largest reachable sparsity is "
+                         f"{math.floor(reachable * 1e4) / 1e4:.4f} (lower the sparsity or sparsity.min_density)")
     ratios = {fqn: (sum(shapes[fqn]) / sizes[fqn]) ** power for fqn in sizes if fqn not in dense}
-    capped = _cap_dense(ratios, sizes, budget - num_dense)
-    counts = {fqn: sizes[fqn] for fqn in sizes if fqn in dense or fqn in capped}
-    free = {fqn: r for fqn, r in ratios.items() if fqn not in capped}
-    counts.update(_apportion(free, sizes, budget - sum(counts.values())))
-    return {fqn: counts[fqn] for fqn in sizes}
+    at_floor: dict[str, int] = {}
+    while True:
+        free_ratios = {fqn: r for fqn, r in ratios.items() if fqn not in at_floor}
+        shared = budget - num_dense - sum(at_floor.values())
+        capped = _cap_dense(free_ratios, sizes, shared)
+        counts = {fqn: sizes[fqn] for fqn in sizes if fqn in dense or fqn in capped}
+        free = {fqn: r for fqn, r in free_ratios.items() if fqn not in capped}
+        counts.update(_apportion(free, sizes, shared - sum(sizes[fqn] for fqn in capped)))
+        below = {fqn: floors[fqn] for fqn in free if counts[fqn] < floors.get(fqn, 0)}
+        if not below:
+            counts.update(at_floor)
+            return {fqn: counts[fqn] for fqn in sizes}
+        at_floor.update(below)
 
 
 def erk_densities(
@@ -94,19 +119,23 @@ def erk_densities(
     return {fqn: counts[fqn] / math.prod(shapes[fqn]) for fqn in counts}
 
 
-def random_masks(shapes: Mapping[str, Sequence[int]], counts: Mapping[str, int], *, seed: int) -> dict[str, torch.Tensor]:
+def random_masks(shapes: Mapping[str, Sequence[int]], counts: Mapping[str, int], *, seed: int,
+                 row_floors: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Uniformly random keep masks with exactly ``counts[l]`` True per layer.
 
     One CPU ``torch.Generator`` seeded with ``seed`` draws a permutation per layer in the
     order of ``shapes``: the masks depend only on the seed, shapes and counts, not on the
-    global RNG or the device, so every rank derives the same ones.
+    global RNG or the device, so every rank derives the same ones. A layer keeps the first
+    ``counts[l]`` positions of its permutation; with ``row_floors[l] = c``, every row (first
+    dimension) first keeps its first ``c`` positions of the permutation, and the rest of the
+    count follows the permutation.
 
     Returns:
         FQN -> CPU bool tensor of the layer's shape.
 
     Raises:
-        ValueError: if ``counts`` does not have exactly the layers of ``shapes`` or a count
-            is outside [0, numel].
+        ValueError: if ``counts`` does not have exactly the layers of ``shapes``, a count
+            is outside [0, numel], or below what its row floors keep.
     """
     sizes = _sizes(shapes)
     if set(counts) != set(sizes):
@@ -118,8 +147,22 @@ def random_masks(shapes: Mapping[str, Sequence[int]], counts: Mapping[str, int],
         count = counts[fqn]
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= size:
             raise ValueError(f"counts[{fqn!r}] = {count!r} must be an integer in [0, {size}] (the layer's numel)")
+        order = torch.randperm(size, generator=generator)
         flat = torch.zeros(size, dtype=torch.bool)
-        flat[torch.randperm(size, generator=generator)[:count]] = True
+        per_row = (row_floors or {}).get(fqn, 0)
+        if per_row:
+            rows, width = shapes[fqn][0], size // shapes[fqn][0]
+            per_row = min(per_row, width)
+            if count < rows * per_row:
+                raise ValueError(f"counts[{fqn!r}] = {count} is below its row floors ({rows} rows x {per_row})")
+            rank = torch.empty(size, dtype=torch.int64)
+            rank[order] = torch.arange(size)
+            first = torch.argsort(rank.view(rows, width), dim=1)[:, :per_row]  # each row's first in the draw
+            flat.view(rows, width).scatter_(1, first, True)
+            order = order[~flat[order]][: count - rows * per_row]
+            flat[order] = True
+        else:
+            flat[order[:count]] = True
         masks[fqn] = flat.reshape(tuple(shapes[fqn]))
     return masks
 

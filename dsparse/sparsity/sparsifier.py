@@ -30,12 +30,14 @@ from dsparse.kernels import resolve_kernel
 from dsparse.models import parameter_users, prunable_parameters, unwrap_model
 from dsparse.sparsity.appliers import (BlockApplier, ChannelApplier, ElementApplier, MaskApplier,
                                        count_pruned_nonzeros)
-from dsparse.sparsity.block.layers import BlockSparseLayer
 from dsparse.sparsity.block.geometry import BlockUnits, MaskUnits, mask_units
+from dsparse.sparsity.block.layers import BlockSparseLayer
+from dsparse.sparsity.block.vote import row_floors
 from dsparse.sparsity.components import component_sparsity
 from dsparse.sparsity.masks import MaskSet
 from dsparse.sparsity.methods import MaskInputs, Method, first_conv, get_method, method_class
 from dsparse.sparsity.optim_state import OptimizerState, bind_optimizer
+from dsparse.sparsity.vote import layer_floors
 
 if TYPE_CHECKING:  # the config imports the methods to validate itself
     from dsparse.config import SparsityConfig
@@ -168,6 +170,8 @@ class MaskedSparsifier(Sparsifier):
             units = mask_units(settings.granularity, settings.block, shapes)
             applier = (BlockApplier(model, masks, units, settings.kernel) if isinstance(units, BlockUnits)
                        else ElementApplier(model, masks))
+        if self._given is not None and not self._resumed and settings.granularity != "channel":
+            refuse_below_floor(masks, units, settings.floor_density(), {n: users[n] for n in weights})
         self.state = MaskState(model, masks, applier, None, self.inputs, {n: users[n] for n in weights}, units)
         if self.method is not None:
             self.method.attach(self.state)
@@ -273,6 +277,36 @@ def check_target_count(target: float, weights: dict[str, torch.Tensor]) -> None:
 def empty_layers(masks: MaskSet) -> list[str]:
     """The masked layers that keep no weight at all."""
     return [fqn for fqn, mask in masks.masks.items() if not bool(mask.any())]
+
+
+def layers_below_floor(masks: MaskSet, units: MaskUnits, min_density: float) -> list[str]:
+    """The masked layers that keep fewer than their floor: ``layer_floors`` of the layer's
+    weights (element masks) or ``row_floors`` blocks in some block row (block masks)."""
+    if min_density <= 0:
+        return []
+    if isinstance(units, BlockUnits):
+        floors = row_floors(units, min_density)
+        return [fqn for fqn, mask in masks.masks.items()
+                if bool((units.unit_mask(fqn, mask).sum(dim=1) < floors[fqn]).any())]
+    floors = layer_floors({fqn: mask.numel() for fqn, mask in masks.masks.items()}, min_density)
+    return [fqn for fqn, mask in masks.masks.items() if int(mask.sum()) < floors[fqn]]
+
+
+def refuse_below_floor(masks: MaskSet, units: MaskUnits, min_density: float,
+                       users: dict[str, frozenset[str]]) -> None:
+    """Given masks (``sparsity.masks``) must meet the run's floors, or the run says so and stops.
+
+    Raises:
+        ValueError: naming the layers below their floor, the tasks cut off, and the way out.
+    """
+    below = layers_below_floor(masks, units, min_density)
+    if below:
+        tasks = cut_off_tasks(empty_layers(masks), users)
+        raise ValueError(f"the given masks keep less than the floor (sparsity.min_density {min_density}) in "
+                         f"{len(below)} layer(s): {', '.join(below[:8])}{' ...' if len(below) > 8 else ''}"
+                         + (f"; task(s) {', '.join(tasks)} lose a layer of their own" if tasks else "") +
+                         "; make the masks with the floors (dsparse prune), or set sparsity.min_density=0 to "
+                         "train them as they are")
 
 
 def cut_off_tasks(empty: list[str], users: dict[str, frozenset[str]]) -> list[str]:

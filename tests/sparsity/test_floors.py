@@ -1,14 +1,18 @@
 """Layer floors in the exact-sparsity solve: no layer, so no task's own head, is pruned away;
 the budget stays exact; a floor the budget cannot pay is refused with the reachable sparsity."""
 
+import copy
 import math
 
 import pytest
 import torch
 
-from dsparse.config import config_from_dict
+from dsparse.config import SparsityConfig, config_from_dict
 from dsparse.models import build_model, prunable_parameters
-from dsparse.sparsity.methods import require_static
+from dsparse.sparsity import MaskInputs, MaskSet, build_sparsifier
+from dsparse.sparsity.dynamic import update_layer_masks
+from dsparse.sparsity.erk import erk_counts, random_masks
+from dsparse.sparsity.methods import get_method, require_static
 from dsparse.sparsity.prune import prune
 from dsparse.sparsity.block.geometry import BlockUnits
 from dsparse.sparsity.block.vote import row_floors, solve_block_vote
@@ -210,12 +214,92 @@ def test_channel_groups_take_min_density_as_their_floor():
 
 
 def test_min_density_settings():
-    assert config_from_dict({"sparsity": {"method": "snip"}}).sparsity.floor_density(dynamic=False) == 0.001
-    assert config_from_dict({"sparsity": {"method": "snip", "min_density": 0}}).sparsity.floor_density(False) == 0.0
+    assert config_from_dict({"sparsity": {"method": "snip"}}).sparsity.floor_density() == 0.001
+    assert config_from_dict({"sparsity": {"method": "snip", "min_density": 0}}).sparsity.floor_density() == 0.0
     with pytest.raises(ValueError, match="min_density must be in"):
         config_from_dict({"sparsity": {"method": "snip", "min_density": 1.5}})
     blocks = config_from_dict({"sparsity": {"method": "snip", "granularity": "block"}}).sparsity
     channels = config_from_dict({"sparsity": {"method": "snip", "granularity": "channel", "min_density": 0.2}})
-    assert blocks.floor_density(False) == 0.001 and channels.sparsity.floor_density(False) == 0.2
-    with pytest.raises(ValueError, match="floors for rigl .dynamic. are not built yet"):
-        config_from_dict({"sparsity": {"method": "rigl", "min_density": 0.01}})
+    assert blocks.floor_density() == 0.001 and channels.sparsity.floor_density() == 0.2
+    assert config_from_dict({"sparsity": {"method": "rigl", "min_density": 0.01}}).sparsity.floor_density() == 0.01
+
+
+# --- dynamic methods: ERK, the random start and every drop/grow keep the floors ----------
+
+
+def test_erk_floors_lift_only_the_layers_below_them_and_keep_the_budget_exact():
+    shapes = {"big": (256, 256, 3, 3), "mid": (64, 64), "small": (4, 64)}
+    plain = erk_counts(shapes, 0.01)
+    assert erk_counts(shapes, 0.01, floors={n: 1 for n in shapes}) == plain  # floors that do not bind
+    floored = erk_counts(shapes, 0.01, floors={"mid": 2000, "small": 200})
+    assert floored["mid"] == 2000 and floored["small"] == max(200, plain["small"])
+    assert sum(floored.values()) == sum(plain.values()) and floored["big"] < plain["big"]
+    with pytest.raises(ValueError, match=r"floors keep 589,824 weights .* largest reachable sparsity is 0.0073"):
+        erk_counts(shapes, 0.01, floors={"big": 600_000})
+
+
+def test_random_masks_draw_the_row_floors_first_and_the_same_draw_without_them():
+    shapes, counts = {"w": (6, 10), "v": (3, 4)}, {"w": 9, "v": 5}
+    old = random_masks(shapes, counts, seed=3)
+    assert all(torch.equal(old[n], m) for n, m in random_masks(shapes, counts, seed=3, row_floors={}).items())
+    floored = random_masks(shapes, counts, seed=3, row_floors={"w": 1})
+    assert int(floored["w"].sum()) == 9 and bool(floored["w"].any(dim=1).all())
+    assert torch.equal(floored["v"], old["v"])
+    with pytest.raises(ValueError, match="below its row floors"):
+        random_masks(shapes, {"w": 5, "v": 5}, seed=3, row_floors={"w": 1})
+
+
+def test_drop_and_grow_never_empty_a_row_with_row_floors():
+    generator = torch.Generator().manual_seed(7)
+    mask = torch.zeros(8, 12, dtype=torch.bool)
+    mask[:, 0] = True  # one unit per row: each is its row's floor
+    mask[0, 1:6] = True
+    users = {"w": frozenset({"a"})}
+    for step in range(20):
+        weight = torch.rand(8, 12, generator=generator) * mask
+        scores = {"a": {"w": torch.rand(8, 12, generator=generator)}}
+        new, stats = update_layer_masks({"w": weight}, {"w": mask}, scores, users, 0.9, row_floors={"w": 1},
+                                        update_index=step)
+        assert int(new["w"].sum()) == int(mask.sum()) and bool(new["w"].any(dim=1).all()), step
+        mask = new["w"]
+    unfloored, _ = update_layer_masks({"w": torch.rand(8, 12, generator=generator) * mask}, {"w": mask},
+                                      {"a": {"w": torch.zeros(8, 12)}}, users, 0.9)
+    assert not bool(unfloored["w"].any(dim=1).all())  # without floors the same update empties rows
+
+
+@pytest.mark.parametrize("method", ["disparse_dynamic", "rigl", "set"])
+@pytest.mark.parametrize("granularity", ["element", "block"])
+@pytest.mark.parametrize("sparsity", [0.9, 0.95, 0.99])
+def test_dynamic_starts_keep_every_layer_and_block_row(method, granularity, sparsity):
+    model, tasks = small_model(width=64 if granularity == "block" else 8)
+    settings = SparsityConfig(method=method, target=sparsity, granularity=granularity,
+                              block=16 if granularity == "block" else 32)
+    masks = get_method(method).initial_masks(model, MaskInputs(tasks, settings, seed=0, total_steps=10))
+    assert masks.meta["min_density"] == 0.001
+    units = BlockUnits({n: tuple(m.shape) for n, m in masks.masks.items()}, 16) if granularity == "block" else None
+    for fqn, mask in masks.masks.items():
+        assert mask.any(), fqn
+        if units is not None:
+            assert bool(units.unit_mask(fqn, mask).any(dim=1).all()), fqn
+    tolerance = 0.5 * len(masks.masks) * 16 * 16 if units is not None else 0
+    assert abs(masks.num_kept - round((1 - sparsity) * masks.num_total)) <= tolerance
+
+
+def test_given_masks_below_the_floor_are_refused_unless_the_floors_are_off(tmp_path):
+    model, tasks = small_model()
+    weights = prunable_parameters(model)
+    masks = {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()}
+    head = next(n for n in weights if n.startswith("heads.edge"))
+    masks[head] = torch.zeros_like(masks[head])
+    path = tmp_path / "m.pt"
+    MaskSet(masks, {"method": "hand", "granularity": "element", "block": None}).save(path)
+    for density, refused in ((None, True), (0, False)):
+        settings = SparsityConfig(masks=str(path), target=0.5, min_density=density)
+        sparsifier = build_sparsifier(settings, MaskInputs(tasks, settings))
+        if refused:
+            with pytest.raises(ValueError, match=rf"keep less than the floor .* in 1 layer\(s\): {head}; task\(s\) "
+                                                 r"edge lose a layer of their own; .* sparsity.min_density=0"):
+                sparsifier.prepare(copy.deepcopy(model))
+        else:
+            sparsifier.prepare(copy.deepcopy(model))
+            assert sparsifier.summary()["empty_layers"] == [head] and sparsifier.summary()["cut_off_tasks"] == ["edge"]

@@ -28,6 +28,7 @@ from dsparse.sparsity.methods.base import (MaskInputs, Method, first_conv, refus
                                            verify_masks_agree)
 from dsparse.sparsity.soft_threshold import (THRESHOLDS, SoftThresholds, attach_soft_thresholds, effective_weights,
                                              release_layers, soft_threshold, threshold_key, thresholded_layers)
+from dsparse.sparsity.vote import layer_floors
 
 __all__ = ["AdapMTL", "project_exact"]
 
@@ -37,14 +38,16 @@ GROUP = THRESHOLDS
 """Name of the thresholds' optimizer parameter group."""
 
 
-def project_exact(effective: dict[str, torch.Tensor], raw: dict[str, torch.Tensor], keep: int) -> dict[str, torch.Tensor]:
+def project_exact(effective: dict[str, torch.Tensor], raw: dict[str, torch.Tensor], keep: int,
+                  floors: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """Keep masks holding exactly ``keep`` of the weights: the largest ``|effective|``, ties
     (the many zeros above all) broken by the larger ``|raw|``, then by the smaller position
     in the concatenation of the FQNs in ``effective``'s order; so the same weights give the
-    same masks on every rank and device.
+    same masks on every rank and device. ``floors[fqn]`` (``layer_floors``): the layer
+    first keeps its best that many in the same order, the rest of ``keep`` follows the order.
 
     Raises:
-        ValueError: ``keep`` outside [0, number of weights].
+        ValueError: ``keep`` outside [0, number of weights], or below what the floors keep.
     """
     names = list(effective)
     sizes = [effective[n].numel() for n in names]
@@ -56,6 +59,18 @@ def project_exact(effective: dict[str, torch.Tensor], raw: dict[str, torch.Tenso
     order = torch.sort(secondary, descending=True, stable=True).indices
     order = order[torch.sort(primary[order], descending=True, stable=True).indices]
     flat = torch.zeros(total, dtype=torch.bool)
+    if floors:
+        counts = torch.tensor([min(floors.get(n, 0), size) for n, size in zip(names, sizes)])
+        if int(counts.sum()) > keep:
+            raise ValueError(f"the layer floors keep {int(counts.sum()):,} weights, more than the {keep:,} the target "
+                             "keeps; lower sparsity.target or sparsity.min_density")
+        layer = torch.repeat_interleave(torch.arange(len(names)), torch.tensor(sizes))[order]
+        by_layer = torch.sort(layer, stable=True)  # each layer's weights in the order, layer by layer
+        starts = torch.cumsum(torch.tensor(sizes), 0) - torch.tensor(sizes)
+        within = torch.arange(total) - starts[by_layer.values]
+        flat[order[by_layer.indices[within < counts[by_layer.values]]]] = True
+        order = order[~flat[order]]
+        keep -= int(counts.sum())
     flat[order[:keep]] = True
     return {n: part.view(effective[n].shape).to(effective[n].device)
             for n, part in zip(names, torch.split(flat, sizes))}
@@ -214,14 +229,16 @@ class AdapMTL(Method):
         masks = state.masks
         num_dense = sum(masks.masks[fqn].numel() for fqn in masks.masks if fqn not in self.layers)
         keep = round((1.0 - settings.target) * masks.num_total) - num_dense
-        kept = project_exact(effective, {fqn: weights[fqn] for fqn in effective}, keep)
+        floors = layer_floors({fqn: w.numel() for fqn, w in effective.items()}, settings.floor_density())
+        kept = project_exact(effective, {fqn: weights[fqn] for fqn in effective}, keep, floors)
         for fqn, values in effective.items():
             state.optimizer.write_(weights[fqn], values)
         release_layers(model)
         state.applier.update(kept, {fqn: ~mask for fqn, mask in kept.items()}, state.optimizer)
         num_kept = masks.num_kept
         masks.meta.update(num_kept=num_kept, sparsity_achieved=1.0 - num_kept / masks.num_total,
-                          keep_ratio=num_kept / masks.num_total, projected=True)
+                          keep_ratio=num_kept / masks.num_total, projected=True, min_density=settings.floor_density(),
+                          layers_at_floor=[fqn for fqn, count in floors.items() if int(kept[fqn].sum()) <= count])
         verify_masks_agree(masks)
         self.projected_at = step
         self.trained = {"sparsity": measured["sparsity"], "components": measured["components"]}

@@ -18,7 +18,8 @@ from typing import ClassVar
 import torch
 
 from dsparse.models import prunable_parameters, unwrap_model
-from dsparse.sparsity.block.geometry import mask_units
+from dsparse.sparsity.block.geometry import BlockUnits, mask_units
+from dsparse.sparsity.block.vote import row_floors
 from dsparse.sparsity.dynamic import DynamicSchedule, update_layer_masks
 from dsparse.sparsity.erk import erk_counts, random_masks
 from dsparse.sparsity.masks import MaskSet
@@ -31,6 +32,7 @@ from dsparse.sparsity.saliency import (
     normalize_scores,
     task_gradients,
 )
+from dsparse.sparsity.vote import layer_floors
 
 
 class DynamicMethod(Method):
@@ -48,25 +50,44 @@ class DynamicMethod(Method):
 
         With blocks, each layer keeps its ERK density times its number of blocks, rounded
         (within half a block of its ERK count), and the blocks are drawn at random.
+
+        Floors (``sparsity.min_density``): element masks give every layer at least its
+        ``layer_floors`` count in the ERK solve; block masks every block row its
+        ``row_floors`` blocks, drawn first; ``update`` keeps both.
         """
         self.check(inputs.settings)
         settings = inputs.settings
         weights = prunable_parameters(unwrap_model(model))
         dense = [first_conv(model)] if settings.first_conv_dense(dynamic=True) else []
         shapes = {n: tuple(w.shape) for n, w in weights.items()}
-        counts = erk_counts(shapes, 1.0 - settings.target, power=settings.erk_power, dense=dense)
         units = mask_units(settings.granularity, settings.block, shapes)
         unit_shapes = {n: units.unit_shape(n, shape) for n, shape in shapes.items()}
+        min_density = settings.floor_density()
+        per_row = self.row_floors(units, min_density, dense)
+        if per_row:  # in elements for ERK: the floor blocks' size at most
+            floors = {n: min(math.prod(shapes[n]), c * unit_shapes[n][0] * units.block ** 2) for n, c in per_row.items()}
+        else:
+            floors = layer_floors({n: math.prod(s) for n, s in shapes.items()}, min_density, dense)
+        erk = dict(power=settings.erk_power, dense=dense)
+        counts = erk_counts(shapes, 1.0 - settings.target, **erk, floors=floors)
+        plain = erk_counts(shapes, 1.0 - settings.target, **erk) if floors else counts
         unit_counts = {n: round(counts[n] / math.prod(shapes[n]) * math.prod(unit_shapes[n])) for n in shapes}
-        drawn = random_masks(unit_shapes, unit_counts, seed=inputs.seed)
+        unit_counts = {n: max(count, per_row.get(n, 0) * unit_shapes[n][0]) for n, count in unit_counts.items()}
+        drawn = random_masks(unit_shapes, unit_counts, seed=inputs.seed, row_floors=per_row)
         masks = {n: units.expand(n, mask).to(weights[n].device) for n, mask in drawn.items()}
         num_total = sum(w.numel() for w in weights.values())
         num_kept = sum(int(m.sum()) for m in masks.values())
         meta = {"method": self.name, "criterion": self.criterion, "scope": "erk", "sparsity_requested": settings.target,
                 "sparsity_achieved": 1.0 - num_kept / num_total, "keep_ratio": num_kept / num_total,
                 "dense_layers": dense, "num_kept": num_kept, "num_total": num_total, "erk_counts": unit_counts,
-                "num_updates": 0, **units.meta()}
+                "num_updates": 0, "min_density": min_density,
+                "layers_at_floor": [n for n in shapes if counts[n] > plain[n]], **units.meta()}
         return MaskSet(masks=masks, meta=meta)
+
+    @staticmethod
+    def row_floors(units, min_density: float, dense) -> dict[str, int]:
+        """Blocks per block row that every update keeps (block masks only)."""
+        return row_floors(units, min_density, dense) if isinstance(units, BlockUnits) else {}
 
     def schedule(self, inputs: MaskInputs) -> DynamicSchedule:
         settings = inputs.settings
@@ -132,7 +153,8 @@ class DynamicMethod(Method):
             {name: units.pool(name, weights[name].abs().float()) for name in sparse}, old,
             {task: {n: units.pool(n, s) for n, s in per.items() if n in old} for task, per in scores.items()},
             {name: users[name] for name in sparse}, schedule.drop_fraction(step),
-            grow=self.grow, seed=state.inputs.seed, update_index=step)
+            grow=self.grow, seed=state.inputs.seed, update_index=step,
+            row_floors=self.row_floors(units, masks.meta.get("min_density") or 0.0, dense))
         # dropped weights go to zero; grown ones (also those dropped and regrown at once)
         # restart from zero weight and zero optimizer state
         reset = {name: units.expand(name, (old[name] & ~new[name]) | stats.grown_masks[name]) for name in sparse}

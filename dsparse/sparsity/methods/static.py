@@ -118,7 +118,7 @@ class StaticMethod(Method):
                           seed=inputs.seed, pretrained=pretrained, granularity=settings.granularity,
                           block=settings.block, budget=settings.budget, input_size=inputs.input_size,
                           channel_multiple=settings.channel_multiple,
-                          min_density=settings.floor_density(dynamic=False))
+                          min_density=settings.floor_density())
 
 
 def xavier_copy(model: torch.nn.Module, seed: int) -> torch.nn.Module:
