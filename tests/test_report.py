@@ -221,3 +221,19 @@ def test_sparsity_as_trained_and_per_component_come_from_each_summary(tmp_path):
     markdown = to_markdown(report)
     assert "| sparsity trained | trunk sparsity | seg sparsity | depth sparsity |" in markdown
     assert "0.810" in markdown and "trunk (shared by every task)" in markdown
+
+
+def test_empty_layers_get_a_column_when_some_run_emptied_layers(tmp_path):
+    values = metrics(0.4, 0.8, 0.5, 0.2)
+    paths = [write_run(tmp_path, f"dense{s}", s, values) for s in (0, 1)]
+    paths += [write_run(tmp_path, f"snip{s}", s, values, "snip", summary_sparsity={"achieved": 0.9, "empty_layers": []})
+              for s in (0, 1)]
+    assert "empty_layers" not in [c.key for c in build_report(paths, constant=False).columns]
+    paths += [write_run(tmp_path, f"random{s}", s, values, "random", summary_sparsity={
+        "achieved": 0.9, "empty_layers": ["heads.seg.0.weight"] * (1 + s)}) for s in (0, 1)]
+    report = build_report(paths, constant=False)
+    rows = {row.label: row for row in report.rows}
+    assert [c.key for c in report.columns][-2:] == ["empty_layers", "delta_t"]
+    assert rows["random"].cells["empty_layers"].values == [1, 2] and rows["snip"].cells["empty_layers"].values == [0, 0]
+    assert rows["dense"].cells["empty_layers"].values == []
+    assert "| 1.5 |" in to_markdown(report) and "empty layers: masked layers that kept no weight" in to_markdown(report)

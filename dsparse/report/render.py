@@ -15,12 +15,12 @@ ARROWS = {True: "↑", False: "↓", None: ""}
 
 def column_decimals(report: Report) -> dict[str, int]:
     """Decimals per column, the same in every row: 2 for Delta_T and for metrics reaching
-    10 (angles, percentages), 3 for sparsity, else 4."""
+    10 (angles, percentages), 3 for sparsity, 1 for empty layers (a mean over seeds), else 4."""
     decimals = {}
     for column in report.columns:
         means = [abs(row.cells[column.key].mean) for row in report.rows if row.cells[column.key].values]
         decimals[column.key] = (3 if column.key.startswith("sparsity") else
-                                {"delta_t": 2}.get(column.key, 2 if max(means, default=0) >= 10 else 4))
+                                {"delta_t": 2, "empty_layers": 1}.get(column.key, 2 if max(means, default=0) >= 10 else 4))
     return decimals
 
 
@@ -29,7 +29,7 @@ def cell_text(cell: Cell, key: str, decimals: int, pm: str = "±") -> str:
         return "-"
     sign = "+" if key == "delta_t" else ""
     text = f"{cell.mean:{sign}.{decimals}f}"
-    if cell.std is not None and not key.startswith("sparsity"):
+    if cell.std is not None and not key.startswith("sparsity") and key != "empty_layers":
         text += f" {pm} {cell.std:.{decimals}f}"
     return text
 

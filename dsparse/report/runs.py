@@ -27,6 +27,8 @@ class RunRecord:
     """AdapMTL: the sparsity its thresholds reached before the projection to ``achieved``."""
     component_sparsity: dict[str, float] | None = None
     """Component (trunk, each head or branch) -> its sparsity, for sparse runs."""
+    empty_layers: int | None = None
+    """Sparse runs: how many masked layers kept no weight."""
 
     @property
     def seed(self) -> int:
@@ -50,8 +52,9 @@ def record_from_summary(summary: dict, name: str) -> RunRecord:
     sparsity = summary.get("sparsity") or {}
     trained = (sparsity.get("adapmtl") or {}).get("trained_sparsity")
     parts = {name: float(entry["sparsity"]) for name, entry in (sparsity.get("components") or {}).items()}
+    empty = sparsity.get("empty_layers")
     return RunRecord(name, config, summary["final_metrics"], summary.get("dataset"), float(sparsity.get("achieved", 0.0)),
-                     None if trained is None else float(trained), parts or None)
+                     None if trained is None else float(trained), parts or None, None if empty is None else len(empty))
 
 
 def load_run(path: str | Path) -> RunRecord:

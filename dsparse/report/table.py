@@ -196,6 +196,8 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
         columns.append(Column("sparsity/trained", "sparsity trained", None))
     parts = list(dict.fromkeys(c for r in records for c in (r.component_sparsity or {})))
     columns += [Column(f"sparsity/{c}", f"{c} sparsity", None) for c in parts]
+    if any(r.empty_layers for r in records):
+        columns.append(Column("empty_layers", "empty layers", None))
     columns += [Column("delta_t", "Delta_T %" + (" (per-task sum)" if delta_t == "per-task-sum" else ""), True)]
     within = DELTA_T_KINDS[delta_t]
 
@@ -223,6 +225,9 @@ def build_table(records: list[RunRecord], constant: dict | None = None,
     if parts:
         notes.append("<component> sparsity: of the weights of the trunk (shared by every task), of a task's own head, "
                      "or of a branch (its tasks joined by -); sparsity: of all prunable weights")
+    if any(c.key == "empty_layers" for c in columns):
+        notes.append("empty layers: masked layers that kept no weight (summary.json sparsity.empty_layers); what "
+                     "follows such a layer on a task's only path is a constant")
     if any(c.key == "sparsity/trained" for c in columns):
         notes.append("sparsity trained: what AdapMTL's learned thresholds reached before its projection to exactly "
                      "the requested sparsity (the sparsity column)")
@@ -274,10 +279,13 @@ def _fill(row: Row, columns: list[Column], num_metrics: int, task_classes: dict,
         task, metric = column.key.split("/")
         row.cells[column.key] = Cell([run.metrics[task][metric] for run in row.runs])
     row.cells["sparsity"] = Cell([run.achieved_sparsity for run in row.runs])
-    for column in columns[num_metrics + 1:-1]:  # as trained, per component: where the runs have them
+    for column in columns[num_metrics + 1:-1]:  # as trained, per component, empty layers: where the runs have them
         part = column.key.removeprefix("sparsity/")
-        values = [run.trained_sparsity if part == "trained" else (run.component_sparsity or {}).get(part)
-                  for run in row.runs]
+        if column.key == "empty_layers":
+            values = [run.empty_layers for run in row.runs]
+        else:
+            values = [run.trained_sparsity if part == "trained" else (run.component_sparsity or {}).get(part)
+                      for run in row.runs]
         row.cells[column.key] = Cell([v for v in values if v is not None] if all(v is not None for v in values)
                                      else [])
     deltas, fallback = [], False
