@@ -176,6 +176,10 @@ class MaskedSparsifier(Sparsifier):
         if self.method is not None:
             self.method.attach(self.state)
         self.empty_layers = empty_layers(masks)
+        at_floor = masks.meta.get("layers_at_floor") or []
+        if at_floor and not self._resumed:
+            log.info("floors (sparsity.min_density %s) hold %d layer(s) the vote alone would have pruned further: %s",
+                     masks.meta.get("min_density"), len(at_floor), ", ".join(at_floor))
         if self.empty_layers and not self._resumed:
             warn_empty_layers(self.empty_layers, masks, self.state.users, first_conv(unwrap_model(model)))
         if not self._resumed and self.masks_out is not None:
