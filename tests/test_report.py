@@ -237,3 +237,12 @@ def test_empty_layers_get_a_column_when_some_run_emptied_layers(tmp_path):
     assert rows["random"].cells["empty_layers"].values == [1, 2] and rows["snip"].cells["empty_layers"].values == [0, 0]
     assert rows["dense"].cells["empty_layers"].values == []
     assert "| 1.5 |" in to_markdown(report) and "empty layers: masked layers that kept no weight" in to_markdown(report)
+
+
+def test_labels_name_the_block_size_only_for_block_masks(tmp_path):
+    values = metrics(0.4, 0.8, 0.5, 0.2)
+    paths = [write_run(tmp_path, "dense0", 0, values)]
+    paths += [write_run(tmp_path, f"snip{g}{b}", 0, values, "snip", granularity=g, **({"block": b} if b else {}))
+              for g, b in (("element", None), ("block", 16))]
+    labels = sorted(row.label for row in build_report(paths, constant=False).rows)
+    assert labels == ["dense", "snip (block=16, granularity=block)", "snip (granularity=element)"]

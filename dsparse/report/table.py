@@ -255,6 +255,8 @@ def _row(members: list[RunRecord], setting: dict, setting_keys: list[str], all_s
         same_method = [s for s in all_settings.values() if s.get("sparsity.method") == sparsity.method]
         differing = [k for k in _varying(same_method)
                      if k.startswith("sparsity.") and k not in ("sparsity.target", "sparsity.method")]
+        if sparsity.granularity != "block":  # the block size means nothing to element or channel masks
+            differing = [k for k in differing if k != "sparsity.block"]
         if differing:
             label += " (" + ", ".join(f"{k.removeprefix('sparsity.')}={setting.get(k)}" for k in differing) + ")"
     init = "pretrained" if sparsity.from_checkpoint else "scratch"
