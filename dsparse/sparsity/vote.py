@@ -246,15 +246,12 @@ def _solve_with_floors(scores, users, *, sparsity, scope, dense, num_keep, floor
     if num_keep is None:
         _check_sparsity(sparsity)
         num_keep = round((1.0 - float(sparsity)) * layout.num_total)
-    if not isinstance(floors, Floors):
-        unknown = sorted(set(floors).difference(users))
-        if unknown:
-            raise ValueError(f"floors name {unknown}, which are not prunable weights in users")
-        floors = pick_floors(scores, users, {f: c for f, c in floors.items() if f not in layout.dense})
-    floor_masks = {fqn: mask for fqn, mask in floors.masks.items() if fqn not in layout.dense}
-    unknown = sorted(set(floor_masks).difference(users))
+    unknown = sorted(set(floors.masks if isinstance(floors, Floors) else floors).difference(users))
     if unknown:
         raise ValueError(f"floors name {unknown}, which are not prunable weights in users")
+    if not isinstance(floors, Floors):
+        floors = pick_floors(scores, users, {f: c for f, c in floors.items() if f not in layout.dense})
+    floor_masks = {fqn: mask for fqn, mask in floors.masks.items() if fqn not in layout.dense}
     num_floor = sum(int(m.sum()) for m in floor_masks.values())
     num_dense = layout.num_total - layout.num_voted
     if num_dense + num_floor > num_keep:

@@ -303,3 +303,10 @@ def test_given_masks_below_the_floor_are_refused_unless_the_floors_are_off(tmp_p
         else:
             sparsifier.prepare(copy.deepcopy(model))
             assert sparsifier.summary()["empty_layers"] == [head] and sparsifier.summary()["cut_off_tasks"] == ["edge"]
+
+
+def test_floors_naming_unknown_layers_are_refused():
+    scores = {"joint": {"a": torch.rand(10)}}
+    users = {"a": frozenset({"joint"})}
+    with pytest.raises(ValueError, match=r"floors name \['b'\], which are not prunable weights"):
+        solve_vote(scores, users, sparsity=0.5, floors={"b": 1})
