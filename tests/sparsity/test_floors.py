@@ -22,6 +22,19 @@ from dsparse.tasks import build_tasks
 from .test_distributed_masks import TASKS, make_batches
 
 
+def floors_then_order(order: list[int], group: list, counts: dict, keep: int) -> set[int]:
+    """The brute-force solve: each group's first ``counts[g]`` positions of ``order``, then
+    the rest of ``keep`` in ``order``."""
+    chosen = set()
+    for name, count in counts.items():
+        chosen |= set([i for i in order if group[i] == name][:count])
+    for i in order:
+        if len(chosen) == keep:
+            break
+        chosen.add(i)
+    return chosen
+
+
 def test_brute_force_floor_constrained_solve_on_one_ranking():
     """One pseudo-task: the vote's order is the score order (ties by position), so the solve
     is: each layer's ``floor`` best, then the rest of the budget by global score."""
@@ -36,13 +49,7 @@ def test_brute_force_floor_constrained_solve_on_one_ranking():
     owner = [n for n in names for _ in range(scores["joint"][n].numel())]
     order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
     for keep in range(sum(floors.values()), len(flat) + 1):
-        chosen = set()
-        for name, count in floors.items():
-            chosen |= set([i for i in order if owner[i] == name][:count])
-        for i in order:
-            if len(chosen) == keep:
-                break
-            chosen.add(i)
+        chosen = floors_then_order(order, owner, floors, keep)
         result = solve_vote(scores, users, num_keep=keep, floors=floors)
         got = torch.cat([result.masks[n].flatten() for n in names]).tolist()
         assert got == [i in chosen for i in range(len(flat))], keep
@@ -144,11 +151,7 @@ def test_brute_force_block_row_floors_on_one_ranking():
     order = sorted(range(len(flat)), key=lambda i: (-flat[i], i))
     floors = pick_floors(scores, users, {"a": 1, "b": 1}, per_row=True)
     for keep in range(5, len(flat) + 1):
-        chosen = {next(i for i in order if row_of[i] == row) for row in set(row_of)}
-        for i in order:
-            if len(chosen) == keep:
-                break
-            chosen.add(i)
+        chosen = floors_then_order(order, row_of, dict.fromkeys(row_of, 1), keep)
         result = solve_vote(scores, users, num_keep=keep, floors=floors)
         got = torch.cat([result.masks[n].flatten() for n in names]).tolist()
         assert got == [i in chosen for i in range(len(flat))], keep

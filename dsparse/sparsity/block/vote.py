@@ -24,7 +24,7 @@ import math
 import torch
 
 from dsparse.sparsity.block.geometry import BlockUnits
-from dsparse.sparsity.vote import VoteResult, _check_sparsity, pick_floors, solve_vote
+from dsparse.sparsity.vote import VoteResult, _check_sparsity, layer_floors, pick_floors, solve_vote
 
 __all__ = ["BlockVote", "row_floors", "solve_block_vote"]
 
@@ -32,10 +32,7 @@ __all__ = ["BlockVote", "row_floors", "solve_block_vote"]
 def row_floors(units: BlockUnits, min_density: float, dense=()) -> dict[str, int]:
     """FQN -> the fewest blocks each block row keeps: ``ceil(min_density * blocks per row)``,
     at least one (none when ``min_density`` is 0; dense layers keep all anyway)."""
-    if min_density <= 0:
-        return {}
-    return {fqn: max(1, math.ceil(min_density * grid.grid[1])) for fqn, grid in units.grids.items()
-            if fqn not in dense}
+    return layer_floors({fqn: grid.grid[1] for fqn, grid in units.grids.items()}, min_density, dense)
 
 
 class BlockVote:
