@@ -313,3 +313,20 @@ def test_floors_naming_unknown_layers_are_refused():
     users = {"a": frozenset({"joint"})}
     with pytest.raises(ValueError, match=r"floors name \['b'\], which are not prunable weights"):
         solve_vote(scores, users, sparsity=0.5, floors={"b": 1})
+
+
+def test_the_adapmtl_projection_keeps_each_layers_floor_and_refuses_floors_beyond_the_count():
+    from dsparse.sparsity.methods.adapmtl import project_exact
+
+    effective = {"a": torch.tensor([0.9, 0.8, 0.7, 0.6]), "b": torch.tensor([0.0, 0.01, 0.0])}
+    raw = {"a": effective["a"].clone(), "b": torch.tensor([0.2, 0.3, 0.1])}
+    assert not project_exact(effective, raw, 3)["b"].any()
+    kept = project_exact(effective, raw, 3, floors={"b": 2})
+    assert kept["b"].tolist() == [True, True, False] and kept["a"].tolist() == [True, False, False, False]
+    with pytest.raises(ValueError, match="the layer floors keep 5 weights, more than the 3 the target keeps"):
+        project_exact(effective, raw, 3, floors={"a": 3, "b": 2})
+
+
+def test_pick_floors_refuses_a_layer_without_scores():
+    with pytest.raises(ValueError, match=r"a floor names 'b', which has no scores or users"):
+        pick_floors({"joint": {"a": torch.rand(4)}}, {"a": frozenset({"joint"})}, {"b": 1})
